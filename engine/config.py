@@ -1,0 +1,106 @@
+"""Engine and generation settings: two dataclasses, validated when built.
+
+Names follow LMDeploy's TurbomindEngineConfig / GenerationConfig where one exists, so commands and
+scripts written for it read naturally here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+VALID_QUANT_POLICIES = (0, 4, 8)
+VALID_MODEL_FORMATS = ("auto", "hf", "awq")
+VALID_DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+@dataclass
+class EngineConfig:
+    model_format: str = "auto"  # auto: read quantization_config from config.json
+    dtype: str = "auto"  # auto: the checkpoint's dtype on GPU, float32 on CPU (CPU half matmuls are slow)
+    quant_policy: int = 0  # KV cache: 0 model dtype, 8 int8, 4 int4 (per token, per head, asymmetric)
+    cache_max_entry_count: float = 0.8  # fraction of memory free after weights load given to the KV cache
+    cache_block_seq_len: int = 64  # tokens per KV block
+    session_len: int | None = None  # max prompt + generated tokens per request; None: model's max positions
+    max_batch_size: int = 128  # running sequences per decode step
+    max_prefill_token_num: int = 8192  # tokens per prefill step; longer prompts are prefilled in chunks
+    enable_prefix_caching: bool = True
+    device: str = "auto"  # auto: cuda when available, else cpu
+    cpu_kv_cache_bytes: int = 512 * 1024**2  # on CPU there is no "free memory": the budget the fraction applies to
+    num_gpu_blocks: int | None = None  # overrides the computed KV block count (tests, capacity planning)
+    use_cuda_graph: bool = True  # decode steps replay captured graphs on GPU
+    trust_remote_code: bool = False  # run a folder's own tokenizer code (InternLM2 ships one)
+    tp: int = 1  # tensor parallelism: one GPU only for now
+    seed: int = 0  # seeds the per-request seeds of requests that give none
+
+    def __post_init__(self):
+        if self.model_format not in VALID_MODEL_FORMATS:
+            raise ValueError(f"model_format must be one of {VALID_MODEL_FORMATS}, got {self.model_format!r}")
+        if self.dtype not in VALID_DTYPES:
+            raise ValueError(f"dtype must be one of {VALID_DTYPES}, got {self.dtype!r}")
+        if self.quant_policy not in VALID_QUANT_POLICIES:
+            raise ValueError(f"quant_policy must be 0 (off), 8 (int8 KV) or 4 (int4 KV), got {self.quant_policy!r}")
+        if not 0.0 < self.cache_max_entry_count <= 1.0:
+            raise ValueError(f"cache_max_entry_count must be in (0, 1], got {self.cache_max_entry_count}")
+        if self.cache_block_seq_len < 1 or self.cache_block_seq_len & (self.cache_block_seq_len - 1):
+            raise ValueError(f"cache_block_seq_len must be a power of two, got {self.cache_block_seq_len}")
+        if self.session_len is not None and self.session_len < 2:
+            raise ValueError(f"session_len must be at least 2, got {self.session_len}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+        if self.max_prefill_token_num < self.cache_block_seq_len:
+            raise ValueError(
+                f"max_prefill_token_num ({self.max_prefill_token_num}) must be at least one block "
+                f"({self.cache_block_seq_len} tokens)"
+            )
+        if self.tp != 1:
+            raise ValueError("tp > 1 is not supported yet: this engine runs on one GPU")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
+            raise ValueError(f"num_gpu_blocks must be positive, got {self.num_gpu_blocks}")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 512
+    min_new_tokens: int = 0
+    do_sample: bool = False  # False: greedy, whatever the temperature
+    temperature: float = 1.0  # 0 also means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF semantics: divides positive logits of seen tokens
+    presence_penalty: float = 0.0  # OpenAI semantics, over generated tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # same seed, same prompt, same settings: same output
+    stop_words: list[str] = field(default_factory=list)  # stop strings; not included in the output
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    logprobs: int | None = None  # None: none; k >= 0: chosen token's logprob plus the top k
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not -2.0 <= self.presence_penalty <= 2.0 or not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if isinstance(self.stop_words, str):
+            self.stop_words = [self.stop_words]
+        if any(not s for s in self.stop_words):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def is_greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0.0

@@ -1,0 +1,170 @@
+"""Plain-torch versions of every engine op: the CPU path, and the ground truth the Triton kernels are tested against.
+
+Paged KV cache layout (one pair of tensors per layer):
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim_stored]
+        quant_policy 0: model dtype, head_dim_stored = head_dim
+        quant_policy 8: uint8,       head_dim_stored = head_dim
+        quant_policy 4: uint8,       head_dim_stored = head_dim // 2; byte j holds element j in its low nibble
+                                     and element j + head_dim // 2 in its high nibble (halves, not neighbours,
+                                     so kernels dequantize two contiguous half-vectors without an interleave)
+    k_scale_zero, v_scale_zero: [num_blocks, block_size, num_kv_heads, 2] (scale, zero), only when quantized
+Quantization is asymmetric, per token and per head: q = clamp(round(x / scale) + zero, 0, 2**bits - 1),
+x ~= (q - zero) * scale.
+A token's slot is block_id * block_size + offset; slot_mapping gives each new token's slot (-1: skip).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm; with `residual`, first x = x + residual and return (normed, x) like a fused add-norm."""
+    if residual is not None:
+        x = x + residual
+        residual_out = x
+    xf = x.float()
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    out = (out * weight.float()).to(x.dtype)
+    return out if residual is None else (out, residual_out)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[num_tokens, 2 * inter] -> [num_tokens, inter]: silu(gate) * up with gate the first half."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate-half RoPE (the HF Llama convention). q: [N, Hq, D], k: [N, Hk, D], cos/sin: [N, D // 2]."""
+
+    def rotate(x):
+        x1, x2 = x.float().chunk(2, dim=-1)
+        c, s = cos[:, None, :].float(), sin[:, None, :].float()
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def quantize_kv(x: torch.Tensor, bits: int):
+    """x: [N, H, D] -> (q uint8 [N, H, D or D // 2], scale_zero [N, H, 2] float32)."""
+    qmax = (1 << bits) - 1
+    xf = x.float()
+    mn, mx = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+    scale = ((mx - mn) / qmax).clamp_min(1e-8)
+    zero = torch.round(-mn / scale)
+    q = torch.clamp(torch.round(xf / scale) + zero, 0, qmax).to(torch.uint8)
+    if bits == 4:
+        half = q.shape[-1] // 2
+        q = q[..., :half] | (q[..., half:] << 4)
+    return q, torch.cat([scale, zero], dim=-1)
+
+
+def dequantize_kv(q: torch.Tensor, scale_zero: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of quantize_kv: q [..., D or D // 2] uint8, scale_zero [..., 2] -> [..., D] dtype."""
+    if bits == 4:
+        q = torch.cat([q & 0xF, q >> 4], dim=-1)
+    scale, zero = scale_zero[..., :1].float(), scale_zero[..., 1:].float()
+    return ((q.float() - zero) * scale).to(dtype)
+
+
+def store_kv(
+    k: torch.Tensor,  # [N, Hk, D]
+    v: torch.Tensor,  # [N, Hk, D]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [N] int, -1 = skip
+    k_scale_zero: torch.Tensor | None = None,
+    v_scale_zero: torch.Tensor | None = None,
+    quant_policy: int = 0,
+) -> None:
+    """Write new tokens' keys and values into their cache slots, quantizing when quant_policy is 8 or 4."""
+    block_size = k_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    blocks, offsets = slots // block_size, slots % block_size
+    k, v = k[keep], v[keep]
+    if quant_policy == 0:
+        k_cache[blocks, offsets] = k.to(k_cache.dtype)
+        v_cache[blocks, offsets] = v.to(v_cache.dtype)
+        return
+    for x, cache, sz in ((k, k_cache, k_scale_zero), (v, v_cache, v_scale_zero)):
+        q, scale_zero = quantize_kv(x, quant_policy)
+        cache[blocks, offsets] = q
+        sz[blocks, offsets] = scale_zero.to(sz.dtype)
+
+
+def gather_kv(
+    cache: torch.Tensor,
+    scale_zero: torch.Tensor | None,
+    block_table: torch.Tensor,  # [max_blocks] of one sequence
+    length: int,
+    quant_policy: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """One sequence's first `length` cached tokens as [length, Hk, D] in `dtype`."""
+    block_size = cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    ids = block_table[:num_blocks].long()
+    x = cache[ids].flatten(0, 1)[:length]
+    if quant_policy == 0:
+        return x.to(dtype)
+    sz = scale_zero[ids].flatten(0, 1)[:length]
+    return dequantize_kv(x, sz, quant_policy, dtype)
+
+
+def _attend(q, k, v, scale, q_start):
+    """q: [Lq, Hq, D] at positions q_start..q_start+Lq-1; k, v: [Lk, Hk, D]; causal. -> [Lq, Hq, D]."""
+    num_q_heads, num_kv_heads = q.shape[1], k.shape[1]
+    group = num_q_heads // num_kv_heads
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale  # [Hq, Lq, Lk]
+    q_pos = torch.arange(q.shape[0], device=q.device)[:, None] + q_start
+    k_pos = torch.arange(k.shape[0], device=q.device)[None, :]
+    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,  # [num_tokens, Hq, D], the new tokens of all sequences, packed
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    cu_seqlens_q: torch.Tensor,  # [B + 1] offsets of each sequence's new tokens in q
+    kv_lens: torch.Tensor,  # [B] tokens in cache per sequence, new ones included (already stored)
+    scale: float,
+    k_scale_zero: torch.Tensor | None = None,
+    v_scale_zero: torch.Tensor | None = None,
+    quant_policy: int = 0,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole cached context (prefix hits and earlier
+    chunks included): the new tokens sit at the last q_len positions of the kv_len cached ones."""
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    lens = kv_lens.tolist()
+    for i in range(len(lens)):
+        qs = q[cu[i] : cu[i + 1]]
+        k = gather_kv(k_cache, k_scale_zero, block_tables[i], lens[i], quant_policy, q.dtype)
+        v = gather_kv(v_cache, v_scale_zero, block_tables[i], lens[i], quant_policy, q.dtype)
+        out[cu[i] : cu[i + 1]] = _attend(qs, k, v, scale, lens[i] - qs.shape[0])
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, Hq, D], one new token per sequence
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    kv_lens: torch.Tensor,  # [B], the new token included
+    scale: float,
+    k_scale_zero: torch.Tensor | None = None,
+    v_scale_zero: torch.Tensor | None = None,
+    quant_policy: int = 0,
+) -> torch.Tensor:
+    cu_seqlens_q = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
+    return paged_prefill_attention(
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale, k_scale_zero, v_scale_zero, quant_policy
+    )

@@ -1,0 +1,1 @@
+"""Model building blocks: each calls engine.kernels.ops, never a kernel directly."""

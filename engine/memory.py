@@ -1,0 +1,99 @@
+"""Memory accounting: NVML per-GPU readings, the torch allocator, and the engine's own breakdown
+(weights, KV cache allocated / in use, activations and other)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_nvml_state: dict = {}
+
+
+def _nvml():
+    """The pynvml module, initialised once; None without a driver or the package."""
+    if "module" not in _nvml_state:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            _nvml_state["module"] = pynvml
+        except Exception as e:  # noqa: BLE001 - no GPU, no driver, no package: all mean "no NVML"
+            _nvml_state["module"] = None
+            _nvml_state["error"] = f"{type(e).__name__}: {e}"
+    return _nvml_state["module"]
+
+
+def gpu_snapshot() -> dict:
+    """{'available': bool, 'gpus': [{index, name, used_bytes, total_bytes, process_bytes}], 'reason': str}."""
+    nvml = _nvml()
+    if nvml is None:
+        return {"available": False, "gpus": [], "reason": f"NVML unavailable ({_nvml_state.get('error')})"}
+    gpus = []
+    pid = os.getpid()
+    for i in range(nvml.nvmlDeviceGetCount()):
+        h = nvml.nvmlDeviceGetHandleByIndex(i)
+        info = nvml.nvmlDeviceGetMemoryInfo(h)
+        name = nvml.nvmlDeviceGetName(h)
+        process_bytes = 0
+        try:
+            for p in nvml.nvmlDeviceGetComputeRunningProcesses(h):
+                if p.pid == pid and p.usedGpuMemory:
+                    process_bytes += p.usedGpuMemory
+        except Exception:  # noqa: BLE001 - not permitted in some containers
+            process_bytes = None
+        gpus.append({
+            "index": i,
+            "name": name.decode() if isinstance(name, bytes) else name,
+            "used_bytes": int(info.used),
+            "total_bytes": int(info.total),
+            "process_bytes": process_bytes,
+        })
+    return {"available": True, "gpus": gpus, "reason": ""}
+
+
+def cpu_snapshot() -> dict:
+    """This process's resident memory and the machine's total/available, from /proc (Linux)."""
+    out = {"process_rss_bytes": None, "total_bytes": None, "available_bytes": None}
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    out["process_rss_bytes"] = int(line.split()[1]) * 1024
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, value = line.split(":", 1)
+                if key in ("MemTotal", "MemAvailable"):
+                    out["total_bytes" if key == "MemTotal" else "available_bytes"] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def engine_memory_report(engine) -> dict:
+    runner, manager = engine.runner, engine.block_manager
+    report = {
+        "device": str(engine.device),
+        "dtype": str(engine.dtype).replace("torch.", ""),
+        "model_format": engine.model_format,
+        "quant_policy": engine.config.quant_policy,
+        "weights_bytes": runner.weights_bytes,
+        "kv_cache_bytes": runner.kv_cache_bytes,
+        "kv_bytes_per_token": runner.kv_bytes_per_token,
+        "block_size": engine.block_size,
+        "num_kv_blocks": manager.num_blocks,
+        "free_kv_blocks": manager.num_free_blocks,
+        "used_kv_blocks": manager.num_used_blocks,
+        "kv_capacity_tokens": engine.capacity_tokens,
+        "kv_usage": manager.num_used_blocks / manager.num_blocks,
+        "vision_bytes": getattr(runner, "vision_bytes", 0),
+    }
+    if engine.device.type == "cuda":
+        allocated = torch.cuda.memory_allocated(engine.device)
+        report.update({
+            "torch_allocated_bytes": allocated,
+            "torch_reserved_bytes": torch.cuda.memory_reserved(engine.device),
+            "torch_peak_allocated_bytes": torch.cuda.max_memory_allocated(engine.device),
+            "activations_other_bytes": max(0, allocated - runner.weights_bytes - runner.kv_cache_bytes),
+        })
+    return report

@@ -1,0 +1,175 @@
+"""Runs the model for one scheduled batch: builds input tensors and attention metadata, owns the paged KV
+cache (sized by cache_max_entry_count), computes logits only where a token is sampled, and samples."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.config import EngineConfig
+from engine.layers.attention import AttentionMetadata, KVCache
+from engine.layers.sampler import SamplingBatch, sample
+from engine.models.spec import ModelSpec
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype, quant_policy: int) -> int:
+    """Cache bytes one token takes over all layers, keys and values, scales and zeros included."""
+    elem = torch.finfo(dtype).bits // 8
+    if quant_policy == 0:
+        per_head = spec.head_dim * elem
+    else:
+        values = spec.head_dim if quant_policy == 8 else spec.head_dim // 2
+        per_head = values + 2 * scale_zero_dtype(dtype).itemsize
+    return 2 * spec.num_layers * spec.num_kv_heads * per_head
+
+
+def scale_zero_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.float32 else torch.float16
+
+
+class ModelRunner:
+    def __init__(self, model, spec: ModelSpec, config: EngineConfig, device: torch.device, dtype: torch.dtype):
+        self.model, self.spec, self.config = model, spec, config
+        self.device, self.dtype = device, dtype
+        self.block_size = config.cache_block_seq_len
+        self.weights_bytes = sum(
+            t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values()
+        )
+        self.kv_bytes_per_token = kv_bytes_per_token(spec, dtype, config.quant_policy)
+        self.num_blocks = self._plan_num_blocks()
+        self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+        for attn, cache in zip(model.attention_layers(), self.kv_caches):
+            attn.kv_cache = cache
+
+    # ---- KV cache -------------------------------------------------------------------------------------
+    def _plan_num_blocks(self) -> int:
+        if self.config.num_gpu_blocks is not None:
+            return self.config.num_gpu_blocks
+        block_bytes = self.kv_bytes_per_token * self.block_size
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * self.config.cache_max_entry_count
+        else:
+            budget = self.config.cpu_kv_cache_bytes * self.config.cache_max_entry_count
+        num_blocks = int(budget // block_bytes)
+        if num_blocks < 1:
+            raise MemoryError(
+                f"no room for the KV cache: one block of {self.block_size} tokens needs {block_bytes / 2**20:.1f} MiB "
+                f"and the budget is {budget / 2**20:.1f} MiB; raise cache_max_entry_count or use a smaller model"
+            )
+        return num_blocks
+
+    def _allocate_kv_cache(self, num_blocks: int) -> list[KVCache]:
+        spec, qp = self.spec, self.config.quant_policy
+        head_dim = spec.head_dim if qp != 4 else spec.head_dim // 2
+        shape = (num_blocks, self.block_size, spec.num_kv_heads, head_dim)
+        caches = []
+        for _ in range(spec.num_layers):
+            if qp == 0:
+                caches.append(KVCache(torch.empty(shape, dtype=self.dtype, device=self.device),
+                                      torch.empty(shape, dtype=self.dtype, device=self.device)))
+            else:
+                sz_shape = (num_blocks, self.block_size, spec.num_kv_heads, 2)
+                sz = scale_zero_dtype(self.dtype)
+                caches.append(KVCache(
+                    torch.empty(shape, dtype=torch.uint8, device=self.device),
+                    torch.empty(shape, dtype=torch.uint8, device=self.device),
+                    torch.empty(sz_shape, dtype=sz, device=self.device),
+                    torch.empty(sz_shape, dtype=sz, device=self.device),
+                    qp,
+                ))
+        return caches
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.num_blocks * self.block_size * self.kv_bytes_per_token
+
+    # ---- one step -------------------------------------------------------------------------------------
+    def _tensor(self, data, dtype) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device="cpu").to(self.device, non_blocking=True)
+
+    def prepare(self, batch: ScheduledBatch):
+        """Host lists -> device tensors: input ids, positions, metadata, and which rows get logits."""
+        input_ids, positions, slots, kv_lens, cu_seqlens, sample_rows = [], [], [], [], [0], []
+        bs = self.block_size
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[start : start + n])
+            for pos in range(start, start + n):
+                positions.append(pos)
+                slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+            kv_lens.append(start + n)
+            cu_seqlens.append(cu_seqlens[-1] + n)
+            if start + n == len(seq):
+                sample_rows.append(cu_seqlens[-1] - 1)
+        max_blocks = max(len(s.block_table) for s in batch.seqs)
+        block_tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
+        meta = AttentionMetadata(
+            is_prefill=batch.is_prefill,
+            slot_mapping=self._tensor(slots, torch.int64),
+            block_tables=self._tensor(block_tables, torch.int32),
+            kv_lens=self._tensor(kv_lens, torch.int32),
+            cu_seqlens_q=self._tensor(cu_seqlens, torch.int32) if batch.is_prefill else None,
+            max_seqlen_q=max(batch.num_new_tokens),
+        )
+        return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta, sample_rows
+
+    def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        gcs = [s.sampling.gen_config for s in seqs]
+        temps = [0.0 if g.is_greedy else g.temperature for g in gcs]
+        f32, i64 = torch.float32, torch.int64
+        b = SamplingBatch(
+            temperatures=self._tensor(temps, f32),
+            top_ks=self._tensor([g.top_k for g in gcs], i64),
+            top_ps=self._tensor([g.top_p for g in gcs], f32),
+            min_ps=self._tensor([g.min_p for g in gcs], f32),
+            seeds=self._tensor([s.sampling.seed for s in seqs], i64),
+            steps=self._tensor([s.num_generated_tokens for s in seqs], i64),
+            all_greedy=all(t == 0.0 for t in temps),
+        )
+        if any(g.repetition_penalty != 1.0 for g in gcs):
+            b.repetition_penalties = self._tensor([g.repetition_penalty for g in gcs], f32)
+            b.seen_ids = self._padded([s.token_ids for s in seqs])
+        if any(g.presence_penalty or g.frequency_penalty for g in gcs):
+            b.presence_penalties = self._tensor([g.presence_penalty for g in gcs], f32)
+            b.frequency_penalties = self._tensor([g.frequency_penalty for g in gcs], f32)
+            b.generated_ids = self._padded([s.generated_token_ids for s in seqs])
+        banned = [
+            sorted(s.sampling.eos_token_ids | set(s.sampling.gen_config.stop_token_ids))
+            if s.num_generated_tokens < s.sampling.gen_config.min_new_tokens else []
+            for s in seqs
+        ]
+        if any(banned):
+            b.banned_ids = self._padded(banned)
+        wanted = [g.logprobs for g in gcs if g.logprobs is not None]
+        b.num_logprobs = max(wanted) if wanted else -1
+        return b
+
+    def _padded(self, rows: list[list[int]]) -> torch.Tensor:
+        width = max(1, max(len(r) for r in rows))
+        return self._tensor([r + [-1] * (width - len(r)) for r in rows], torch.int64)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch):
+        """Forward + sample. Returns (sampled token ids per sampled sequence, the sequences, logprob info)."""
+        input_ids, positions, meta, sample_rows = self.prepare(batch)
+        hidden = self.model(input_ids, positions, meta)
+        sampled_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
+        if not sampled_seqs:
+            return [], [], None
+        rows = hidden[self._tensor(sample_rows, torch.int64)] if batch.is_prefill else hidden
+        logits = self.model.compute_logits(rows)
+        tokens, logprob_info = sample(logits, self.sampling_batch(sampled_seqs))
+        return tokens.tolist(), sampled_seqs, logprob_info
+
+    @torch.inference_mode()
+    def prompt_logits(self, seq: Sequence) -> torch.Tensor:
+        """Logits at every position of one prompt whose blocks are allocated (tests compare with transformers)."""
+        input_ids, positions, meta, _ = self.prepare(ScheduledBatch([seq], [len(seq) - seq.num_computed_tokens], True))
+        return self.model.compute_logits(self.model(input_ids, positions, meta))

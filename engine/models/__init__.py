@@ -1,0 +1,1 @@
+"""Model definitions for the paged engine and the checkpoint spec they are built from."""

@@ -1,0 +1,186 @@
+"""The user-facing API over the engine: batched sync calls, sync streaming, and an asyncio stream that the
+API server and the UI share.
+
+    pipe = pipeline("path/to/model", EngineConfig(quant_policy=8))
+    pipe(["Hi", [{"role": "user", "content": "Tell a story"}]], GenerationConfig(max_new_tokens=64))
+    for delta in pipe.stream([{"role": "user", "content": "hi"}]): print(delta.text, end="")
+    async for delta in pipe.generate(messages, gen_config): ...   # cancelling the loop aborts the request
+
+A prompt is a string (sent as one user turn through the chat template), a list of OpenAI-style messages,
+or token ids via `input_ids=`. Pass `apply_chat_template=False` for raw completion of a string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.config import EngineConfig, GenerationConfig
+from engine.llm_engine import LLMEngine, RequestOutput
+
+Prompt = str | list[dict]
+
+
+class ImageInputError(ValueError):
+    pass
+
+
+@dataclass
+class Response:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    input_token_len: int = 0
+    generate_token_len: int = 0
+    index: int = 0
+    logprobs: list[dict] = field(default_factory=list)
+    error: str | None = None
+
+
+def message_text(content) -> str:
+    """OpenAI content (a string or a list of parts) -> text; image parts are refused by text-only models."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                texts.append(part.get("text", ""))
+            elif kind in ("image_url", "image"):
+                raise ImageInputError("this model takes no images: send text only, or load a vision-language model")
+            else:
+                raise ValueError(f"unsupported message content part {part!r}")
+        return "".join(texts)
+    if content is None:
+        return ""
+    raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+
+
+class Pipeline:
+    def __init__(self, model_path: str | Path, engine_config: EngineConfig | None = None):
+        self.engine = LLMEngine(model_path, engine_config or EngineConfig())
+        self.tokenizer = self.engine.tokenizer
+        self.model_path = self.engine.model_path
+        self.model_name = self.model_path.name
+
+    # ---- prompts --------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        clean = []
+        for m in messages:
+            if m.get("role") not in ("system", "user", "assistant"):
+                raise ValueError(f"message role must be system, user or assistant, got {m.get('role')!r}")
+            clean.append({"role": m["role"], "content": message_text(m.get("content"))})
+        return self.tokenizer.apply_chat_template(
+            clean, chat_template=self.engine.chat_template, add_generation_prompt=True, tokenize=False
+        )
+
+    def encode(self, prompt: Prompt, apply_chat_template: bool = True) -> list[int]:
+        if isinstance(prompt, str) and apply_chat_template:
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(prompt, list):
+            text = self.apply_chat_template(prompt)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        raise ValueError(f"a prompt is a string or a list of messages, got {type(prompt).__name__}")
+
+    def _submit(self, prompt, gen_config, callback, request_id, apply_chat_template, input_ids) -> str:
+        ids = list(input_ids) if input_ids is not None else self.encode(prompt, apply_chat_template)
+        return self.engine.add_request(ids, gen_config or GenerationConfig(), callback, request_id)
+
+    # ---- sync -----------------------------------------------------------------------------------------
+    def __call__(self, prompts: Prompt | list[Prompt], gen_config: GenerationConfig | None = None,
+                 apply_chat_template: bool = True):
+        """One prompt -> one Response; a list of prompts -> a list of Responses, run as one batch."""
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
+        )
+        batch = [prompts] if single else list(prompts)
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        ids = []
+        for i, prompt in enumerate(batch):
+            ids.append(self._submit(prompt, gen_config, lambda out, i=i: outputs.put((i, out)), None,
+                                    apply_chat_template, None))
+        responses = [Response("", [], None, index=i) for i in range(len(batch))]
+        remaining = len(batch)
+        while remaining:
+            i, out = outputs.get()
+            _accumulate(responses[i], out)
+            remaining -= out.finished
+        return responses[0] if single else responses
+
+    def stream(self, prompt: Prompt, gen_config: GenerationConfig | None = None, *,
+               apply_chat_template: bool = True, input_ids: list[int] | None = None) -> Iterator[Response]:
+        """Yield deltas (text and token ids since the last one); leaving the loop early aborts the request."""
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        rid = self._submit(prompt, gen_config, outputs.put, None, apply_chat_template, input_ids)
+        finished = False
+        try:
+            while not finished:
+                out = outputs.get()
+                finished = out.finished
+                yield _as_response(out)
+        finally:
+            if not finished:
+                self.engine.abort(rid)
+
+    # ---- async ----------------------------------------------------------------------------------------
+    async def generate(self, prompt: Prompt | None, gen_config: GenerationConfig | None = None, *,
+                       request_id: str | None = None, apply_chat_template: bool = True,
+                       input_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:
+        """Async stream of RequestOutput deltas. Cancelling or closing it aborts the request at once."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        rid = self._submit(prompt, gen_config, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
+                           request_id, apply_chat_template, input_ids)
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.engine.abort(rid)
+
+    # ---- state ----------------------------------------------------------------------------------------
+    def memory(self) -> dict:
+        return self.engine.memory()
+
+    @property
+    def session_len(self) -> int:
+        return self.engine.session_len
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _as_response(out: RequestOutput) -> Response:
+    return Response(out.text, list(out.token_ids), out.finish_reason, out.num_prompt_tokens,
+                    out.num_generated_tokens, logprobs=list(out.logprobs), error=out.error)
+
+
+def _accumulate(response: Response, out: RequestOutput) -> None:
+    response.text += out.text
+    response.token_ids += out.token_ids
+    response.logprobs += out.logprobs
+    response.finish_reason = out.finish_reason
+    response.input_token_len = out.num_prompt_tokens
+    response.generate_token_len = out.num_generated_tokens
+    response.error = out.error
+
+
+def pipeline(model_path: str | Path, engine_config: EngineConfig | None = None) -> Pipeline:
+    return Pipeline(model_path, engine_config)

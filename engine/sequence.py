@@ -1,0 +1,75 @@
+"""One request's state: its tokens, its KV blocks, how far its prefill got, and how it should be sampled."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass
+
+from engine.config import GenerationConfig
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class SamplingState:
+    """Per-request sampling settings resolved to the values the sampler needs."""
+
+    gen_config: GenerationConfig
+    seed: int
+    eos_token_ids: frozenset[int]
+
+
+_seq_counter = itertools.count()
+
+
+class Sequence:
+    def __init__(self, token_ids: list[int], sampling: SamplingState, max_tokens: int, block_size: int):
+        self.seq_id = next(_seq_counter)
+        self.status = SequenceStatus.WAITING
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.sampling = sampling
+        self.max_tokens = max_tokens  # prompt + generated, never more (session_len / max_new_tokens)
+        self.block_size = block_size
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0  # tokens whose KV sat in the prefix cache at allocation
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache (prefill progress)
+        self.finish_reason: str | None = None
+        self.num_preemptions = 0
+        self.logprobs: list[dict] = []
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def generated_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_blocks(self) -> int:
+        return (len(self.token_ids) + self.block_size - 1) // self.block_size
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True while more than the last token lack KV (a new, chunked or preempted request); decode feeds
+        exactly the last token."""
+        return self.num_computed_tokens < len(self.token_ids) - 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def block_tokens(self, i: int) -> list[int]:
+        return self.token_ids[i * self.block_size : (i + 1) * self.block_size]
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)

@@ -1,0 +1,103 @@
+"""Tokenizer, chat templates and incremental detokenization.
+
+The folder's own chat template is used when it has one; folders without one get a built-in template for
+their family (InternLM2's <|im_start|> turns, Llama-2's [INST] turns). Detokenization is incremental and
+never emits a broken UTF-8 sequence: text is released only once it no longer ends in a partial character.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.models.spec import ModelSpec
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+INTERNLM2_TEMPLATE = "{{ bos_token }}" + CHATML_TEMPLATE
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set sys = '<<SYS>>\n' + messages[0]['content'] + '\n<</SYS>>\n\n' %}"
+    "{% set messages = messages[1:] %}{% else %}{% set sys = '' %}{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + (sys if loop.first else '') + m['content'].strip() + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+class TokenizerLoadError(ValueError):
+    pass
+
+
+def load_tokenizer(path: Path, spec: ModelSpec, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    has_fast = (path / "tokenizer.json").is_file()
+    tok_cfg_path = path / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.is_file() else {}
+    custom = "AutoTokenizer" in (tok_cfg.get("auto_map") or {})
+    if custom and not has_fast and not trust_remote_code:
+        raise TokenizerLoadError(
+            f"{path}: the tokenizer is custom code shipped in the folder ({tok_cfg['auto_map']['AutoTokenizer']}) "
+            "and there is no tokenizer.json. Pass --trust-remote-code (EngineConfig(trust_remote_code=True)) to run "
+            "it, as for InternLM2 checkpoints."
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise TokenizerLoadError(f"{path}: could not load the tokenizer ({type(e).__name__}: {e})") from e
+    return tok
+
+
+def chat_template_for(tokenizer, spec: ModelSpec) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    if spec.family == "internlm2" or "<|im_start|>" in tokenizer.get_vocab():
+        return INTERNLM2_TEMPLATE if spec.family == "internlm2" else CHATML_TEMPLATE
+    return LLAMA2_TEMPLATE
+
+
+def stop_token_ids_for(tokenizer, spec: ModelSpec) -> frozenset[int]:
+    """Ids that end a reply: the config's eos id(s), the tokenizer's eos, and end-of-turn tokens in the vocab."""
+    ids = set(spec.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    return frozenset(ids)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of generated ids into text deltas.
+
+    A few prompt tokens are kept as left context so tokenizers that drop a leading space when a token
+    starts the text (sentencepiece) decode the first reply token as they would mid-text.
+    """
+
+    CONTEXT_TOKENS = 4
+
+    def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids = list(prompt_ids[-self.CONTEXT_TOKENS :])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""  # the reply's text so far
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
+
+    def add(self, token_ids: list[int]) -> str:
+        """Append tokens; return the newly complete text (possibly empty while a character is unfinished)."""
+        self.ids.extend(token_ids)
+        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full_text = self._decode(self.ids[self.prefix_offset :])
+        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+            delta = full_text[len(prefix_text) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            self.text += delta
+            return delta
+        return ""
