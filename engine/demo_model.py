@@ -36,7 +36,8 @@ MODEL_MAX_LENGTH = 2048
 # Qwen2's pre-tokenizer split (also close to Llama-3's). Using it here means that transformers' Qwen2Tokenizer,
 # which rebuilds the pre-tokenizer from its own code when config.json says qwen2, tokenizes like tokenizer.json.
 PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
 # ChatML, as InternLM2 (the seeds' model) writes it: bos first, then one <|im_start|>role\n...<|im_end|>\n per

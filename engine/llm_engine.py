@@ -91,6 +91,7 @@ class LLMEngine:
         else:
             self.device = torch.device(config.device)
         self.dtype = loader.resolve_dtype(config.dtype, self.spec, self.device, self.model_format)
+        loader.check_weights_present(self.model_path)
         self.tokenizer = load_tokenizer(self.model_path, self.spec, config.trust_remote_code)
         self.chat_template = chat_template_for(self.tokenizer, self.spec)
         self.eos_token_ids = stop_token_ids_for(self.tokenizer, self.spec)

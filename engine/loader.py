@@ -102,6 +102,11 @@ def resolve_dtype(requested: str, spec: ModelSpec, device: torch.device, model_f
     return DTYPES.get(spec.torch_dtype, torch.float16) if spec.torch_dtype != "float32" else torch.float16
 
 
+def check_weights_present(path: Path) -> None:
+    if not any(path.glob("*.safetensors")) and not any(p.name != "training_args.bin" for p in path.glob("*.bin")):
+        raise ModelLoadError(f"{path} has a config.json but no weights (*.safetensors or *.bin)")
+
+
 def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor, safetensors preferred over *.bin; shards in index order."""
     files = sorted(path.glob("*.safetensors"))

@@ -72,19 +72,25 @@ class ModelRunner:
         caches = []
         for _ in range(spec.num_layers):
             if qp == 0:
-                caches.append(KVCache(torch.empty(shape, dtype=self.dtype, device=self.device),
-                                      torch.empty(shape, dtype=self.dtype, device=self.device)))
+                caches.append(KVCache(self._cache_tensor(shape, dtype=self.dtype, device=self.device),
+                                      self._cache_tensor(shape, dtype=self.dtype, device=self.device)))
             else:
                 sz_shape = (num_blocks, self.block_size, spec.num_kv_heads, 2)
                 sz = scale_zero_dtype(self.dtype)
                 caches.append(KVCache(
-                    torch.empty(shape, dtype=torch.uint8, device=self.device),
-                    torch.empty(shape, dtype=torch.uint8, device=self.device),
-                    torch.empty(sz_shape, dtype=sz, device=self.device),
-                    torch.empty(sz_shape, dtype=sz, device=self.device),
+                    self._cache_tensor(shape, dtype=torch.uint8, device=self.device),
+                    self._cache_tensor(shape, dtype=torch.uint8, device=self.device),
+                    self._cache_tensor(sz_shape, dtype=sz, device=self.device),
+                    self._cache_tensor(sz_shape, dtype=sz, device=self.device),
                     qp,
                 ))
         return caches
+
+    def _cache_tensor(self, shape, dtype, device) -> torch.Tensor:
+        # zeros on GPU: kernels may multiply masked-out lanes by 0, and NaN garbage would survive that;
+        # empty on CPU: pages are then only committed as blocks are used
+        return torch.zeros(shape, dtype=dtype, device=device) if device.type == "cuda" else torch.empty(
+            shape, dtype=dtype, device=device)
 
     @property
     def kv_cache_bytes(self) -> int:

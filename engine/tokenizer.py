@@ -35,6 +35,10 @@ def load_tokenizer(path: Path, spec: ModelSpec, trust_remote_code: bool = False)
     from transformers import AutoTokenizer
 
     has_fast = (path / "tokenizer.json").is_file()
+    if not has_fast and not any(path.glob("tokenizer*")) and not any(path.glob("*.model")):
+        raise TokenizerLoadError(
+            f"{path} has no tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json)"
+        )
     tok_cfg_path = path / "tokenizer_config.json"
     tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.is_file() else {}
     custom = "AutoTokenizer" in (tok_cfg.get("auto_map") or {})

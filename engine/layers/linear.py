@@ -41,5 +41,7 @@ def load_shard(param: torch.Tensor, loaded: torch.Tensor, shard_sizes: list[int]
     size = shard_sizes[shard_id] // pack
     target = param.data.narrow(dim, offset, size)
     if target.shape != loaded.shape:
-        raise ValueError(f"shard {shard_id}: checkpoint tensor {tuple(loaded.shape)} does not fit {tuple(target.shape)}")
+        raise ValueError(
+            f"shard {shard_id}: checkpoint tensor {tuple(loaded.shape)} does not fit {tuple(target.shape)}"
+        )
     target.copy_(loaded)

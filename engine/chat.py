@@ -1,0 +1,92 @@
+"""Terminal chat: `python -m engine.chat [MODEL] [engine flags]`. Multi-turn, streaming.
+
+With no MODEL it uses the embedded demo model (random weights: replies are gibberish). Commands at the
+prompt: /exit, /reset (new conversation), /system TEXT (set a system prompt). Ctrl-C stops a reply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from engine.cli import add_engine_args, engine_config_from_args
+from engine.config import GenerationConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.chat", description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", help="model folder or hub id (default: the embedded demo model)")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    add_engine_args(parser)
+    args = parser.parse_args(argv)
+
+    from engine import pipeline
+
+    model = args.model
+    if model is None:
+        from engine.demo_model import DEMO_MODEL_NOTE, build_demo_model
+
+        model = build_demo_model()
+        print(f"[{DEMO_MODEL_NOTE}]")
+    try:
+        pipe = pipeline(model, engine_config_from_args(args))
+    except (ValueError, OSError, MemoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                           repetition_penalty=args.repetition_penalty, seed=args.seed)
+    print(f"model: {pipe.model_path} on {pipe.engine.device} | session_len {pipe.session_len} | /exit /reset /system")
+    messages: list[dict] = []
+    system = None
+    try:
+        while True:
+            try:
+                user = input("\n>>> ").strip()
+            except EOFError:
+                break
+            if not user:
+                continue
+            if user == "/exit":
+                break
+            if user == "/reset":
+                messages = []
+                print("(new conversation)")
+                continue
+            if user.startswith("/system"):
+                system = user[len("/system") :].strip() or None
+                messages = []
+                print(f"(system prompt {'set' if system else 'cleared'}; new conversation)")
+                continue
+            messages.append({"role": "user", "content": user})
+            prompt = ([{"role": "system", "content": system}] if system else []) + messages
+            reply, n, start = "", 0, time.monotonic()
+            try:
+                for delta in pipe.stream(prompt, gen):
+                    print(delta.text, end="", flush=True)
+                    reply += delta.text
+                    n = delta.generate_token_len
+                    if delta.finish_reason == "error":
+                        print(f"\n[error: {delta.error}]")
+            except KeyboardInterrupt:
+                print("\n[stopped]")
+            except ValueError as e:  # prompt too long for the session
+                print(f"\n[error: {e}]")
+                messages.pop()
+                continue
+            elapsed = time.monotonic() - start
+            print(f"\n[{n} tokens, {n / elapsed:.1f} tok/s]" if elapsed > 0 else "")
+            messages.append({"role": "assistant", "content": reply})
+    finally:
+        pipe.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

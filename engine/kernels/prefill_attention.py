@@ -1,0 +1,220 @@
+"""Triton paged prefill attention: causal flash attention of packed varlen new tokens over their paged KV cache.
+
+Sequence i's q_len = cu_seqlens_q[i + 1] - cu_seqlens_q[i] new tokens sit at the last q_len positions of its
+kv_len cached tokens (already stored), so one kernel serves plain prefill (q_len == kv_len), prefix-cache hits
+and chunked prefill (q_len < kv_len). Grid (q tiles, q heads, batch); a program runs an online softmax (base 2,
+fp32) over the context tiles its rows can see, applying the causal mask only on the tiles that cross the
+diagonal. K/V come from the paged cache through per-token block-table lookups (any block size), dequantized
+in registers when quant_policy is 8 or 4 (`_load_kv_tile`, shared with decode_attention.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels.decode_attention import LOG2E, _check_cache, _load_kv_tile
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    k_sz_ptr,
+    v_sz_ptr,
+    block_table_ptr,
+    cu_seqlens_q_ptr,
+    kv_lens_ptr,
+    out_ptr,
+    qk_scale,  # softmax scale * log2(e)
+    stride_qt,
+    stride_qh,
+    stride_kcb,
+    stride_kcs,
+    stride_kch,
+    stride_vcb,
+    stride_vcs,
+    stride_vch,
+    stride_kszb,
+    stride_kszs,
+    stride_kszh,
+    stride_vszb,
+    stride_vszs,
+    stride_vszh,
+    stride_btb,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    QUANT_POLICY: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HALF_D: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    m_block = tl.program_id(0)
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    kv_head = head // GROUP
+
+    q_start = tl.load(cu_seqlens_q_ptr + batch).to(tl.int32)
+    q_len = tl.load(cu_seqlens_q_ptr + batch + 1).to(tl.int32) - q_start
+    m_start = m_block * BLOCK_M
+    if m_start >= q_len:  # the grid covers the longest sequence
+        return
+    kv_len = tl.load(kv_lens_ptr + batch).to(tl.int32)
+    prefix = kv_len - q_len  # cached tokens before the first new one
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < q_len
+    pos_m = prefix + offs_m  # [BLOCK_M] absolute positions of the rows
+    offs_d = tl.arange(0, BLOCK_DH)
+    mask_md = mask_m[:, None] & (offs_d[None, :] < HALF_D)
+    rows = (q_start + offs_m).to(tl.int64)
+    q_ptrs = q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :]  # [BLOCK_M, BLOCK_DH]
+    q_lo = tl.load(q_ptrs, mask=mask_md, other=0.0)
+    q_hi = tl.load(q_ptrs + HALF_D, mask=mask_md, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_lo = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
+    acc_hi = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
+    block_table_ptr += batch * stride_btb
+
+    # tiles entirely at or before the first row's position need no mask; the rest (up to the last row's
+    # position) cross the diagonal
+    full_end = ((prefix + m_start + 1) // BLOCK_N) * BLOCK_N
+    end = tl.minimum(prefix + m_start + BLOCK_M, kv_len)
+    for start_n in range(0, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+        block_offs = offs_n % BLOCK_SIZE
+
+        k_lo, k_hi = _load_kv_tile(k_cache_ptr, k_sz_ptr, block_ids, block_offs, kv_head, offs_d, mask_n,
+                                   stride_kcb, stride_kcs, stride_kch, stride_kszb, stride_kszs, stride_kszh,
+                                   QUANT_POLICY, HALF_D)  # [BLOCK_N, BLOCK_DH] each
+        s = tl.dot(q_lo, tl.trans(k_lo.to(q_lo.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q_hi, tl.trans(k_hi.to(q_hi.dtype)), s, input_precision=DOT_PRECISION)
+        s = s * qk_scale
+        if start_n >= full_end:
+            visible = (offs_n[None, :] <= pos_m[:, None]) & mask_n[None, :]
+            s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every row sees key 0 in the first tile
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+
+        v_lo, v_hi = _load_kv_tile(v_cache_ptr, v_sz_ptr, block_ids, block_offs, kv_head, offs_d, mask_n,
+                                   stride_vcb, stride_vcs, stride_vch, stride_vszb, stride_vszs, stride_vszh,
+                                   QUANT_POLICY, HALF_D)
+        p = p.to(q_lo.dtype)
+        acc_lo = tl.dot(p, v_lo.to(q_lo.dtype), acc_lo * alpha[:, None], input_precision=DOT_PRECISION)
+        acc_hi = tl.dot(p, v_hi.to(q_lo.dtype), acc_hi * alpha[:, None], input_precision=DOT_PRECISION)
+
+    acc_lo = acc_lo / l_i[:, None]
+    acc_hi = acc_hi / l_i[:, None]
+    out_ptrs = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(out_ptrs, acc_lo.to(out_ptr.dtype.element_ty), mask=mask_md)
+    tl.store(out_ptrs + HALF_D, acc_hi.to(out_ptr.dtype.element_ty), mask=mask_md)
+
+
+def default_config(q: torch.Tensor) -> dict:
+    """Tile sizes. GPU 16-bit: 128 x 64 tiles, 8 warps (FA2-like on Hopper); fp32 (ieee dots) halves them to keep
+    registers in check. Interpreter: 16 x 16, so tiny CPU tests cross tile and diagonal boundaries."""
+    if not q.is_cuda:
+        return {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1}
+    if q.dtype == torch.float32:
+        return {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 1}
+    return {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2}
+
+
+def prefill_attention_launch(
+    q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale, k_scale_zero, v_scale_zero, quant_policy,
+    max_seqlen_q: int, block_m: int, block_n: int, num_warps: int = 8, num_stages: int = 2,
+) -> torch.Tensor:
+    """paged_prefill_attention with explicit tiling (tests and benchmarks force it)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    batch = kv_lens.shape[0]
+    num_kv_heads = k_cache.shape[2]
+    assert quant_policy in (0, 4, 8), f"quant_policy must be 0, 4 or 8, got {quant_policy}"
+    assert num_q_heads % num_kv_heads == 0, "Hq must be a multiple of Hk"
+    assert head_dim % 2 == 0 and q.stride(-1) == 1, "q: [num_tokens, Hq, D] with even, contiguous D"
+    _check_cache(k_cache, k_scale_zero, num_kv_heads, head_dim, quant_policy)
+    _check_cache(v_cache, v_scale_zero, num_kv_heads, head_dim, quant_policy)
+    assert block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.stride(1) == 1
+    assert cu_seqlens_q.shape == (batch + 1,) and cu_seqlens_q.is_contiguous(), "cu_seqlens_q must be [B + 1]"
+    assert kv_lens.is_contiguous(), "kv_lens must be contiguous [B]"
+    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {q.dtype}"
+    if not quant_policy:
+        k_scale_zero, v_scale_zero = k_cache, v_cache  # unused placeholders (QUANT_POLICY=0)
+
+    out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)  # [num_tokens, Hq, D]
+    if num_tokens == 0 or batch == 0 or max_seqlen_q <= 0:
+        return out
+    half_d = head_dim // 2
+    grid = (triton.cdiv(max_seqlen_q, block_m), num_q_heads, batch)
+    _prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        k_scale_zero,
+        v_scale_zero,
+        block_tables,
+        cu_seqlens_q,
+        kv_lens,
+        out,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        k_scale_zero.stride(0),
+        k_scale_zero.stride(1),
+        k_scale_zero.stride(2),
+        v_scale_zero.stride(0),
+        v_scale_zero.stride(1),
+        v_scale_zero.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=num_q_heads // num_kv_heads,
+        QUANT_POLICY=quant_policy,
+        BLOCK_SIZE=k_cache.shape[1],
+        HALF_D=half_d,
+        BLOCK_DH=max(16, triton.next_power_of_2(half_d)),  # tl.dot needs K >= 16
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,  # [num_tokens, Hq, D], the new tokens of all sequences, packed
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D or D // 2]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    cu_seqlens_q: torch.Tensor,  # [B + 1] offsets of each sequence's new tokens in q
+    kv_lens: torch.Tensor,  # [B] tokens in cache per sequence, new ones included (already stored)
+    scale: float,
+    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, block_size, Hk, 2]
+    v_scale_zero: torch.Tensor | None = None,
+    quant_policy: int = 0,
+    max_seqlen_q: int | None = None,  # host-side hint; computing it from cu_seqlens_q syncs the device
+) -> torch.Tensor:
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if cu_seqlens_q.numel() > 1 else 0
+    return prefill_attention_launch(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale, k_scale_zero,
+                                    v_scale_zero, quant_policy, max_seqlen_q, **default_config(q))

@@ -1,0 +1,80 @@
+"""The one model a studio process serves: load, swap and unload it while the UI and the API keep running.
+
+Both front ends hold the same ModelManager and ask it for the current pipeline per request, so a model
+loaded from the UI's Model tab is the one the API serves, and their requests share one engine.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.config import EngineConfig
+from engine.pipeline import Pipeline
+
+
+class NoModelLoadedError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    pipeline: Pipeline
+    path: Path
+    name: str
+    config: EngineConfig
+    load_seconds: float
+    is_demo: bool = False
+
+
+@dataclass
+class ModelManager:
+    recent: list[str] = field(default_factory=list)  # most recent first
+    _current: LoadedModel | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._current
+
+    def pipeline(self) -> Pipeline:
+        current = self._current
+        if current is None:
+            raise NoModelLoadedError("no model is loaded: load one in the Model tab or pass MODEL to app.py")
+        return current.pipeline
+
+    def load(self, model: str | Path, config: EngineConfig | None = None, *, name: str | None = None,
+             is_demo: bool = False) -> LoadedModel:
+        """Load a model, replacing the current one. The old one is shut down first so its memory is free;
+        if the new one fails to load, the error propagates and nothing is loaded."""
+        with self._lock:
+            self._unload_locked()
+            start = time.monotonic()
+            pipe = Pipeline(model, config or EngineConfig())
+            loaded = LoadedModel(pipe, pipe.model_path, name or pipe.model_path.name, pipe.engine.config,
+                                 time.monotonic() - start, is_demo)
+            self._current = loaded
+            key = str(model)
+            self.recent = [key] + [r for r in self.recent if r != key][:9]
+            return loaded
+
+    def unload(self) -> None:
+        with self._lock:
+            self._unload_locked()
+
+    def _unload_locked(self) -> None:
+        if self._current is None:
+            return
+        self._current.pipeline.close()
+        self._current = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass

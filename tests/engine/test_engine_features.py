@@ -1,0 +1,232 @@
+"""Engine behaviour beyond plain correctness: prefix caching, preemption under a tiny cache, chunked prefill,
+stop strings, seeded sampling, cancellation, and the errors users get for bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+
+from engine import GenerationConfig, ModelLoadError, PromptTooLongError, UnsupportedModelError, pipeline
+from tests.engine.conftest import PROMPTS, greedy, small_config, wait_until
+
+LONG_PREFIX = "System: you answer questions about the history of the sea and its ships, briefly. " * 3
+
+
+def test_prefix_cache_reuses_blocks_and_keeps_output(make_pipe, llama_gqa_path):
+    cached = make_pipe(llama_gqa_path)
+    uncached = make_pipe(llama_gqa_path, enable_prefix_caching=False)
+    first = [{"role": "user", "content": LONG_PREFIX + "Who built the first ship?"}]
+    second = [{"role": "user", "content": LONG_PREFIX + "When did steam ships appear?"}]
+    assert len(cached.encode(second)) > 3 * 16
+    cached(first, greedy(8))
+    hits_before = cached.engine.block_manager.num_prefix_hits
+    out = cached(second, greedy(16))
+    assert cached.engine.block_manager.num_prefix_hits - hits_before >= 2
+    assert out.token_ids == uncached(second, greedy(16)).token_ids
+    # the same prompt again: every full block but the last token's is reused
+    again = cached(second, greedy(16))
+    assert again.token_ids == out.token_ids
+
+
+def test_preemption_under_tiny_cache_gives_identical_output(make_pipe, llama_path):
+    prompts = [p for p in PROMPTS] * 2
+    roomy = make_pipe(llama_path)
+    expected = [o.token_ids for o in roomy(prompts, greedy(40))]
+    # 12 blocks of 16 tokens: every request fits alone, but 8 of them at once do not
+    tiny = make_pipe(llama_path, num_gpu_blocks=12)
+    outs = tiny(prompts, greedy(40))
+    assert tiny.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == expected
+    assert tiny.engine.block_manager.num_free_blocks == 12
+
+
+def test_chunked_prefill_gives_identical_output(make_pipe, llama_gqa_path):
+    whole = make_pipe(llama_gqa_path)
+    chunked = make_pipe(llama_gqa_path, max_prefill_token_num=16)
+    prompt = PROMPTS[3]
+    assert len(whole.encode(prompt)) > 3 * 16
+    assert chunked(prompt, greedy(16)).token_ids == whole(prompt, greedy(16)).token_ids
+
+
+def test_stop_string_spanning_tokens_ends_the_reply_before_it(make_pipe, demo_model_path):
+    pipe = make_pipe(demo_model_path)
+    full = pipe("Tell me about the sea", greedy(48))
+    tok = pipe.tokenizer
+    # find a stop string that starts inside one token and ends inside a later one
+    pieces = [tok.decode(full.token_ids[: i + 1], skip_special_tokens=True) for i in range(len(full.token_ids))]
+    boundary = next(i for i in range(4, len(pieces)) if len(pieces[i]) - len(pieces[i - 1]) >= 2
+                    and len(pieces[i - 1]) - len(pieces[i - 2]) >= 2)
+    stop = pieces[boundary][len(pieces[boundary - 1]) - 1 : len(pieces[boundary - 1]) + 1]
+    assert len(stop) == 2
+    expected = full.text[: full.text.index(stop)]
+    out = pipe("Tell me about the sea", greedy(48, stop_words=[stop]))
+    assert out.finish_reason == "stop"
+    assert out.text == expected
+    assert stop not in out.text
+    streamed = "".join(d.text for d in pipe.stream("Tell me about the sea", greedy(48, stop_words=[stop])))
+    assert streamed == expected
+
+
+def test_stop_token_ids_and_min_new_tokens(make_pipe, demo_model_path):
+    pipe = make_pipe(demo_model_path)
+    free = pipe("Hello", greedy(20))
+    stop_id = free.token_ids[5]
+    first = free.token_ids.index(stop_id)
+    out = pipe("Hello", GenerationConfig(max_new_tokens=20, stop_token_ids=[stop_id], ignore_eos=True))
+    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[: first + 1]
+    held = pipe("Hello", GenerationConfig(max_new_tokens=20, min_new_tokens=12, stop_token_ids=[stop_id],
+                                          ignore_eos=True))
+    assert held.generate_token_len >= 12
+    assert stop_id not in held.token_ids[:12]
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(make_pipe, demo_model_path):
+    pipe = make_pipe(demo_model_path)
+    cfg = GenerationConfig(max_new_tokens=24, do_sample=True, temperature=1.0, top_p=0.95, top_k=50,
+                           ignore_eos=True, seed=1234)
+    alone = pipe("Once upon a time", cfg)
+    batched = pipe(["Something else entirely", "Once upon a time", "Hi"], cfg)[1]
+    assert alone.token_ids == batched.token_ids
+    other = pipe("Once upon a time", GenerationConfig(**{**cfg.__dict__, "seed": 99}))
+    assert other.token_ids != alone.token_ids
+    greedy_out = pipe("Once upon a time", greedy(24))
+    assert alone.token_ids != greedy_out.token_ids  # it really sampled
+    top1 = pipe("Once upon a time", GenerationConfig(max_new_tokens=24, do_sample=True, top_k=1, ignore_eos=True))
+    assert top1.token_ids == greedy_out.token_ids
+
+
+def test_utf8_streaming_never_emits_broken_characters(demo_model_path):
+    from transformers import AutoTokenizer
+
+    from engine.tokenizer import IncrementalDetokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(demo_model_path))
+    text = "Chinese: 你好，世界！ emoji: 🙂👍🏽🎉 accents: café naïve. 汉字和表情😀混合"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text) // 2  # multi-byte characters span several byte-level tokens
+    detok = IncrementalDetokenizer(tok, tok.encode("Prompt:", add_special_tokens=False))
+    deltas = [detok.add([i]) for i in ids]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text
+    assert sum(1 for d in deltas if d == "") > 0  # some tokens held back mid-character
+
+
+def test_streamed_deltas_add_up_to_the_whole_reply(make_pipe, demo_model_path):
+    pipe = make_pipe(demo_model_path)
+    cfg = GenerationConfig(max_new_tokens=40, do_sample=True, seed=7, ignore_eos=True)
+    deltas = list(pipe.stream("Write something", cfg))
+    whole = pipe("Write something", cfg)
+    assert "".join(d.text for d in deltas) == whole.text
+    assert sum((d.token_ids for d in deltas), []) == whole.token_ids
+    assert deltas[-1].finish_reason == "length" and all(d.finish_reason is None for d in deltas[:-1])
+
+
+def test_cancellation_frees_blocks_at_once_and_others_continue(make_pipe, demo_model_path):
+    pipe = make_pipe(demo_model_path)
+    manager = pipe.engine.block_manager
+
+    async def main():
+        survivor = asyncio.create_task(_collect(pipe, greedy(30)))
+        stream = pipe.generate("Cancel me", greedy(400))
+        got = 0
+        async for out in stream:
+            got += len(out.token_ids)
+            if got >= 5:
+                break
+        await stream.aclose()  # the consumer goes away
+        return await survivor
+
+    survivor_ids = asyncio.run(main())
+    assert len(survivor_ids) == 30
+    assert wait_until(lambda: manager.num_used_blocks == 0)
+    assert pipe.engine.stats.num_aborted == 1
+
+
+async def _collect(pipe, cfg):
+    ids = []
+    async for out in pipe.generate("I keep going", cfg):
+        ids += out.token_ids
+    return ids
+
+
+def test_sync_stream_abandoned_midway_is_aborted(make_pipe, demo_model_path):
+    pipe = make_pipe(demo_model_path)
+    stream = pipe.stream("Go on", greedy(400))
+    next(stream)
+    stream.close()
+    assert wait_until(lambda: pipe.engine.block_manager.num_used_blocks == 0)
+
+
+def test_prompt_longer_than_session_is_a_clear_error(make_pipe, demo_model_path):
+    pipe = make_pipe(demo_model_path, session_len=64)
+    long_prompt = "word " * 200
+    with pytest.raises(PromptTooLongError, match="session_len is 64"):
+        pipe(long_prompt, greedy(4))
+    assert pipe("short", greedy(4)).generate_token_len == 4  # and the engine still serves
+    # a reply is cut at session_len, with finish_reason length
+    out = pipe("short", greedy(500))
+    assert out.finish_reason == "length" and out.input_token_len + out.generate_token_len == 64
+
+
+def test_prompt_larger_than_whole_cache_is_a_clear_error(make_pipe, demo_model_path):
+    pipe = make_pipe(demo_model_path, num_gpu_blocks=2)
+    with pytest.raises(PromptTooLongError, match="KV cache holds 32"):
+        pipe("word " * 100, greedy(4))
+
+
+def test_bad_model_folders_get_clear_errors(tmp_path, llama_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        pipeline(tmp_path / "nope", small_config())
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(ModelLoadError, match="no config.json.*notes.txt"):
+        pipeline(tmp_path / "empty", small_config())
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    cfg = json.loads((llama_path / "config.json").read_text())
+    cfg["architectures"] = ["GPTBigCodeForCausalLM"]
+    (odd / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="GPTBigCodeForCausalLM.*supported: LlamaForCausalLM"):
+        pipeline(odd, small_config())
+    noweights = tmp_path / "noweights"
+    noweights.mkdir()
+    (noweights / "config.json").write_text((llama_path / "config.json").read_text())
+    with pytest.raises(ModelLoadError, match="no weights"):
+        pipeline(noweights, small_config())
+
+
+def test_internlm2_tokenizer_code_needs_trust_remote_code(tmp_path, internlm2_paths):
+    import shutil
+
+    from engine import TokenizerLoadError
+
+    path = tmp_path / "il2"
+    shutil.copytree(internlm2_paths[0], path)
+    (path / "tokenizer.json").unlink()
+    tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
+    tok_cfg["auto_map"] = {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]}
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    with pytest.raises(TokenizerLoadError, match="--trust-remote-code"):
+        pipeline(path, small_config())
+
+
+def test_many_concurrent_streams(make_pipe, demo_model_path):
+    pipe = make_pipe(demo_model_path, max_batch_size=8)
+    results = {}
+
+    def run(i):
+        results[i] = pipe(f"request number {i}", greedy(12 + i))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(results) == list(range(16))
+    assert all(results[i].generate_token_len == 12 + i for i in range(16))
+    assert pipe.engine.block_manager.num_used_blocks == 0
+    mem = pipe.memory()
+    assert mem["num_kv_blocks"] == mem["free_kv_blocks"] and mem["kv_bytes_per_token"] > 0
