@@ -138,6 +138,8 @@ class ModelRunner:
             seeds=self._tensor([s.sampling.seed for s in seqs], i64),
             steps=self._tensor([s.num_generated_tokens for s in seqs], i64),
             all_greedy=all(t == 0.0 for t in temps),
+            any_top_k_top_p=any(g.top_k > 0 or g.top_p < 1.0 for g in gcs),
+            any_min_p=any(g.min_p > 0 for g in gcs),
         )
         if any(g.repetition_penalty != 1.0 for g in gcs):
             b.repetition_penalties = self._tensor([g.repetition_penalty for g in gcs], f32)

@@ -63,3 +63,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, scale,
                            k_scale_zero=None, v_scale_zero=None, quant_policy=0):
     return _pick("paged_decode_attention", q)(q, k_cache, v_cache, block_tables, kv_lens, scale, k_scale_zero,
                                               v_scale_zero, quant_policy)
+
+
+def awq_linear(x, qweight, qzeros, scales, group_size, bias=None):
+    return _pick("awq_linear", x)(x, qweight, qzeros, scales, group_size, bias)

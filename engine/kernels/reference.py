@@ -168,3 +168,33 @@ def paged_decode_attention(
     return paged_prefill_attention(
         q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale, k_scale_zero, v_scale_zero, quant_policy
     )
+
+
+# ---- W4A16 (AWQ GEMM layout) ------------------------------------------------------------------------------
+# qweight int32 [in, out / 8]: nibble i (bits 4i..4i+3) of element [k, c] holds column c * 8 + AWQ_ORDER[i];
+# qzeros int32 [in / G, out / 8] packed the same way; scales [in / G, out].
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # column j sits in nibble AWQ_REVERSE_ORDER[j]
+
+
+def awq_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [rows, cols / 8] in AWQ order -> int32 [rows, cols] with values 0..15 in natural column order."""
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    nibbles = (packed[:, :, None] >> shifts) & 0xF  # [rows, cols / 8, 8], nibble i
+    order = torch.tensor(AWQ_REVERSE_ORDER, device=packed.device)
+    return nibbles[:, :, order].reshape(packed.shape[0], -1)
+
+
+def awq_dequantize(qweight, qzeros, scales, group_size: int) -> torch.Tensor:
+    """-> [in, out] weight in scales' dtype: (q - zero) * scale per group of `group_size` input rows."""
+    q = awq_unpack(qweight)  # [in, out]
+    z = awq_unpack(qzeros).repeat_interleave(group_size, dim=0)  # [in, out]
+    s = scales.repeat_interleave(group_size, dim=0)
+    return ((q - z).to(scales.dtype) * s).to(scales.dtype)
+
+
+def awq_linear(x, qweight, qzeros, scales, group_size: int, bias=None):
+    """x [tokens, in] @ dequantized W [in, out] (+ bias)."""
+    w = awq_dequantize(qweight, qzeros, scales, group_size).to(x.dtype)
+    out = x @ w
+    return out if bias is None else out + bias

@@ -49,6 +49,8 @@ class SamplingBatch:
     generated_ids: torch.Tensor | None = None  # [B, L] generated ids, padded with -1 (presence / frequency)
     banned_ids: torch.Tensor | None = None  # [B, K] ids to forbid this step (min_new_tokens), padded with -1
     all_greedy: bool = False
+    any_top_k_top_p: bool = False  # host-side flags, so the sampler never syncs to ask the device
+    any_min_p: bool = False
     num_logprobs: int = -1  # -1: none wanted; else top-k alternatives to return (max over rows)
 
 
@@ -87,7 +89,7 @@ def sample(logits: torch.Tensor, b: SamplingBatch):
     else:
         temps = b.temperatures.clamp_min(1e-5)[:, None]
         probs = torch.softmax(logits / temps, dim=-1)
-        if bool((b.top_ks > 0).any()) or bool((b.top_ps < 1.0).any()):
+        if b.any_top_k_top_p:
             sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
             ranks = torch.arange(probs.shape[1], device=probs.device)[None, :]
             k = torch.where(b.top_ks > 0, b.top_ks, probs.shape[1])[:, None]
@@ -95,7 +97,7 @@ def sample(logits: torch.Tensor, b: SamplingBatch):
             drop = (ranks >= k) | (cum_before >= b.top_ps[:, None])
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(1, sorted_idx, sorted_probs)
-        if bool((b.min_ps > 0).any()):
+        if b.any_min_p:
             top = probs.amax(dim=-1, keepdim=True)
             probs = probs.masked_fill(probs < b.min_ps[:, None] * top, 0.0)
         exp_noise = -torch.log(hashed_uniform(b.seeds, b.steps, probs.shape[1]))

@@ -1,0 +1,65 @@
+"""AWQLinear: a drop-in for Linear holding 4-bit AWQ weights (AutoAWQ GEMM layout, see kernels/reference.py).
+
+Checkpoint tensors load as they are (`qweight`, `qzeros`, `scales`, optional `bias`); fused linears (qkv,
+gate_up) concatenate their shards along the output dimension, which in this layout is dim 1 with 8 output
+features per int32. The forward goes through ops.awq_linear: a W4A16 Triton kernel on GPU, dequantize-then-
+matmul on CPU. Modules listed in `modules_to_not_convert` stay plain Linear layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.kernels import ops
+from engine.layers.linear import Linear
+
+
+class AWQLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group_size: int,
+                 shard_sizes: list[int] | None = None):
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"AWQ group size {group_size} does not divide in_features {in_features}")
+        if out_features % 8:
+            raise ValueError(f"AWQ needs out_features divisible by 8, got {out_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.shard_sizes = shard_sizes or [out_features]
+        groups = in_features // group_size
+
+        def param(shape, dtype_, pack):
+            p = nn.Parameter(torch.empty(shape, dtype=dtype_), requires_grad=False)
+            p.output_dim, p.output_pack = 1, pack
+            return p
+
+        self.qweight = param((in_features, out_features // 8), torch.int32, 8)
+        self.qzeros = param((groups, out_features // 8), torch.int32, 8)
+        self.scales = param((groups, out_features), torch.float16 if dtype == torch.float32 else dtype, 1)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False)
+            self.bias.output_dim, self.bias.output_pack = 0, 1
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
+
+
+def awq_linear_factory(quantization_config: dict, dtype: torch.dtype):
+    bits = quantization_config.get("bits", quantization_config.get("w_bit", 4))
+    if bits != 4:
+        raise ValueError(f"AWQ checkpoints with {bits}-bit weights are not supported (4-bit GEMM layout only)")
+    version = str(quantization_config.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise ValueError(f"AWQ version {version!r} is not supported (the GEMM layout is)")
+    group_size = quantization_config.get("group_size", quantization_config.get("q_group_size", 128))
+    skip = quantization_config.get("modules_to_not_convert") or []
+
+    def make(in_features, out_features, bias, dtype_, shard_sizes=None, prefix=""):
+        # checkpoint names of the fused modules' shards (q_proj/k_proj/v_proj, gate_proj/up_proj) count too
+        names = {prefix, prefix.replace("qkv_proj", "q_proj"), prefix.replace("gate_up_proj", "gate_proj")}
+        if any(s and s in name for s in skip for name in names):
+            return Linear(in_features, out_features, bias, dtype_, shard_sizes)
+        return AWQLinear(in_features, out_features, bias, dtype_, group_size, shard_sizes)
+
+    return make
