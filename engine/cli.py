@@ -25,6 +25,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                   help="dummy: random weights from config.json alone (benchmarks)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="run tokenizer code shipped in the model folder (InternLM2 needs it)")
 
@@ -44,4 +46,5 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching,
         use_cuda_graph=not args.eager,
         trust_remote_code=args.trust_remote_code,
+        load_format=args.load_format,
     )

@@ -28,6 +28,7 @@ class EngineConfig:
     cpu_kv_cache_bytes: int = 512 * 1024**2  # on CPU there is no "free memory": the budget the fraction applies to
     num_gpu_blocks: int | None = None  # overrides the computed KV block count (tests, capacity planning)
     use_cuda_graph: bool = True  # decode steps replay captured graphs on GPU
+    load_format: str = "auto"  # dummy: random weights from config.json alone (benchmarks at real shapes)
     trust_remote_code: bool = False  # run a folder's own tokenizer code (InternLM2 ships one)
     tp: int = 1  # tensor parallelism: one GPU only for now
     seed: int = 0  # seeds the per-request seeds of requests that give none
@@ -52,6 +53,8 @@ class EngineConfig:
                 f"max_prefill_token_num ({self.max_prefill_token_num}) must be at least one block "
                 f"({self.cache_block_seq_len} tokens)"
             )
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.tp != 1:
             raise ValueError("tp > 1 is not supported yet: this engine runs on one GPU")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:

@@ -91,11 +91,13 @@ class LLMEngine:
         else:
             self.device = torch.device(config.device)
         self.dtype = loader.resolve_dtype(config.dtype, self.spec, self.device, self.model_format)
-        loader.check_weights_present(self.model_path)
+        if config.load_format != "dummy":
+            loader.check_weights_present(self.model_path)
         self.tokenizer = load_tokenizer(self.model_path, self.spec, config.trust_remote_code)
         self.chat_template = chat_template_for(self.tokenizer, self.spec)
         self.eos_token_ids = stop_token_ids_for(self.tokenizer, self.spec)
-        model = loader.load_model(self.model_path, self.spec, self.dtype, self.device, self.model_format)
+        model = loader.load_model(self.model_path, self.spec, self.dtype, self.device, self.model_format,
+                                  config.load_format)
         self.runner = ModelRunner(model, self.spec, config, self.device, self.dtype)
         self.block_size = config.cache_block_seq_len
         self.block_manager = BlockManager(self.runner.num_blocks, self.block_size, config.enable_prefix_caching)

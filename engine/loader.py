@@ -193,8 +193,27 @@ def load_weights(model: nn.Module, path: Path, spec: ModelSpec) -> None:
         raise ModelLoadError(f"{path}: checkpoint lacks {len(missing)} weights, e.g. {', '.join(missing[:5])}")
 
 
-def load_model(path: Path, spec: ModelSpec, dtype: torch.dtype, device: torch.device, model_format: str) -> nn.Module:
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights of the right shapes and dtypes: speed does not depend on the values, only on the sizes."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dtype == torch.int32:  # AWQ qweight / qzeros: any nibbles
+            p.copy_(torch.randint(-(2**31), 2**31 - 1, p.shape, generator=gen, device=p.device, dtype=torch.int32))
+        elif name.endswith("scales"):
+            p.uniform_(0.001, 0.01, generator=gen)
+        elif p.dim() == 1:
+            p.uniform_(0.8, 1.2, generator=gen)  # norms (and biases)
+        else:
+            p.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
+
+
+def load_model(path: Path, spec: ModelSpec, dtype: torch.dtype, device: torch.device, model_format: str,
+               load_format: str = "auto") -> nn.Module:
     model = build_model(spec, dtype, device, model_format)
-    load_weights(model, path, spec)
+    if load_format == "dummy":
+        init_dummy_weights(model)
+    else:
+        load_weights(model, path, spec)
     model.eval()
     return model

@@ -45,6 +45,14 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         for attn, cache in zip(model.attention_layers(), self.kv_caches):
             attn.kv_cache = cache
+        self.graphs = None
+        if device.type == "cuda" and config.use_cuda_graph:
+            from engine.cuda_graph import CudaGraphDecoder
+
+            max_len = min(config.session_len or spec.max_position_embeddings, spec.max_position_embeddings)
+            max_blocks = (max_len + self.block_size - 1) // self.block_size
+            self.graphs = CudaGraphDecoder(model, config.max_batch_size, max_blocks, device)
+            self.graphs.capture()
 
     # ---- KV cache -------------------------------------------------------------------------------------
     def _plan_num_blocks(self) -> int:
@@ -167,12 +175,16 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch):
         """Forward + sample. Returns (sampled token ids per sampled sequence, the sequences, logprob info)."""
         input_ids, positions, meta, sample_rows = self.prepare(batch)
-        hidden = self.model(input_ids, positions, meta)
         sampled_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
-        if not sampled_seqs:
-            return [], [], None
-        rows = hidden[self._tensor(sample_rows, torch.int64)] if batch.is_prefill else hidden
-        logits = self.model.compute_logits(rows)
+        if not batch.is_prefill and self.graphs is not None and self.graphs.can_run(
+                len(batch.seqs), meta.block_tables.shape[1]):
+            logits = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta)
+            if not sampled_seqs:
+                return [], [], None
+            rows = hidden[self._tensor(sample_rows, torch.int64)] if batch.is_prefill else hidden
+            logits = self.model.compute_logits(rows)
         tokens, logprob_info = sample(logits, self.sampling_batch(sampled_seqs))
         return tokens.tolist(), sampled_seqs, logprob_info
 

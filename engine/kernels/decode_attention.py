@@ -43,25 +43,34 @@ def _load_kv_tile(
     stride_szh,
     QUANT_POLICY: tl.constexpr,
     HALF_D: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
 ):
-    """(lo, hi) halves [BLOCK_N, BLOCK_DH] of BLOCK_N cached head vectors; fp32 when dequantized, else the cache
-    dtype. Masked tokens read as 0."""
-    mask = mask_n[:, None] & (offs_d[None, :] < HALF_D)
+    """(lo, hi) halves [BLOCK_N, BLOCK_DH] ([BLOCK_DH, BLOCK_N] when TRANSPOSED) of BLOCK_N cached head vectors;
+    fp32 when dequantized, else the cache dtype. Masked tokens read as 0."""
     rows = block_ids * stride_cb + block_offs * stride_cs + kv_head * stride_ch  # [BLOCK_N]
-    ptrs = cache_ptr + rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_DH]
+    if TRANSPOSED:
+        mask = mask_n[None, :] & (offs_d[:, None] < HALF_D)
+        ptrs = cache_ptr + rows[None, :] + offs_d[:, None]  # [BLOCK_DH, BLOCK_N]
+    else:
+        mask = mask_n[:, None] & (offs_d[None, :] < HALF_D)
+        ptrs = cache_ptr + rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_DH]
     if QUANT_POLICY == 4:
         packed = tl.load(ptrs, mask=mask, other=0)  # uint8: element d low nibble, element d + D/2 high nibble
         lo = packed & 0xF
         hi = packed >> 4
     else:
-        lo = tl.load(ptrs, mask=mask, other=0)
-        hi = tl.load(ptrs + HALF_D, mask=mask, other=0)
+        lo = tl.load(ptrs)
+        hi = tl.load(ptrs + HALF_D)
     if QUANT_POLICY != 0:
         sz = sz_ptr + block_ids * stride_szb + block_offs * stride_szs + kv_head * stride_szh  # [BLOCK_N]
         scale = tl.load(sz, mask=mask_n, other=0.0).to(tl.float32)
         zero = tl.load(sz + 1, mask=mask_n, other=0.0).to(tl.float32)
-        lo = (lo.to(tl.float32) - zero[:, None]) * scale[:, None]
-        hi = (hi.to(tl.float32) - zero[:, None]) * scale[:, None]
+        if TRANSPOSED:
+            lo = (lo.to(tl.float32) - zero[None, :]) * scale[None, :]
+            hi = (hi.to(tl.float32) - zero[None, :]) * scale[None, :]
+        else:
+            lo = (lo.to(tl.float32) - zero[:, None]) * scale[:, None]
+            hi = (hi.to(tl.float32) - zero[:, None]) * scale[:, None]
     return lo, hi
 
 
@@ -139,9 +148,9 @@ def _decode_split_kernel(
 
         k_lo, k_hi = _load_kv_tile(k_cache_ptr, k_sz_ptr, block_ids, block_offs, kv_head, offs_d, mask_n,
                                    stride_kcb, stride_kcs, stride_kch, stride_kszb, stride_kszs, stride_kszh,
-                                   QUANT_POLICY, HALF_D)  # [BLOCK_N, BLOCK_DH] each
-        s = tl.dot(q_lo, tl.trans(k_lo.to(q_lo.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
-        s = tl.dot(q_hi, tl.trans(k_hi.to(q_hi.dtype)), s, input_precision=DOT_PRECISION)
+                                   QUANT_POLICY, HALF_D, True)  # [BLOCK_N, BLOCK_DH] each
+        s = tl.dot(q_lo, k_lo.to(q_lo.dtype), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+        s = tl.dot(q_hi, k_hi.to(q_hi.dtype), s, input_precision=DOT_PRECISION)
         s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -152,7 +161,7 @@ def _decode_split_kernel(
 
         v_lo, v_hi = _load_kv_tile(v_cache_ptr, v_sz_ptr, block_ids, block_offs, kv_head, offs_d, mask_n,
                                    stride_vcb, stride_vcs, stride_vch, stride_vszb, stride_vszs, stride_vszh,
-                                   QUANT_POLICY, HALF_D)
+                                   QUANT_POLICY, HALF_D, False)
         p = p.to(q_lo.dtype)
         acc_lo = tl.dot(p, v_lo.to(q_lo.dtype), acc_lo * alpha[:, None], input_precision=DOT_PRECISION)
         acc_hi = tl.dot(p, v_hi.to(q_lo.dtype), acc_hi * alpha[:, None], input_precision=DOT_PRECISION)
