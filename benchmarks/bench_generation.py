@@ -68,8 +68,9 @@ def bench_engine(folder: Path, shape: str, config: str, ceilings: dict, quick: b
     eng, spec = pipe.engine, pipe.engine.spec
     timer = RequestTimer(eng)
     rng = random.Random(0)
-    res = {"shape": shape, "config": config, "kv_capacity_tokens": pipe.memory()["kv_capacity_tokens"],
-           "weights_GiB": pipe.memory()["weights_bytes"] / 2**30, "kv_bytes_per_token": pipe.memory()["kv_bytes_per_token"]}
+    mem = pipe.memory()
+    res = {"shape": shape, "config": config, "kv_capacity_tokens": mem["kv_capacity_tokens"],
+           "weights_GiB": mem["weights_bytes"] / 2**30, "kv_bytes_per_token": mem["kv_bytes_per_token"]}
     timer.run([(random_ids(rng, 1, spec.vocab_size), 32)], 1)  # warm-up
     n_new = 128 if quick else 512
     r = timer.run([(random_ids(rng, 1, spec.vocab_size), n_new)], 1)
@@ -146,9 +147,6 @@ def bench_transformers(shape: str, quick: bool) -> dict:
             res[f"batch{batch}_output_tok_s"] = "OOM"
             break
     res["best_output_tok_s"] = best
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
     return res
 
 
@@ -176,6 +174,8 @@ def main(argv=None):
             save(args.out, "generation", results, "")
         if not args.no_transformers:
             results["transformers"].append(bench_transformers(shape, args.quick))
+            gc.collect()
+            torch.cuda.empty_cache()
             print(results["transformers"][-1], flush=True)
     rows = []
     hf = {r["shape"]: r for r in results["transformers"]}

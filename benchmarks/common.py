@@ -154,7 +154,9 @@ class RequestTimer:
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
-        return f"{v:.3g}" if isinstance(v, float) and abs(v) < 1e3 else (f"{v:,.0f}" if isinstance(v, float) else str(v))
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e3 else f"{v:,.0f}"
+        return str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
