@@ -5,7 +5,19 @@ Imports of torch / transformers happen inside the fixtures, so test modules that
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Triton kernels run under the interpreter on machines without a GPU. triton.jit reads this when it decorates,
+# so it must be set before any test module imports a kernel file, whichever directory is collected first.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 
 
 @pytest.fixture(scope="session")
