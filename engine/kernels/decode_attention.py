@@ -6,7 +6,9 @@ Flash-decoding in two stages:
       contiguous slice of the context, and runs an online softmax over it. int8 / int4 K/V are dequantized in
       registers. It writes the slice's normalized partial output and its log-sum-exp (base 2).
   stage 2 (`_decode_reduce_kernel`): grid (batch, q_heads). Merges the splits' partials by their log-sum-exp.
-With a single split (large batch x kv_heads already fills the GPU) stage 1 writes the output directly.
+With a single split (large batch x kv_heads already fills the GPU) stage 1 writes the output directly. The split
+count is a runtime argument (one compiled kernel serves every count) picked from shapes alone, so a launch
+needs no device sync and can be captured in a CUDA graph.
 
 Head vectors are handled as two halves (d < D/2, d >= D/2), the int4 packing of reference.py, so one code path
 serves all cache formats: q.k = q_lo.k_lo + q_hi.k_hi. `_load_kv_tile` is shared with prefill_attention.py.
@@ -43,34 +45,25 @@ def _load_kv_tile(
     stride_szh,
     QUANT_POLICY: tl.constexpr,
     HALF_D: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
 ):
-    """(lo, hi) halves [BLOCK_N, BLOCK_DH] ([BLOCK_DH, BLOCK_N] when TRANSPOSED) of BLOCK_N cached head vectors;
-    fp32 when dequantized, else the cache dtype. Masked tokens read as 0."""
+    """(lo, hi) halves [BLOCK_N, BLOCK_DH] of BLOCK_N cached head vectors; fp32 when dequantized, else the cache
+    dtype. Masked tokens read as 0."""
+    mask = mask_n[:, None] & (offs_d[None, :] < HALF_D)
     rows = block_ids * stride_cb + block_offs * stride_cs + kv_head * stride_ch  # [BLOCK_N]
-    if TRANSPOSED:
-        mask = mask_n[None, :] & (offs_d[:, None] < HALF_D)
-        ptrs = cache_ptr + rows[None, :] + offs_d[:, None]  # [BLOCK_DH, BLOCK_N]
-    else:
-        mask = mask_n[:, None] & (offs_d[None, :] < HALF_D)
-        ptrs = cache_ptr + rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_DH]
+    ptrs = cache_ptr + rows[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_DH]
     if QUANT_POLICY == 4:
         packed = tl.load(ptrs, mask=mask, other=0)  # uint8: element d low nibble, element d + D/2 high nibble
         lo = packed & 0xF
         hi = packed >> 4
     else:
-        lo = tl.load(ptrs)
-        hi = tl.load(ptrs + HALF_D)
+        lo = tl.load(ptrs, mask=mask, other=0)
+        hi = tl.load(ptrs + HALF_D, mask=mask, other=0)
     if QUANT_POLICY != 0:
         sz = sz_ptr + block_ids * stride_szb + block_offs * stride_szs + kv_head * stride_szh  # [BLOCK_N]
         scale = tl.load(sz, mask=mask_n, other=0.0).to(tl.float32)
-        zero = tl.load(sz + 1, mask=mask_n, other=0.0).to(tl.float32)
-        if TRANSPOSED:
-            lo = (lo.to(tl.float32) - zero[None, :]) * scale[None, :]
-            hi = (hi.to(tl.float32) - zero[None, :]) * scale[None, :]
-        else:
-            lo = (lo.to(tl.float32) - zero[:, None]) * scale[:, None]
-            hi = (hi.to(tl.float32) - zero[:, None]) * scale[:, None]
+        mn = tl.load(sz + 1, mask=mask_n, other=0.0).to(tl.float32)
+        lo = lo.to(tl.float32) * scale[:, None] + mn[:, None]
+        hi = hi.to(tl.float32) * scale[:, None] + mn[:, None]
     return lo, hi
 
 
@@ -83,9 +76,10 @@ def _decode_split_kernel(
     v_sz_ptr,
     block_table_ptr,
     kv_lens_ptr,
-    out_ptr,  # NUM_SPLITS == 1: the output [B, Hq, D]; else fp32 partials [B, Hq, NUM_SPLITS, D]
-    lse_ptr,  # [B, Hq, NUM_SPLITS] fp32, log2-sum-exp2 of each split's scaled scores
+    out_ptr,  # WRITE_PARTIAL: fp32 partials [B, Hq, num_splits, D]; else the output [B, Hq, D]
+    lse_ptr,  # [B, Hq, num_splits] fp32, log2-sum-exp2 of each split's scaled scores (WRITE_PARTIAL only)
     qk_scale,  # softmax scale * log2(e)
+    num_splits,  # a runtime value: split counts share one compiled kernel
     stride_qb,
     stride_qh,
     stride_kcb,
@@ -113,7 +107,7 @@ def _decode_split_kernel(
     BLOCK_DH: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     batch = tl.program_id(0).to(tl.int64)
@@ -121,7 +115,7 @@ def _decode_split_kernel(
     split = tl.program_id(2)
 
     kv_len = tl.load(kv_lens_ptr + batch).to(tl.int32)
-    split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N  # a whole number of tiles
+    split_len = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N  # a whole number of tiles
     start = split * split_len
     end = tl.minimum(start + split_len, kv_len)  # empty (start >= end) for the tail splits of short contexts
 
@@ -148,9 +142,9 @@ def _decode_split_kernel(
 
         k_lo, k_hi = _load_kv_tile(k_cache_ptr, k_sz_ptr, block_ids, block_offs, kv_head, offs_d, mask_n,
                                    stride_kcb, stride_kcs, stride_kch, stride_kszb, stride_kszs, stride_kszh,
-                                   QUANT_POLICY, HALF_D, True)  # [BLOCK_N, BLOCK_DH] each
-        s = tl.dot(q_lo, k_lo.to(q_lo.dtype), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
-        s = tl.dot(q_hi, k_hi.to(q_hi.dtype), s, input_precision=DOT_PRECISION)
+                                   QUANT_POLICY, HALF_D)  # [BLOCK_N, BLOCK_DH] each
+        s = tl.dot(q_lo, tl.trans(k_lo.to(q_lo.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+        s = tl.dot(q_hi, tl.trans(k_hi.to(q_hi.dtype)), s, input_precision=DOT_PRECISION)
         s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -161,7 +155,7 @@ def _decode_split_kernel(
 
         v_lo, v_hi = _load_kv_tile(v_cache_ptr, v_sz_ptr, block_ids, block_offs, kv_head, offs_d, mask_n,
                                    stride_vcb, stride_vcs, stride_vch, stride_vszb, stride_vszs, stride_vszh,
-                                   QUANT_POLICY, HALF_D, False)
+                                   QUANT_POLICY, HALF_D)
         p = p.to(q_lo.dtype)
         acc_lo = tl.dot(p, v_lo.to(q_lo.dtype), acc_lo * alpha[:, None], input_precision=DOT_PRECISION)
         acc_hi = tl.dot(p, v_hi.to(q_lo.dtype), acc_hi * alpha[:, None], input_precision=DOT_PRECISION)
@@ -172,16 +166,17 @@ def _decode_split_kernel(
     out_ptrs = out_ptr + batch * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
     tl.store(out_ptrs, acc_lo.to(out_ptr.dtype.element_ty), mask=mask_hd)
     tl.store(out_ptrs + HALF_D, acc_hi.to(out_ptr.dtype.element_ty), mask=mask_hd)
-    if NUM_SPLITS > 1:
+    if WRITE_PARTIAL:
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(lse_ptr + batch * stride_lseb + heads * stride_lseh + split, lse, mask=mask_h)
 
 
 @triton.jit
 def _decode_reduce_kernel(
-    partial_ptr,  # [B, Hq, NUM_SPLITS, D] fp32
-    lse_ptr,  # [B, Hq, NUM_SPLITS] fp32
+    partial_ptr,  # [B, Hq, num_splits, D] fp32
+    lse_ptr,  # [B, Hq, num_splits] fp32
     out_ptr,  # [B, Hq, D]
+    num_splits,
     stride_pb,
     stride_ph,
     stride_ps,
@@ -189,7 +184,6 @@ def _decode_reduce_kernel(
     stride_lseh,
     stride_ob,
     stride_oh,
-    NUM_SPLITS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -198,7 +192,7 @@ def _decode_reduce_kernel(
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < NUM_SPLITS
+    mask_s = offs_s < num_splits
     lse = tl.load(lse_ptr + batch * stride_lseb + head * stride_lseh + offs_s, mask=mask_s, other=float("-inf"))
     lse_max = tl.max(lse, axis=0)
     weights = tl.exp2(lse - lse_max)  # [BLOCK_S]; empty splits weigh 0
@@ -217,10 +211,13 @@ def _sm_count(device: torch.device) -> int:
 
 
 def default_config(q: torch.Tensor) -> dict:
-    """Tile sizes: 64-token tiles on GPU; 16 under the interpreter, so tiny CPU tests still cross tiles."""
-    if q.is_cuda:
-        return {"block_n": 64, "num_warps": 4, "num_stages": 2}
-    return {"block_n": 16, "num_warps": 4, "num_stages": 1}
+    """Tile sizes: 64-token tiles, double-buffered, on GPU (32 for fp32, whose dots run on FMAs and would spill);
+    16 under the interpreter, so tiny CPU tests still cross tiles."""
+    if not q.is_cuda:
+        return {"block_n": 16, "num_warps": 4, "num_stages": 1}
+    if q.dtype == torch.float32:
+        return {"block_n": 32, "num_warps": 4, "num_stages": 2}
+    return {"block_n": 64, "num_warps": 4, "num_stages": 2}
 
 
 def pick_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int, device: torch.device) -> int:
@@ -283,6 +280,7 @@ def decode_attention_launch(
         stage1_out,
         lse_arg,
         scale * LOG2E,
+        num_splits,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -310,7 +308,7 @@ def decode_attention_launch(
         BLOCK_DH=max(16, triton.next_power_of_2(half_d)),  # tl.dot needs K >= 16
         BLOCK_H=max(16, triton.next_power_of_2(group)),  # tl.dot needs M >= 16: pad the head group
         BLOCK_N=block_n,
-        NUM_SPLITS=num_splits,
+        WRITE_PARTIAL=num_splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,
@@ -320,6 +318,7 @@ def decode_attention_launch(
             partial,
             lse,
             out,
+            num_splits,
             partial.stride(0),
             partial.stride(1),
             partial.stride(2),
@@ -327,7 +326,6 @@ def decode_attention_launch(
             lse.stride(1),
             out.stride(0),
             out.stride(1),
-            NUM_SPLITS=num_splits,
             HEAD_DIM=head_dim,
             BLOCK_S=triton.next_power_of_2(num_splits),
             BLOCK_D=triton.next_power_of_2(head_dim),

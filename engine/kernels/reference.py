@@ -8,8 +8,10 @@ Paged KV cache layout (one pair of tensors per layer):
                                      and element j + head_dim // 2 in its high nibble (halves, not neighbours,
                                      so kernels dequantize two contiguous half-vectors without an interleave)
     k_scale_zero, v_scale_zero: [num_blocks, block_size, num_kv_heads, 2] (scale, zero), only when quantized
-Quantization is asymmetric, per token and per head: q = clamp(round(x / scale) + zero, 0, 2**bits - 1),
-x ~= (q - zero) * scale.
+Quantization is asymmetric, per token and per head, with the zero point stored as the vector's minimum:
+q = clamp(round((x - min) / scale), 0, 2**bits - 1), x ~= q * scale + min. (Storing min rather than an integer
+zero point keeps both numbers representable in fp16: a zero point of -min / scale overflows fp16 for vectors
+whose range is tiny next to their mean, and a constant vector would need scale 0.)
 A token's slot is block_id * block_size + offset; slot_mapping gives each new token's slot (-1: skip).
 """
 
@@ -48,25 +50,24 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 
 
 def quantize_kv(x: torch.Tensor, bits: int):
-    """x: [N, H, D] -> (q uint8 [N, H, D or D // 2], scale_zero [N, H, 2] float32)."""
+    """x: [N, H, D] -> (q uint8 [N, H, D or D // 2], scale_zero [N, H, 2] float32 holding (scale, min))."""
     qmax = (1 << bits) - 1
     xf = x.float()
     mn, mx = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
     scale = ((mx - mn) / qmax).clamp_min(1e-8)
-    zero = torch.round(-mn / scale)
-    q = torch.clamp(torch.round(xf / scale) + zero, 0, qmax).to(torch.uint8)
+    q = torch.clamp(torch.round((xf - mn) / scale), 0, qmax).to(torch.uint8)
     if bits == 4:
         half = q.shape[-1] // 2
         q = q[..., :half] | (q[..., half:] << 4)
-    return q, torch.cat([scale, zero], dim=-1)
+    return q, torch.cat([scale, mn], dim=-1)
 
 
 def dequantize_kv(q: torch.Tensor, scale_zero: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of quantize_kv: q [..., D or D // 2] uint8, scale_zero [..., 2] -> [..., D] dtype."""
     if bits == 4:
         q = torch.cat([q & 0xF, q >> 4], dim=-1)
-    scale, zero = scale_zero[..., :1].float(), scale_zero[..., 1:].float()
-    return ((q.float() - zero) * scale).to(dtype)
+    scale, mn = scale_zero[..., :1].float(), scale_zero[..., 1:].float()
+    return (q.float() * scale + mn).to(dtype)
 
 
 def store_kv(

@@ -2,7 +2,7 @@
 
 One program writes one token (every kv head, both K and V). Cache layout and quantization are those documented
 at the top of reference.py: quant_policy 8 stores uint8 codes, 4 packs two codes per byte as halves (byte j =
-element j low nibble | element j + D/2 high nibble), each with a per-token, per-head (scale, zero) pair.
+element j low nibble | element j + D/2 high nibble), each with a per-token, per-head (scale, min) pair: x ~= q * scale + min.
 Head vectors are handled as two halves throughout, which is exactly the int4 packing, and slot -1 is skipped.
 """
 
@@ -23,9 +23,9 @@ def _round_half_even(x):
 
 
 @triton.jit
-def _quantize(x, scale, zero, QMAX: tl.constexpr):
-    """x: [BLOCK_H, BLOCK_DH] fp32, scale/zero: [BLOCK_H] -> codes in [0, QMAX] as uint8."""
-    q = _round_half_even(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
+def _quantize(x, scale, mn, QMAX: tl.constexpr):
+    """x: [BLOCK_H, BLOCK_DH] fp32, scale/mn: [BLOCK_H] -> codes in [0, QMAX] as uint8."""
+    q = _round_half_even(tl.math.div_rn(x - mn[:, None], scale[:, None]))
     return tl.minimum(tl.maximum(q, 0.0), QMAX).to(tl.uint8)
 
 
@@ -72,9 +72,8 @@ def _store_heads(
         mn = tl.where(mask_h, mn, 0.0)  # padding heads: keep the math finite
         mx = tl.where(mask_h, mx, 0.0)
         scale = tl.maximum(tl.math.div_rn(mx - mn, QMAX * 1.0), 1e-8)  # [BLOCK_H]
-        zero = _round_half_even(tl.math.div_rn(-mn, scale))
-        q1 = _quantize(x1, scale, zero, QMAX)
-        q2 = _quantize(x2, scale, zero, QMAX)
+        q1 = _quantize(x1, scale, mn, QMAX)
+        q2 = _quantize(x2, scale, mn, QMAX)
         if QUANT_POLICY == 4:
             tl.store(dst, q1 | (q2 << 4), mask=mask)
         else:
@@ -82,7 +81,7 @@ def _store_heads(
             tl.store(dst + HALF_D, q2, mask=mask)
         sz = sz_ptr + block_id * stride_szb + block_off * stride_szs + offs_h * stride_szh  # [BLOCK_H]
         tl.store(sz, scale.to(sz_ptr.dtype.element_ty), mask=mask_h)
-        tl.store(sz + 1, zero.to(sz_ptr.dtype.element_ty), mask=mask_h)
+        tl.store(sz + 1, mn.to(sz_ptr.dtype.element_ty), mask=mask_h)
 
 
 @triton.jit

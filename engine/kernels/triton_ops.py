@@ -1,0 +1,25 @@
+"""Registers the Triton kernels in ops.TRITON_OPS under the reference op names (ops imports this on first CUDA use).
+
+Importing needs only triton (not a GPU): the kernels compile lazily at first launch.
+"""
+
+from __future__ import annotations
+
+from engine.kernels.activation import silu_and_mul
+from engine.kernels.awq_gemm import awq_linear
+from engine.kernels.decode_attention import paged_decode_attention
+from engine.kernels.ops import TRITON_OPS
+from engine.kernels.prefill_attention import paged_prefill_attention
+from engine.kernels.rms_norm import rms_norm
+from engine.kernels.rotary import apply_rotary
+from engine.kernels.store_kv import store_kv
+
+TRITON_OPS.update(
+    rms_norm=rms_norm,
+    silu_and_mul=silu_and_mul,
+    apply_rotary=apply_rotary,
+    store_kv=store_kv,
+    paged_decode_attention=paged_decode_attention,
+    paged_prefill_attention=paged_prefill_attention,
+    awq_linear=awq_linear,
+)

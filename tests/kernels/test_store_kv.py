@@ -1,0 +1,95 @@
+"""store_kv.py against reference.store_kv: fp, int8 and int4 caches, shuffled slots, padding slots (-1) skipped.
+
+Both start from the same poisoned caches, so writing a wrong slot, or any slot for a -1 token, shows up as a
+difference. Quantized codes and (scale, zero) are computed with the reference's roundings (ties to even,
+correctly rounded division), so the expected mismatch is none; CODE_TOLERANCE states what is tolerated.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels import reference
+from engine.kernels.store_kv import store_kv
+
+from .conftest import DEVICE, requires_cuda
+
+# quant_policy -> (max |code difference|, max fraction of codes that may differ); fp caches must match exactly
+CODE_TOLERANCE = {0: (0, 0.0), 8: (1, 1e-3), 4: (1, 1e-3)}
+
+
+def _caches(num_blocks, block_size, num_kv_heads, head_dim, quant_policy, dtype, device):
+    """Poisoned caches; scale_zero is fp16 for 16-bit models and fp32 for fp32 ones, like the model runner's."""
+    stored_dim = head_dim // 2 if quant_policy == 4 else head_dim
+    shape = (num_blocks, block_size, num_kv_heads, stored_dim)
+    if quant_policy == 0:
+        caches = [torch.full(shape, float("nan"), dtype=dtype, device=device) for _ in range(2)]
+        return caches + [None, None]
+    caches = [torch.randint(0, 256, shape, dtype=torch.uint8, device=device) for _ in range(2)]
+    sz_dtype = torch.float32 if dtype == torch.float32 else torch.float16
+    return caches + [torch.full((*shape[:3], 2), float("nan"), dtype=sz_dtype, device=device) for _ in range(2)]
+
+
+def _check(num_tokens, num_kv_heads, head_dim, block_size, num_blocks, quant_policy, dtype, device):
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
+    v = 3 * torch.randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device) + 1
+    slots = torch.randperm(num_blocks * block_size, device=device)[:num_tokens]
+    slots[torch.rand(num_tokens, device=device) < 0.2] = -1  # padding tokens
+    slots = slots.to(torch.int32)
+
+    expected = _caches(num_blocks, block_size, num_kv_heads, head_dim, quant_policy, dtype, device)
+    got = [t.clone() if t is not None else None for t in expected]
+    reference.store_kv(k, v, *expected[:2], slots, *expected[2:], quant_policy)
+    store_kv(k, v, *got[:2], slots, *got[2:], quant_policy)
+
+    max_diff, max_fraction = CODE_TOLERANCE[quant_policy]
+    for g, e in zip(got[:2], expected[:2]):
+        if quant_policy == 0:
+            assert torch.equal(g.nan_to_num(123.0), e.nan_to_num(123.0))
+        else:
+            diff = (g.int() - e.int()).abs()
+            assert diff.max() <= max_diff and (diff > 0).float().mean() <= max_fraction
+    for g, e in zip(got[2:], expected[2:]):
+        if e is not None:
+            torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("quant_policy", [0, 8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_store_kv(quant_policy, dtype):
+    _check(num_tokens=9, num_kv_heads=2, head_dim=64, block_size=4, num_blocks=5, quant_policy=quant_policy,
+           dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("quant_policy", [0, 8, 4])
+def test_store_kv_odd_shapes(quant_policy):
+    _check(num_tokens=6, num_kv_heads=3, head_dim=80, block_size=3, num_blocks=4, quant_policy=quant_policy,
+           dtype=torch.float16, device=DEVICE)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("quant_policy", [0, 8, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_store_kv_gpu(head_dim, dtype, quant_policy):
+    _check(num_tokens=4096, num_kv_heads=8, head_dim=head_dim, block_size=64, num_blocks=100,
+           quant_policy=quant_policy, dtype=dtype, device="cuda")
+
+
+def test_constant_and_offset_vectors_survive_fp16_scale_zero():
+    """A constant head vector (range 0) and one whose mean dwarfs its range must dequantize finitely and closely
+    when scale and zero are stored in fp16 (the engine's layout for half models)."""
+    from engine.kernels import reference
+
+    x = torch.empty(3, 2, 16)
+    x[0] = 0.75  # constant
+    x[1] = 3000.0 + torch.rand(2, 16) * 0.01  # large offset, tiny range
+    x[2] = torch.randn(2, 16)
+    for bits in (8, 4):
+        q, sz = reference.quantize_kv(x, bits)
+        back = reference.dequantize_kv(q, sz.half(), bits, torch.float32)
+        assert torch.isfinite(back).all()
+        assert (back[0] - 0.75).abs().max() < 1e-3
+        assert (back[1] - x[1]).abs().max() < 3.0  # fp16 spacing at 3000 is 2
