@@ -2,7 +2,8 @@
 
 One program writes one token (every kv head, both K and V). Cache layout and quantization are those documented
 at the top of reference.py: quant_policy 8 stores uint8 codes, 4 packs two codes per byte as halves (byte j =
-element j low nibble | element j + D/2 high nibble), each with a per-token, per-head (scale, min) pair: x ~= q * scale + min.
+element j low nibble | element j + D/2 high nibble), each with a per-token, per-head (scale, min) pair:
+x ~= q * scale + min.
 Head vectors are handled as two halves throughout, which is exactly the int4 packing, and slot -1 is skipped.
 """
 
