@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One batched GPU session: correctness on the GPU first, then benchmarks. Logs and results go to $OUT.
+# usage: bash benchmarks/gpu_session.sh STAGE...   (stages: tests, gen-quick, gen, kernels, awq, serving)
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/gpu.txt"
+for stage in "$@"; do
+  echo "=== $stage $(date -u +%H:%M:%S)"
+  case $stage in
+    tests) timeout 300 python3 -m pytest tests/kernels tests/engine/test_gpu_engine.py -q -x -n 8 -p no:cacheprovider \
+             2>&1 | tail -40 | tee "$OUT/tests.log" ;;
+    gen-quick) timeout 400 python3 benchmarks/bench_generation.py --shapes llama2-7b --configs fp16 --quick \
+             --out "$OUT/gen" 2>&1 | tail -60 ;;
+    gen) timeout 560 python3 benchmarks/bench_generation.py --shapes "${SHAPES:-llama2-7b}" \
+             --configs "${CONFIGS:-fp16}" ${GEN_FLAGS:-} --out "$OUT/gen" 2>&1 | tail -60 ;;
+    kernels) timeout 240 python3 -m benchmarks.bench_kernels --out "$OUT/kernels" 2>&1 | tail -40 ;;
+    awq) timeout 400 python3 benchmarks/bench_awq.py ${AWQ_FLAGS:-} --out "$OUT/awq" 2>&1 | tail -30 ;;
+    serving) timeout 300 python3 benchmarks/bench_serving.py ${SERVING_FLAGS:-} --out "$OUT/serving" 2>&1 | tail -30 ;;
+  esac
+done
+echo "=== done $(date -u +%H:%M:%S)"
