@@ -17,6 +17,7 @@ for stage in "$@"; do
              --out "$OUT/gen" 2>&1 | tail -60 ;;
     gen) timeout 560 python3 benchmarks/bench_generation.py --shapes "${SHAPES:-llama2-7b}" \
              --configs "${CONFIGS:-fp16}" ${GEN_FLAGS:-} --out "$OUT/gen" 2>&1 | tail -60 ;;
+    profile) timeout 300 python3 benchmarks/profile_step.py ${PROFILE_FLAGS:-} --out "$OUT/prof" 2>&1 | tail -120 ;;
     kernels) timeout 240 python3 -m benchmarks.bench_kernels --out "$OUT/kernels" 2>&1 | tail -40 ;;
     awq) timeout 400 python3 benchmarks/bench_awq.py ${AWQ_FLAGS:-} --out "$OUT/awq" 2>&1 | tail -30 ;;
     serving) timeout 300 python3 benchmarks/bench_serving.py ${SERVING_FLAGS:-} --out "$OUT/serving" 2>&1 | tail -30 ;;

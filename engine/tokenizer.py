@@ -76,8 +76,10 @@ def stop_token_ids_for(tokenizer, spec: ModelSpec) -> frozenset[int]:
 class IncrementalDetokenizer:
     """Turns a growing list of generated ids into text deltas.
 
-    A few prompt tokens are kept as left context so tokenizers that drop a leading space when a token
-    starts the text (sentencepiece) decode the first reply token as they would mid-text.
+    Fast tokenizers use the `tokenizers` library's DecodeStream (Rust; it holds back partial UTF-8 sequences
+    itself). Others decode a sliding window: the text is released once it no longer ends in a partial
+    character. Either way a few prompt tokens are kept as left context, so tokenizers that drop a leading
+    space when a token starts the text (sentencepiece) decode the first reply token as they would mid-text.
     """
 
     CONTEXT_TOKENS = 4
@@ -85,10 +87,21 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.ids = list(prompt_ids[-self.CONTEXT_TOKENS :])
+        context = list(prompt_ids[-self.CONTEXT_TOKENS :])
+        self.text = ""  # the reply's text so far
+        self._stream = None
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            try:
+                from tokenizers.decoders import DecodeStream
+
+                self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
+                self._backend = backend
+            except (ImportError, TypeError):  # tokenizers too old for a prefilled DecodeStream
+                self._stream = None
+        self.ids = context
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
-        self.text = ""  # the reply's text so far
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
@@ -96,6 +109,17 @@ class IncrementalDetokenizer:
 
     def add(self, token_ids: list[int]) -> str:
         """Append tokens; return the newly complete text (possibly empty while a character is unfinished)."""
+        if self._stream is not None:
+            delta = ""
+            for t in token_ids:
+                try:
+                    chunk = self._stream.step(self._backend, t)
+                except Exception:  # noqa: BLE001 - an id outside the vocabulary decodes to nothing
+                    chunk = None
+                if chunk:
+                    delta += chunk
+            self.text += delta
+            return delta
         self.ids.extend(token_ids)
         prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full_text = self._decode(self.ids[self.prefix_offset :])

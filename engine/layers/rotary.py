@@ -61,5 +61,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos() * attention_factor, persistent=False)
         self.register_buffer("sin", freqs.sin() * attention_factor, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        return ops.apply_rotary(q, k, self.cos[positions], self.sin[positions])
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [num_tokens, head_dim // 2] for a step's positions: gathered once, used by every layer."""
+        return self.cos[positions], self.sin[positions]
+
+    def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
+        return ops.apply_rotary(q, k, *cos_sin)
