@@ -281,12 +281,12 @@ class LLMEngine:
         if not finished and request.stop_words:
             end = max(request.sent_chars, end - (max(len(s) for s in request.stop_words) - 1))
         delta_text = text[request.sent_chars : end]
-        generated = seq.generated_token_ids
-        delta_ids = generated[request.sent_tokens :]
-        delta_logprobs = seq.logprobs[request.sent_logprobs :]
+        delta_ids = seq.token_ids[seq.num_prompt_tokens + request.sent_tokens :]
+        delta_logprobs = seq.logprobs[request.sent_logprobs :] if seq.logprobs else []
         if not (delta_text or delta_ids or finished):
             return
-        request.sent_chars, request.sent_tokens, request.sent_logprobs = end, len(generated), len(seq.logprobs)
+        request.sent_chars, request.sent_logprobs = end, len(seq.logprobs)
+        request.sent_tokens += len(delta_ids)
         out = RequestOutput(request.request_id, delta_text, delta_ids, finished, finish_reason,
                             seq.num_prompt_tokens, seq.num_generated_tokens, seq.num_cached_tokens,
                             delta_logprobs, error)

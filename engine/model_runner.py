@@ -32,6 +32,11 @@ def scale_zero_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 else torch.float16
 
 
+def _is_plain(g) -> bool:
+    return (g.repetition_penalty == 1.0 and not g.presence_penalty and not g.frequency_penalty
+            and g.logprobs is None)
+
+
 class ModelRunner:
     def __init__(self, model, spec: ModelSpec, config: EngineConfig, device: torch.device, dtype: torch.dtype):
         self.model, self.spec, self.config = model, spec, config
@@ -110,6 +115,8 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch):
         """Host lists -> device tensors: input ids, positions, metadata, and which rows get logits."""
+        if not batch.is_prefill:
+            return self._prepare_decode(batch.seqs)
         input_ids, positions, slots, kv_lens, cu_seqlens, sample_rows = [], [], [], [], [0], []
         bs = self.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -134,9 +141,36 @@ class ModelRunner:
         )
         return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta, sample_rows
 
+    def _prepare_decode(self, seqs: list[Sequence]):
+        """One token per sequence: its last. Everything goes to the device in one copy."""
+        bs = self.block_size
+        n = len(seqs)
+        max_blocks = max(len(s.block_table) for s in seqs)
+        flat = []
+        for s in seqs:
+            pos = len(s.token_ids) - 1
+            flat += (s.token_ids[-1], pos, s.block_table[pos // bs] * bs + pos % bs, pos + 1)
+        for s in seqs:
+            flat += s.block_table
+            flat += [0] * (max_blocks - len(s.block_table))
+        host = torch.tensor(flat, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        dev = host.to(self.device, non_blocking=True)
+        head = dev[: 4 * n].view(n, 4)
+        meta = AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=head[:, 2].contiguous(),
+            block_tables=dev[4 * n :].view(n, max_blocks).to(torch.int32),
+            kv_lens=head[:, 3].to(torch.int32),
+            max_seqlen_q=1,
+        )
+        return head[:, 0], head[:, 1], meta, list(range(n))
+
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         gcs = [s.sampling.gen_config for s in seqs]
         temps = [0.0 if g.is_greedy else g.temperature for g in gcs]
+        if not any(temps) and all(_is_plain(g) for g in gcs) and all(
+                s.num_generated_tokens >= s.sampling.gen_config.min_new_tokens for s in seqs):
+            return SamplingBatch(*([None] * 6), all_greedy=True)  # argmax only: no per-row tensors needed
         f32, i64 = torch.float32, torch.int64
         b = SamplingBatch(
             temperatures=self._tensor(temps, f32),

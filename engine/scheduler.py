@@ -98,7 +98,7 @@ class Scheduler:
     def _schedule_decode(self) -> ScheduledBatch | None:
         scheduled: list[Sequence] = []
         for seq in list(self.running):
-            if seq not in self.running or seq.is_prefilling:
+            if seq.status != SequenceStatus.RUNNING or seq.is_prefilling:  # preempted meanwhile, or mid-prefill
                 continue
             while not self.block_manager.can_append(seq):
                 victim = self._pick_victim(exclude=seq)
