@@ -215,5 +215,8 @@ def load_model(path: Path, spec: ModelSpec, dtype: torch.dtype, device: torch.de
         init_dummy_weights(model)
     else:
         load_weights(model, path, spec)
+    for module in model.modules():  # layers that repack their weights for the kernels (AWQLinear)
+        if hasattr(module, "post_load"):
+            module.post_load()
     model.eval()
     return model
