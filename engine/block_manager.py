@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from engine.sequence import Sequence
+from engine.sequence import PENDING, Sequence
 
 
 def block_hash(token_ids: list[int], prefix_hash: int) -> int:
@@ -104,6 +104,7 @@ class BlockManager:
         seq.block_table = []
         seq.num_cached_tokens = 0
         seq.num_computed_tokens = 0
+        seq.num_hashed_blocks, seq.last_block_hash = 0, -1
 
     def can_append(self, seq: Sequence) -> bool:
         """Room for the KV of seq's newest token, which the next decode step feeds."""
@@ -115,17 +116,19 @@ class BlockManager:
             seq.block_table.append(self._take_free_block())
 
     def register_computed_blocks(self, seq: Sequence) -> None:
-        """Put seq's full blocks whose KV is now computed into the prefix cache."""
+        """Put seq's full blocks whose KV is now computed into the prefix cache (only the ones not done yet)."""
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens, len(seq)) // self.block_size
-        prefix_hash = -1
-        for i in range(num_full):
-            block = self.blocks[seq.block_table[i]]
+        i, prefix_hash = seq.num_hashed_blocks, seq.last_block_hash
+        while i < num_full:
             tokens = seq.block_tokens(i)
-            if block.hash != -1 and block.token_ids == tokens:
-                prefix_hash = block.hash
-                continue
+            if PENDING in tokens:  # a token still in flight: register once it is known
+                break
             prefix_hash = block_hash(tokens, prefix_hash)
-            block.hash, block.token_ids = prefix_hash, tokens
+            block = self.blocks[seq.block_table[i]]
+            if block.hash == -1:
+                block.hash, block.token_ids = prefix_hash, tokens
             self.hash_to_block_id.setdefault(prefix_hash, block.block_id)
+            i += 1
+        seq.num_hashed_blocks, seq.last_block_hash = i, prefix_hash

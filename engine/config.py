@@ -28,6 +28,7 @@ class EngineConfig:
     cpu_kv_cache_bytes: int = 512 * 1024**2  # on CPU there is no "free memory": the budget the fraction applies to
     num_gpu_blocks: int | None = None  # overrides the computed KV block count (tests, capacity planning)
     use_cuda_graph: bool = True  # decode steps replay captured graphs on GPU
+    overlap_scheduling: bool | None = None  # launch step N+1 before reading step N's tokens; None: on for CUDA
     load_format: str = "auto"  # dummy: random weights from config.json alone (benchmarks at real shapes)
     trust_remote_code: bool = False  # run a folder's own tokenizer code (InternLM2 ships one)
     tp: int = 1  # tensor parallelism: one GPU only for now

@@ -26,10 +26,16 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig, GenerationConfig
 from engine.model_runner import ModelRunner
 from engine.scheduler import Scheduler
-from engine.sequence import SamplingState, Sequence, SequenceStatus
+from engine.sequence import PENDING, SamplingState, Sequence, SequenceStatus
 from engine.tokenizer import IncrementalDetokenizer, chat_template_for, load_tokenizer, stop_token_ids_for
 
 log = logging.getLogger(__name__)
+
+
+def _overlappable(seq: Sequence) -> bool:
+    """Penalties and logprobs read the newest tokens on the host, so those steps run without overlap."""
+    g = seq.sampling.gen_config
+    return g.repetition_penalty == 1.0 and not g.presence_penalty and not g.frequency_penalty and g.logprobs is None
 
 
 class PromptTooLongError(ValueError):
@@ -114,6 +120,9 @@ class LLMEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopped = False
+        self._pending = None  # the launched step whose tokens are not read back yet
+        self.overlap = config.overlap_scheduling if config.overlap_scheduling is not None else (
+            self.device.type == "cuda")
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._thread.start()
 
@@ -169,13 +178,15 @@ class LLMEngine:
     # ---- the loop (engine thread) ---------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            if not self.scheduler.has_work:
+            if not self.scheduler.has_work and self._pending is None:
                 self._wakeup.wait(timeout=0.5)
             self._wakeup.clear()
             if not self._drain_commands():
                 break
             if self.scheduler.has_work:
                 self.step()
+            else:
+                self._resolve_pending()
         for request in list(self._requests.values()):
             self._finish(request, "abort")
 
@@ -189,6 +200,7 @@ class LLMEngine:
                 return False
             if kind == "add":
                 self._requests[payload.request_id] = payload
+                payload.seq.request = payload
                 self.scheduler.add(payload.seq)
                 self.stats.num_requests += 1
                 self.stats.num_prompt_tokens += payload.seq.num_prompt_tokens
@@ -215,31 +227,67 @@ class LLMEngine:
         return value
 
     def step(self) -> None:
+        """Schedule and launch one step. On CUDA the step's tokens are read back only after the next step has
+        been launched, so the host's scheduling, detokenizing and streaming overlap with the GPU's work."""
         batch = self.scheduler.schedule()
         if batch is None:
+            self._resolve_pending()
             return
         self.stats.num_steps += 1
+        overlap = self.overlap and all(_overlappable(seq) for seq in batch.seqs)
+        if not overlap:
+            self._resolve_pending()
         try:
-            tokens, sampled_seqs, logprob_info = self.runner.run(batch)
+            handle = self.runner.launch(batch, self._pending)
         except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving
             log.error("engine step failed:\n%s", traceback.format_exc())
-            by_seq = {r.seq.seq_id: r for r in self._requests.values()}
-            for seq in batch.seqs:
-                if seq.seq_id in by_seq:
-                    self.stats.num_errors += 1
-                    self._finish(by_seq[seq.seq_id], "error", error=f"{type(e).__name__}: {e}")
+            self._resolve_pending()
+            self._fail(batch.seqs, e)
             return
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            self.block_manager.register_computed_blocks(seq)
-        by_seq = {r.seq.seq_id: r for r in self._requests.values()}
-        for i, (seq, token) in enumerate(zip(sampled_seqs, tokens)):
-            request = by_seq.get(seq.seq_id)
+        for row, seq in enumerate(handle.sampled_seqs):
+            seq.token_ids.append(PENDING)
+            seq.pending_row = row
+        previous, self._pending = self._pending, handle
+        if previous is not None:
+            self._resolve(previous)
+        if not overlap:
+            self._resolve_pending()
+
+    def _resolve_pending(self) -> None:
+        if self._pending is not None:
+            handle, self._pending = self._pending, None
+            self._resolve(handle)
+
+    def _resolve(self, handle) -> None:
+        """Read a launched step's tokens, put them in place of their PENDING slots, and stream them."""
+        try:
+            tokens = self.runner.resolve(handle)
+        except Exception as e:  # noqa: BLE001
+            log.error("engine step failed:\n%s", traceback.format_exc())
+            self._fail(handle.batch.seqs, e)
+            return
+        for seq in handle.batch.seqs:
+            if not seq.is_finished and seq.block_table:
+                self.block_manager.register_computed_blocks(seq)
+        info = handle.logprob_info
+        for i, (seq, token) in enumerate(zip(handle.sampled_seqs, tokens)):
+            request = seq.request
             if request is None or seq.is_finished:
                 continue
-            if logprob_info is not None and seq.sampling.gen_config.logprobs is not None:
-                seq.logprobs.append(self._logprob_entry(logprob_info, i, token, seq.sampling.gen_config.logprobs))
-            self._on_token(request, token)
+            ids = seq.token_ids
+            index = len(ids) - 2 if len(ids) >= 2 and ids[-2] == PENDING else len(ids) - 1
+            ids[index] = token
+            if info is not None and seq.sampling.gen_config.logprobs is not None:
+                seq.logprobs.append(self._logprob_entry(info, i, token, seq.sampling.gen_config.logprobs))
+            self._on_token(request, token, index + 1)
+
+    def _fail(self, seqs, e: Exception) -> None:
+        for seq in seqs:
+            if seq.request is not None and not seq.is_finished:
+                self.stats.num_errors += 1
+                self._finish(seq.request, "error", error=f"{type(e).__name__}: {e}")
 
     def _logprob_entry(self, info, row: int, token: int, k: int) -> dict:
         chosen, top_vals, top_ids = info
@@ -247,13 +295,14 @@ class LLMEngine:
         entry["top"] = [] if k == 0 else list(zip(top_ids[row, :k].tolist(), top_vals[row, :k].tolist()))
         return entry
 
-    def _on_token(self, request: _Request, token: int) -> None:
+    def _on_token(self, request: _Request, token: int, length: int) -> None:
+        """A sampled token is in place; `length` is the sequence's length up to and including it."""
         seq, gc = request.seq, request.seq.sampling.gen_config
-        seq.append_token(token)
+        num_generated = length - seq.num_prompt_tokens
         self.stats.num_generated_tokens += 1
         finish_reason = None
         is_stop_token = token in seq.sampling.eos_token_ids or token in gc.stop_token_ids
-        if is_stop_token and seq.num_generated_tokens > gc.min_new_tokens - 1:
+        if is_stop_token and num_generated >= gc.min_new_tokens:
             finish_reason = "stop"
         else:
             request.detokenizer.add([token])
@@ -263,11 +312,11 @@ class LLMEngine:
                 start = max(0, request.sent_chars - window)
                 hits = [(text.find(s, start), s) for s in request.stop_words]
                 hits = [(i, s) for i, s in hits if i >= 0]
-                if hits and seq.num_generated_tokens >= gc.min_new_tokens:
+                if hits and num_generated >= gc.min_new_tokens:
                     cut = min(i for i, _ in hits)
                     request.detokenizer.text = text[:cut]
                     finish_reason = "stop"
-        if finish_reason is None and (len(seq) >= seq.max_tokens or seq.num_generated_tokens >= gc.max_new_tokens):
+        if finish_reason is None and (length >= seq.max_tokens or num_generated >= gc.max_new_tokens):
             finish_reason = "length"
         if finish_reason is not None:
             self._finish(request, finish_reason)
@@ -282,13 +331,16 @@ class LLMEngine:
             end = max(request.sent_chars, end - (max(len(s) for s in request.stop_words) - 1))
         delta_text = text[request.sent_chars : end]
         delta_ids = seq.token_ids[seq.num_prompt_tokens + request.sent_tokens :]
+        while delta_ids and delta_ids[-1] == PENDING:
+            delta_ids.pop()
+        num_generated = request.sent_tokens + len(delta_ids)
         delta_logprobs = seq.logprobs[request.sent_logprobs :] if seq.logprobs else []
         if not (delta_text or delta_ids or finished):
             return
         request.sent_chars, request.sent_logprobs = end, len(seq.logprobs)
-        request.sent_tokens += len(delta_ids)
+        request.sent_tokens = num_generated
         out = RequestOutput(request.request_id, delta_text, delta_ids, finished, finish_reason,
-                            seq.num_prompt_tokens, seq.num_generated_tokens, seq.num_cached_tokens,
+                            seq.num_prompt_tokens, num_generated, seq.num_cached_tokens,
                             delta_logprobs, error)
         try:
             request.callback(out)
@@ -298,6 +350,8 @@ class LLMEngine:
     def _finish(self, request: _Request, reason: str, error: str | None = None) -> None:
         seq = request.seq
         self.scheduler.remove(seq)
+        while seq.token_ids and seq.token_ids[-1] == PENDING:  # a step launched before we knew it had ended
+            seq.token_ids.pop()
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self._requests.pop(request.request_id, None)

@@ -4,6 +4,7 @@ cache (sized by cache_max_entry_count), computes logits only where a token is sa
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -12,7 +13,7 @@ from engine.layers.attention import AttentionMetadata, KVCache
 from engine.layers.sampler import SamplingBatch, sample
 from engine.models.spec import ModelSpec
 from engine.scheduler import ScheduledBatch
-from engine.sequence import Sequence
+from engine.sequence import PENDING, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,18 @@ def scale_zero_dtype(dtype: torch.dtype) -> torch.dtype:
 def _is_plain(g) -> bool:
     return (g.repetition_penalty == 1.0 and not g.presence_penalty and not g.frequency_penalty
             and g.logprobs is None)
+
+
+@dataclass
+class StepHandle:
+    """A launched step: its batch, the sequences that sample, and the device/host token buffers."""
+
+    batch: ScheduledBatch
+    sampled_seqs: list[Sequence]
+    tokens: torch.Tensor | None  # [len(sampled_seqs)] on the device
+    host: torch.Tensor | None  # pinned copy, valid once `event` has completed
+    event: object | None
+    logprob_info: tuple | None
 
 
 class ModelRunner:
@@ -206,9 +219,17 @@ class ModelRunner:
         return self._tensor([r + [-1] * (width - len(r)) for r in rows], torch.int64)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch):
-        """Forward + sample. Returns (sampled token ids per sampled sequence, the sequences, logprob info)."""
+    def launch(self, batch: ScheduledBatch, prev: StepHandle | None = None) -> StepHandle:
+        """Queue forward + sampling on the device and return at once (on CUDA the host does not wait).
+
+        Sequences whose last token is still PENDING (sampled by `prev`, not yet read back) take their input
+        id straight from prev's device tensor, so step N+1 can run before step N's tokens reach the host."""
         input_ids, positions, meta, sample_rows = self.prepare(batch)
+        if prev is not None and not batch.is_prefill:
+            rows = [s.pending_row if s.token_ids[-1] == PENDING else -1 for s in batch.seqs]
+            if any(r >= 0 for r in rows):
+                src = self._tensor(rows, torch.int64)
+                input_ids = torch.where(src >= 0, prev.tokens[src.clamp_min(0)], input_ids)
         sampled_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
         if not batch.is_prefill and self.graphs is not None and self.graphs.can_run(
                 len(batch.seqs), meta.block_tables.shape[1]):
@@ -216,11 +237,31 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, positions, meta)
             if not sampled_seqs:
-                return [], [], None
+                return StepHandle(batch, [], None, None, None, None)
             rows = hidden[self._tensor(sample_rows, torch.int64)] if batch.is_prefill else hidden
             logits = self.model.compute_logits(rows)
         tokens, logprob_info = sample(logits, self.sampling_batch(sampled_seqs))
-        return tokens.tolist(), sampled_seqs, logprob_info
+        host, event = None, None
+        if tokens.is_cuda:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        return StepHandle(batch, sampled_seqs, tokens, host, event, logprob_info)
+
+    def resolve(self, handle: StepHandle) -> list[int]:
+        """Wait for a launched step's sampled tokens and return them as host ints."""
+        if handle.tokens is None:
+            return []
+        if handle.event is not None:
+            handle.event.synchronize()
+            return handle.host.tolist()
+        return handle.tokens.tolist()
+
+    def run(self, batch: ScheduledBatch):
+        """Forward + sample, waiting for the result: (token ids, sampled sequences, logprob info)."""
+        handle = self.launch(batch)
+        return self.resolve(handle), handle.sampled_seqs, handle.logprob_info
 
     @torch.inference_mode()
     def prompt_logits(self, seq: Sequence) -> torch.Tensor:

@@ -100,6 +100,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status != SequenceStatus.RUNNING or seq.is_prefilling:  # preempted meanwhile, or mid-prefill
                 continue
+            if len(seq) >= seq.max_tokens:  # its last token is in flight: nothing more to compute
+                continue
             while not self.block_manager.can_append(seq):
                 victim = self._pick_victim(exclude=seq)
                 if victim is None:

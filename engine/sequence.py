@@ -25,6 +25,7 @@ class SamplingState:
 
 
 _seq_counter = itertools.count()
+PENDING = -1  # a token sampled on the device whose value the host has not read yet (overlapped steps)
 
 
 class Sequence:
@@ -42,6 +43,10 @@ class Sequence:
         self.finish_reason: str | None = None
         self.num_preemptions = 0
         self.logprobs: list[dict] = []
+        self.num_hashed_blocks = 0  # leading blocks already registered in the prefix cache
+        self.last_block_hash = -1
+        self.pending_row = -1  # row of the in-flight step's token tensor holding this sequence's PENDING token
+        self.request = None  # the engine's request record (set when the engine takes the request)
 
     def __len__(self) -> int:
         return len(self.token_ids)

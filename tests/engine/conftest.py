@@ -19,7 +19,9 @@ PROMPTS = [
 
 def small_config(**overrides) -> EngineConfig:
     """Blocks of 16 tokens so short prompts span several blocks; a modest CPU cache."""
-    settings = dict(cache_block_seq_len=16, max_prefill_token_num=256, cpu_kv_cache_bytes=32 * 2**20)
+    # overlap_scheduling: the GPU default, forced on here so the CPU suite runs the overlapped step loop too
+    settings = dict(cache_block_seq_len=16, max_prefill_token_num=256, cpu_kv_cache_bytes=32 * 2**20,
+                    overlap_scheduling=True)
     settings.update(overrides)
     return EngineConfig(**settings)
 

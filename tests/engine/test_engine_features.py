@@ -230,3 +230,30 @@ def test_many_concurrent_streams(make_pipe, demo_model_path):
     assert pipe.engine.block_manager.num_used_blocks == 0
     mem = pipe.memory()
     assert mem["num_kv_blocks"] == mem["free_kv_blocks"] and mem["kv_bytes_per_token"] > 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_overlapped_and_sequential_steps_agree(make_pipe, demo_model_path, overlap):
+    """Launching step N+1 before step N's tokens are read must change nothing: tokens, text, counts, stops."""
+    reference = make_pipe(demo_model_path, overlap_scheduling=False)
+    pipe = make_pipe(demo_model_path, overlap_scheduling=overlap, num_gpu_blocks=20)
+    cfgs = [greedy(30), GenerationConfig(max_new_tokens=25, do_sample=True, seed=3, ignore_eos=True),
+            greedy(40, stop_words=["e"]), GenerationConfig(max_new_tokens=12, repetition_penalty=1.3),
+            greedy(7)]
+    prompts = PROMPTS + ["one more"]
+    expected = [reference(p, c) for p, c in zip(prompts, cfgs)]
+    results = {}
+
+    def run(i):
+        results[i] = pipe(prompts[i], cfgs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cfgs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for i, exp in enumerate(expected):
+        got = results[i]
+        assert (got.token_ids, got.text, got.finish_reason, got.generate_token_len) == (
+            exp.token_ids, exp.text, exp.finish_reason, exp.generate_token_len), i
+    assert wait_until(lambda: pipe.engine.block_manager.num_used_blocks == 0)
