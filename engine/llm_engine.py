@@ -130,6 +130,17 @@ class LLMEngine:
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
+
+    def check_prompt_ids(self, prompt_token_ids: list[int]) -> None:
+        """Raise ValueError (PromptTooLongError for length) if these ids cannot be served."""
+        self.check_prompt(len(prompt_token_ids))
+        vocab = self.spec.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+
     def check_prompt(self, num_prompt_tokens: int) -> None:
         if num_prompt_tokens >= self.session_len:
             raise PromptTooLongError(
@@ -149,10 +160,7 @@ class LLMEngine:
         """Queue a request; `callback` gets its updates on the engine thread. Raises on a prompt that can't fit."""
         if self._stopped:
             raise EngineStoppedError("the engine is shut down")
-        self.check_prompt(len(prompt_token_ids))
-        vocab = self.spec.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        self.check_prompt_ids(prompt_token_ids)
         request_id = request_id or self.new_request_id()
         seed = gen_config.seed if gen_config.seed is not None else self._seed_rng.getrandbits(63)
         eos = frozenset() if gen_config.ignore_eos else self.eos_token_ids
@@ -187,6 +195,17 @@ class LLMEngine:
                 self.step()
             else:
                 self._resolve_pending()
+        self._resolve_pending()
+        while True:  # requests queued while shutting down: end them instead of leaving callers waiting
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                self._requests[payload.request_id] = payload
+                payload.seq.request = payload
+            elif kind == "call":
+                payload[1].put((False, EngineStoppedError("the engine is shut down")))
         for request in list(self._requests.values()):
             self._finish(request, "abort")
 
@@ -304,6 +323,7 @@ class LLMEngine:
         is_stop_token = token in seq.sampling.eos_token_ids or token in gc.stop_token_ids
         if is_stop_token and num_generated >= gc.min_new_tokens:
             finish_reason = "stop"
+            request.detokenizer.flush()
         else:
             request.detokenizer.add([token])
             if request.stop_words:
@@ -352,6 +372,8 @@ class LLMEngine:
         self.scheduler.remove(seq)
         while seq.token_ids and seq.token_ids[-1] == PENDING:  # a step launched before we knew it had ended
             seq.token_ids.pop()
+        if reason == "length" or reason == "abort":
+            request.detokenizer.flush()  # a character cut in half by the end is emitted as U+FFFD, not lost
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self._requests.pop(request.request_id, None)

@@ -101,7 +101,7 @@ class ModelRunner:
                 caches.append(KVCache(self._cache_tensor(shape, dtype=self.dtype, device=self.device),
                                       self._cache_tensor(shape, dtype=self.dtype, device=self.device)))
             else:
-                sz_shape = (num_blocks, self.block_size, spec.num_kv_heads, 2)
+                sz_shape = (num_blocks, spec.num_kv_heads, self.block_size, 2)  # (scale, min), head-major
                 sz = scale_zero_dtype(self.dtype)
                 caches.append(KVCache(
                     self._cache_tensor(shape, dtype=torch.uint8, device=self.device),
@@ -124,7 +124,10 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------------
     def _tensor(self, data, dtype) -> torch.Tensor:
-        return torch.tensor(data, dtype=dtype, device="cpu").to(self.device, non_blocking=True)
+        # pinned staging: a copy from pageable memory would make the host wait for the GPU's queued work,
+        # which would undo the overlap of host scheduling with the running step
+        pinned = self.device.type == "cuda"
+        return torch.tensor(data, dtype=dtype, pin_memory=pinned).to(self.device, non_blocking=True)
 
     def prepare(self, batch: ScheduledBatch):
         """Host lists -> device tensors: input ids, positions, metadata, and which rows get logits."""

@@ -81,6 +81,16 @@ class Pipeline:
         )
 
     def encode(self, prompt: Prompt, apply_chat_template: bool = True) -> list[int]:
+        try:
+            return self._encode(prompt, apply_chat_template)
+        except TypeError as e:  # e.g. lone surrogates, which the Rust tokenizer cannot take
+            raise ValueError(f"the prompt could not be tokenized: {e}") from e
+
+    def check_prompt(self, input_ids: list[int]) -> None:
+        """Raise ValueError / PromptTooLongError now for ids the engine cannot serve (before streaming starts)."""
+        self.engine.check_prompt_ids(input_ids)
+
+    def _encode(self, prompt: Prompt, apply_chat_template: bool) -> list[int]:
         if isinstance(prompt, str) and apply_chat_template:
             prompt = [{"role": "user", "content": prompt}]
         if isinstance(prompt, list):

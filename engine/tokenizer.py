@@ -100,6 +100,7 @@ class IncrementalDetokenizer:
             except (ImportError, TypeError):  # tokenizers too old for a prefilled DecodeStream
                 self._stream = None
         self.ids = context
+        self.generated: list[int] = []
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
 
@@ -109,6 +110,7 @@ class IncrementalDetokenizer:
 
     def add(self, token_ids: list[int]) -> str:
         """Append tokens; return the newly complete text (possibly empty while a character is unfinished)."""
+        self.generated.extend(token_ids)
         if self._stream is not None:
             delta = ""
             for t in token_ids:
@@ -127,5 +129,14 @@ class IncrementalDetokenizer:
             delta = full_text[len(prefix_text) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             self.text += delta
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """At the end of a reply: release text still held back for an unfinished character (as U+FFFD)."""
+        full = self._decode(self.generated)
+        if len(full) > len(self.text) and full.startswith(self.text):
+            delta = full[len(self.text) :]
+            self.text = full
             return delta
         return ""

@@ -257,3 +257,33 @@ def test_overlapped_and_sequential_steps_agree(make_pipe, demo_model_path, overl
         assert (got.token_ids, got.text, got.finish_reason, got.generate_token_len) == (
             exp.token_ids, exp.text, exp.finish_reason, exp.generate_token_len), i
     assert wait_until(lambda: pipe.engine.block_manager.num_used_blocks == 0)
+
+
+def test_reply_cut_mid_character_keeps_the_partial_character(make_pipe, demo_model_path):
+    """A reply whose last token ends inside a multi-byte character: the text still covers every token."""
+    pipe = make_pipe(demo_model_path)
+    tok = pipe.tokenizer
+    emoji_ids = tok.encode("🙂", add_special_tokens=False)
+    assert len(emoji_ids) > 1
+    from engine.tokenizer import IncrementalDetokenizer
+
+    detok = IncrementalDetokenizer(tok, [1])
+    assert detok.add(emoji_ids[:1]) == ""  # held back: half a character
+    assert detok.flush() == tok.decode(emoji_ids[:1])  # at the end it is released, not dropped
+
+
+def test_engine_shutdown_ends_queued_requests(demo_model_path):
+    from engine import pipeline as make
+
+    pipe = make(demo_model_path, small_config())
+    outputs = []
+    pipe.engine.add_request(pipe.encode("hi"), greedy(400), outputs.append)
+    pipe.close()
+    assert outputs and outputs[-1].finished and outputs[-1].finish_reason in ("abort", "length")
+    assert not pipe.engine.is_alive
+
+
+def test_unencodable_prompt_is_a_value_error(make_pipe, demo_model_path):
+    pipe = make_pipe(demo_model_path)
+    with pytest.raises(ValueError):
+        pipe("bad \ud800 surrogate", greedy(4))
