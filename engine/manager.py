@@ -46,10 +46,27 @@ class ModelManager:
             raise NoModelLoadedError("no model is loaded: load one in the Model tab or pass MODEL to app.py")
         return current.pipeline
 
+    @staticmethod
+    def check(model: str | Path, config: EngineConfig | None = None) -> Path:
+        """Cheap checks (path, config.json, architecture, weight format) that raise the errors a load would,
+        without touching the loaded model. Returns the resolved folder."""
+        from engine import loader
+
+        config = config or EngineConfig()
+        path = loader.resolve_model_path(model)
+        spec = loader.read_model_spec(path)
+        loader.detect_model_format(spec, config.model_format)
+        if config.load_format != "dummy":
+            loader.check_weights_present(path)
+        return path
+
     def load(self, model: str | Path, config: EngineConfig | None = None, *, name: str | None = None,
              is_demo: bool = False) -> LoadedModel:
-        """Load a model, replacing the current one. The old one is shut down first so its memory is free;
-        if the new one fails to load, the error propagates and nothing is loaded."""
+        """Load a model, replacing the current one. A model that fails the cheap checks (bad path, not a model
+        folder, unsupported architecture) leaves the current one serving. Past those, the old one is shut down
+        first so its memory is free; if the new one then fails to load, the error propagates and nothing is
+        loaded."""
+        self.check(model, config)
         with self._lock:
             self._unload_locked()
             start = time.monotonic()

@@ -1,0 +1,65 @@
+"""The Gradio front end: `build_app(state) -> gr.Blocks`. A header with the loaded model, the live memory panel,
+then one tab per task (Model, Quantize, Chat, API), each built by its own module from the shared StudioState.
+
+Room is left for more tabs (image chat, Compare): add a module with a build function and one `with gr.Tab` here.
+Theme and CSS are passed where the Blocks are served (`gr.mount_gradio_app(..., theme=THEME, css=CSS)`)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import gradio as gr
+
+from ui.api_tab import build_api_tab
+from ui.chat_tab import build_chat_tab
+from ui.common import header_html
+from ui.memory_panel import build_memory_panel
+from ui.model_tab import build_model_tab, load_model, picker_update, refresh_on_select
+from ui.quantize_tab import build_quantize_tab
+from ui.state import StudioSettings, StudioState
+
+__all__ = ["CSS", "THEME", "StudioSettings", "StudioState", "build_app"]
+
+CSS = (Path(__file__).with_name("style.css")).read_text()
+THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", neutral_hue="slate",
+                       font=["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "sans-serif"],  # no web fonts: offline
+                       font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
+
+
+def build_app(state: StudioState) -> gr.Blocks:
+    with gr.Blocks(title="Quant Studio", fill_width=True) as app:
+        header = gr.HTML(header_html(state.manager.current), elem_id="studio-header-box")
+        build_memory_panel(state, header)
+        with gr.Tabs(elem_id="studio-tabs"):
+            with gr.Tab("Model", id="model", elem_id="tab-model") as model_tab_item:
+                model_tab = build_model_tab(state, header)
+            with gr.Tab("Quantize", id="quantize", elem_id="tab-quantize"):
+                quant_tab = build_quantize_tab(state)
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+                build_chat_tab(state)
+            with gr.Tab("API", id="api", elem_id="tab-api") as api_tab_item:
+                refresh_api, api_outputs = build_api_tab(state)
+
+        model_tab_item.select(lambda: refresh_on_select(state), outputs=[model_tab.info, model_tab.picker],
+                              api_visibility="private", queue=False)
+        api_tab_item.select(refresh_api, outputs=api_outputs, api_visibility="private", queue=False)
+        app.load(refresh_api, outputs=api_outputs, api_visibility="private", queue=False)
+
+        async def load_quantized(folder, model_format, dtype, quant_policy, cache_max_entry_count, session_len,
+                                 max_batch_size, trust_remote_code, progress=gr.Progress()):
+            if not folder:
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            progress(0.0, desc="Loading the quantized model")
+            status, info, head = await asyncio.to_thread(
+                load_model, state, folder, model_format, dtype, quant_policy, cache_max_entry_count, session_len,
+                max_batch_size, trust_remote_code, progress=progress)
+            return status, status, info, head, folder
+
+        quant_tab.load_btn.click(
+            load_quantized, inputs=[quant_tab.result_path, *model_tab.settings],
+            outputs=[quant_tab.load_status, model_tab.status, model_tab.info, header, model_tab.path],
+            api_name="load_quantized", concurrency_id="model-load", concurrency_limit=1,
+            show_progress_on=[quant_tab.load_status],
+        ).then(lambda: picker_update(state), outputs=model_tab.picker, api_visibility="private")
+    return app

@@ -1,0 +1,121 @@
+"""Formatting shared by the tabs: byte sizes, parameter counts, and a loaded model described in words."""
+
+from __future__ import annotations
+
+import html
+import logging
+
+from engine.manager import LoadedModel
+
+log = logging.getLogger("ui")
+
+KV_POLICY_LABELS = {0: "off (model dtype)", 8: "int8", 4: "int4"}
+
+
+def fmt_bytes(n: float | int | None) -> str:
+    if n is None:
+        return "n/a"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}" if n < 10 else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def fmt_params(n: int) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "n/a"
+    if s < 1:
+        return f"{s:.2f} s"
+    if s < 60:
+        return f"{s:.1f} s"
+    m, s = divmod(int(round(s)), 60)
+    return f"{m}:{s:02d} min" if m < 60 else f"{m // 60}:{m % 60:02d}:{s:02d} h"
+
+
+def weight_format(loaded: LoadedModel) -> str:
+    engine = loaded.pipeline.engine
+    if engine.model_format == "awq":
+        qc = engine.spec.quantization_config or {}
+        bits, group = qc.get("bits", qc.get("w_bit", 4)), qc.get("group_size", qc.get("q_group_size", "?"))
+        return f"AWQ W{bits}A16, group {group}"
+    return f"{str(engine.dtype).replace('torch.', '')} (unquantized)"
+
+
+def kv_policy(loaded: LoadedModel) -> str:
+    qp = loaded.pipeline.engine.config.quant_policy
+    if qp == 0:
+        return f"{str(loaded.pipeline.engine.dtype).replace('torch.', '')} (not quantized)"
+    return f"{KV_POLICY_LABELS[qp]} (quant_policy {qp})"
+
+
+def describe(loaded: LoadedModel) -> dict[str, str]:
+    """The loaded model as label -> value, for the Model tab's card and the API tab."""
+    engine = loaded.pipeline.engine
+    mem = loaded.pipeline.memory()
+    return {
+        "Model": loaded.name,
+        "Path": str(loaded.path),
+        "Architecture": engine.spec.architecture,
+        "Parameters": fmt_params(engine.spec.num_params),
+        "Weights": f"{weight_format(loaded)} · {fmt_bytes(mem['weights_bytes'])}",
+        "KV cache": f"{kv_policy(loaded)} · {fmt_bytes(mem['kv_cache_bytes'])}",
+        "KV capacity": f"{mem['kv_capacity_tokens']:,} tokens ({mem['num_kv_blocks']:,} blocks of {mem['block_size']})",
+        "Session length": f"{loaded.pipeline.session_len:,} tokens",
+        "Max batch size": str(engine.config.max_batch_size),
+        "Device": f"{mem['device']} · {mem['dtype']}",
+        "Load time": fmt_seconds(loaded.load_seconds),
+    }
+
+
+def header_html(loaded: LoadedModel | None, loading: str | None = None) -> str:
+    if loading:
+        badge = f'<span class="studio-badge studio-badge-empty">Loading {html.escape(loading)}...</span>'
+        note = ""
+    elif loaded is None:
+        badge = '<span class="studio-badge studio-badge-empty">No model loaded</span>'
+        note = '<span class="studio-header-note">Load one in the <b>Model</b> tab.</span>'
+    else:
+        engine = loaded.pipeline.engine
+        bits = [engine.spec.architecture, fmt_params(engine.spec.num_params), weight_format(loaded),
+                f"KV {KV_POLICY_LABELS[engine.config.quant_policy]}", str(engine.device)]
+        badge = (f'<span class="studio-badge">● {html.escape(loaded.name)}</span>'
+                 f'<span class="studio-header-meta">{html.escape(" · ".join(bits))}</span>')
+        note = ('<span class="studio-header-warn">Demo model: random weights, replies are gibberish</span>'
+                if loaded.is_demo else "")
+    return (
+        '<div class="studio-header"><div class="studio-title">Quant Studio'
+        '<span class="studio-subtitle">quantize · serve · chat</span></div>'
+        f'<div class="studio-model" id="studio-model">{badge}{note}</div></div>'
+    )
+
+
+def error_html(title: str, message: str) -> str:
+    return (f'<div class="studio-callout studio-error"><b>{html.escape(title)}</b><br>'
+            f"{html.escape(message)}</div>")
+
+
+def ok_html(title: str, message: str = "") -> str:
+    body = f"<br>{html.escape(message)}" if message else ""
+    return f'<div class="studio-callout studio-ok"><b>{html.escape(title)}</b>{body}</div>'
+
+
+def friendly_error(e: BaseException) -> str:
+    """An exception as one readable line (the traceback goes to the server log, never to the page)."""
+    msg = str(e).strip() or type(e).__name__
+    known = ("ModelLoadError", "UnsupportedModelError", "TokenizerLoadError", "PromptTooLongError",
+             "ImageInputError", "NoModelLoadedError", "CalibDataError", "QuantizationCancelled", "ValueError",
+             "FileExistsError", "FileNotFoundError", "UnsupportedArchitectureError", "ModelPathError")
+    if type(e).__name__ in known:
+        return msg
+    if isinstance(e, MemoryError):
+        return f"out of memory: {msg}"
+    return f"{type(e).__name__}: {msg}"

@@ -1,0 +1,272 @@
+"""Quantize tab: AWQ W4A16 quantization of a Hugging Face folder, point and click.
+
+The quantizer (`quant.quantize_model`) runs in a worker thread and reports (stage, done, total, message) into a
+QuantJob; the Gradio event polls the job and turns it into gr.Progress updates (layer x of N, stage, ETA). Cancel
+sets the job's cancel event, which the quantizer checks between steps. One job runs at a time: quantizing takes the
+whole GPU. At the end: a summary (time, size before / after, per-layer error chart) and "Load this model"."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from ui.common import error_html, fmt_bytes, fmt_seconds, friendly_error
+from ui.state import StudioState
+
+log = logging.getLogger("ui.quantize")
+
+HUB_CALIB_SETS = ["wikitext2", "ptb", "c4", "pileval"]
+UPLOAD, LOCAL = "uploaded file", "local path"
+CALIB_CHOICES = HUB_CALIB_SETS + [UPLOAD, LOCAL]
+STAGE_SPAN = {"load": (0.0, 0.08), "calibration": (0.08, 0.12), "quantize": (0.12, 0.95), "export": (0.95, 1.0)}
+STAGE_LABEL = {"load": "Loading the model", "calibration": "Preparing calibration data", "quantize": "Quantizing",
+               "export": "Writing the quantized folder"}
+POLL_S = 0.2
+IDLE_HTML = ('<div class="studio-card studio-muted" id="quant-status">Not started. Progress (layer, stage, ETA) '
+             "shows here.</div>")
+
+
+class QuantJob:
+    """One quantization in a worker thread; progress and outcome readable from any thread."""
+
+    def __init__(self, model_path: str, work_dir: str, kwargs: dict):
+        self.model_path, self.work_dir, self.kwargs = model_path, work_dir, kwargs
+        self.cancel_event = threading.Event()
+        self.stage, self.done, self.total, self.message = "load", 0, 1, "starting"
+        self.started = time.monotonic()
+        self.quantize_started: float | None = None
+        self.report: dict | None = None
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="awq-quantize", daemon=True)
+
+    def start(self) -> QuantJob:
+        self.thread.start()
+        return self
+
+    def on_progress(self, stage: str, done: int, total: int, message: str = "") -> None:
+        if stage == "quantize" and self.quantize_started is None:
+            self.quantize_started = time.monotonic()
+        self.stage, self.done, self.total, self.message = stage, done, max(total, 1), message
+
+    def _run(self) -> None:
+        try:
+            from quant import quantize_model
+
+            self.report = quantize_model(self.model_path, self.work_dir, progress=self,
+                                         cancel_event=self.cancel_event, **self.kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the UI as a message
+            self.error = e
+            if type(e).__name__ != "QuantizationCancelled":
+                log.warning("quantization failed", exc_info=True)
+        finally:
+            self.finished.set()
+
+    @property
+    def fraction(self) -> float:
+        lo, hi = STAGE_SPAN.get(self.stage, (0.0, 1.0))
+        return lo + (hi - lo) * min(1.0, self.done / self.total)
+
+    def eta_seconds(self) -> float | None:
+        if self.stage != "quantize" or not self.done or self.quantize_started is None:
+            return None
+        elapsed = time.monotonic() - self.quantize_started
+        return elapsed / self.done * (self.total - self.done)
+
+    def describe(self) -> str:
+        if self.cancel_event.is_set():
+            return "Cancelling after the current step..."
+        label = STAGE_LABEL.get(self.stage, self.stage)
+        if self.stage == "quantize":
+            current = min(self.done + 1, self.total)
+            step = re.sub(r"^layer \d+/\d+:?\s*", "", self.message or "")
+            eta = self.eta_seconds()
+            eta_text = f" · ETA {fmt_seconds(eta)}" if eta is not None else ""
+            return f"Layer {current} of {self.total} · {step or 'working'}{eta_text}"
+        return f"{label} · {self.message}" if self.message else label
+
+
+def default_output_dir(state: StudioState, model_path: str, group_size: int) -> str:
+    name = Path(model_path.rstrip("/")).name or "model"
+    return str(state.settings.quant_output_root / f"{name}-awq-w4g{group_size}")
+
+
+def resolve_calib(choice: str, uploaded, local_path: str) -> str:
+    if choice == UPLOAD:
+        path = uploaded if isinstance(uploaded, str) else getattr(uploaded, "name", None)
+        if not path:
+            raise ValueError("upload a calibration file (.txt, .jsonl, .json, .csv or .parquet) first")
+        return path
+    if choice == LOCAL:
+        if not (local_path or "").strip():
+            raise ValueError("enter the path of a local calibration file or dataset folder")
+        path = Path(local_path.strip()).expanduser()
+        if not path.exists():
+            raise ValueError(f"calibration path {str(path)!r} does not exist")
+        return str(path)
+    return choice
+
+
+def summary_html(report: dict, seconds: float) -> str:
+    sizes, timings, errs = report["sizes"], report["timings_s"], report["error_summary"]
+    s = report["settings"]
+    ratio = errs.get("mean_awq_over_rtn_layer_mse")
+    rows = [
+        ("Output folder", html.escape(report["work_dir"])),
+        ("Time", f"{fmt_seconds(seconds)} (load {fmt_seconds(timings.get('load'))}, "
+                 f"layers {fmt_seconds(timings.get('quantize'))}, export {fmt_seconds(timings.get('export'))})"),
+        ("Weights size", f"{fmt_bytes(sizes['source_weight_bytes'])} → {fmt_bytes(sizes['output_weight_bytes'])}"
+                         + (f" ({sizes['compression']:.2f}x smaller)" if sizes.get("compression") else "")),
+        ("Settings", f"W{s['w_bits']} group {s['w_group_size']} · {html.escape(str(s['calib_dataset']))} "
+                     f"{s['calib_samples']} × {s['calib_seqlen']} tokens · search-scale {s['search_scale']} · "
+                     f"clip {s['clip']} · {s['device']}"),
+        ("Layer error", f"AWQ / round-to-nearest output MSE: {ratio:.3f} on average (lower is better)"
+                        if ratio is not None else "n/a"),
+    ]
+    table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    return (f'<div class="studio-callout studio-ok" id="quant-done"><b>Quantization done</b></div>'
+            f'<div class="studio-card"><table class="studio-table">{table}</table></div>')
+
+
+def error_frame(report: dict | None) -> pd.DataFrame:
+    rows = []
+    for layer in (report or {}).get("layers", []):
+        for key, label in (("mse_awq", "AWQ"), ("mse_rtn", "round to nearest")):
+            if layer.get(key) is not None:
+                rows.append((str(layer["index"]), layer[key], label))  # a category: integer ticks, in order
+    return pd.DataFrame(rows, columns=["layer", "output MSE", "method"])
+
+
+@dataclass
+class QuantizeTab:
+    model_path: gr.Textbox
+    load_btn: gr.Button
+    result_path: gr.State
+    load_status: gr.HTML
+
+
+def build_quantize_tab(state: StudioState) -> QuantizeTab:
+    current = state.manager.current
+    first = str(current.path) if current else str(state.settings.demo_model_dir)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            model_path = gr.Textbox(label="Model to quantize", value=first, elem_id="quant-model",
+                                    info="A Hugging Face folder (fp16 / bf16 / fp32 weights).")
+            with gr.Row():
+                calib = gr.Dropdown(CALIB_CHOICES, value="wikitext2", label="Calibration set", elem_id="quant-calib",
+                                    info="Hub sets need network; offline, upload a file or give a local path.")
+                samples = gr.Number(value=128, precision=0, minimum=1, label="Samples", elem_id="quant-samples")
+                seqlen = gr.Number(value=2048, precision=0, minimum=16, label="Sequence length",
+                                   elem_id="quant-seqlen")
+            calib_file = gr.File(label="Calibration file", file_types=[".txt", ".jsonl", ".json", ".csv", ".parquet"],
+                                 visible=False, elem_id="quant-calib-file")
+            calib_path = gr.Textbox(label="Calibration file or folder", visible=False, elem_id="quant-calib-path",
+                                    placeholder="/data/calib.txt (.txt, .jsonl, .json, .csv, .parquet, or a "
+                                                "datasets save_to_disk folder)")
+            with gr.Row():
+                bits = gr.Dropdown([4], value=4, label="Weight bits", info="AutoAWQ GEMM format: 4-bit")
+                group = gr.Dropdown([32, 64, 128], value=128, label="Group size", elem_id="quant-group",
+                                    allow_custom_value=True, info="input channels per scale / zero point")
+                search_scale = gr.Checkbox(value=False, label="Search scale",
+                                           info="also try LMDeploy's weight-aware scales (2x time)")
+                clip = gr.Checkbox(value=True, label="Clip search", info="AutoAWQ's weight clipping")
+                trust = gr.Checkbox(value=state.settings.engine_config.trust_remote_code, label="Trust remote code",
+                                    info="run the folder's tokenizer code (InternLM2)")
+            output = gr.Textbox(label="Output folder", value=default_output_dir(state, first, 128),
+                                elem_id="quant-output", info="Created; must not exist or be empty.")
+            with gr.Row():
+                start_btn = gr.Button("Start quantization", variant="primary", elem_id="quant-start")
+                cancel_btn = gr.Button("Cancel", variant="stop", elem_id="quant-cancel")
+        with gr.Column(scale=2):
+            gr.Markdown("#### Progress and result")
+            status = gr.HTML(IDLE_HTML, elem_id="quant-status-box")
+            chart = gr.LinePlot(error_frame(None), x="layer", y="output MSE", color="method", height=220,
+                                title="Per-layer output error (lower is better)",
+                                visible=False, elem_id="quant-chart", x_title="decoder layer",
+                                y_title="output MSE")
+            load_btn = gr.Button("Load this model", variant="primary", visible=False, elem_id="quant-load")
+            load_status = gr.HTML("", elem_id="quant-load-status")
+    result_path = gr.State(None)
+
+    calib.change(lambda c: (gr.update(visible=c == UPLOAD), gr.update(visible=c == LOCAL)), inputs=calib,
+                 outputs=[calib_file, calib_path], api_visibility="private", queue=False)
+    for src in (model_path, group):
+        src.change(lambda p, g: default_output_dir(state, p or "model", int(g)), inputs=[model_path, group],
+                   outputs=output, api_visibility="private", queue=False)
+
+    async def start(model, calib_choice, uploaded, local, n_samples, n_seqlen, w_bits, group_size, scale_search,
+                    clip_search, out_dir, trust_remote_code=False, progress=gr.Progress()):
+        hidden = gr.update(visible=False)
+        try:
+            model = (model or "").strip()
+            if not model:
+                raise ValueError("enter the model folder to quantize")
+            if not (out_dir or "").strip():
+                raise ValueError("enter an output folder")
+            kwargs = dict(
+                calib_dataset=resolve_calib(calib_choice, uploaded, local),
+                calib_samples=int(n_samples), calib_seqlen=int(n_seqlen), w_bits=int(w_bits),
+                w_group_size=int(group_size), search_scale=bool(scale_search), clip=bool(clip_search),
+                trust_remote_code=bool(trust_remote_code),
+            )
+            if state.is_demo_path(model):
+                from engine.demo_model import build_demo_model
+
+                build_demo_model(state.settings.demo_model_dir)
+            with state.lock:
+                running = state.quant_job
+                if running is not None and not running.finished.is_set():
+                    raise ValueError("a quantization is already running (maybe from another browser tab): "
+                                     "wait for it or cancel it")
+                job = state.quant_job = QuantJob(model, out_dir.strip(), kwargs).start()
+        except Exception as e:  # noqa: BLE001
+            return error_html("Could not start", friendly_error(e)), hidden, hidden, None
+        try:
+            while not job.finished.is_set():
+                progress(job.fraction, desc=job.describe())
+                await asyncio.sleep(POLL_S)
+        except asyncio.CancelledError:  # the browser went away or the event was cancelled: stop the worker too
+            job.cancel_event.set()
+            raise
+        seconds = time.monotonic() - job.started
+        if job.error is not None:
+            if type(job.error).__name__ == "QuantizationCancelled":
+                return (f'<div class="studio-callout studio-warn" id="quant-cancelled"><b>Cancelled</b> after '
+                        f"{fmt_seconds(seconds)}; nothing was written.</div>"), hidden, hidden, None
+            return error_html("Quantization failed", friendly_error(job.error)), hidden, hidden, None
+        report = job.report
+        state.add_quantized(report["work_dir"])
+        progress(1.0, desc="Done")
+        return (summary_html(report, seconds), gr.update(value=error_frame(report), visible=True,
+                                                         sort=[str(d["index"]) for d in report["layers"]]),
+                gr.update(visible=True), report["work_dir"])
+
+    def cancel():
+        job = state.quant_job
+        if job is None or job.finished.is_set():
+            gr.Info("No quantization is running.")
+            return
+        job.cancel_event.set()
+        gr.Info("Cancelling: the quantizer stops after its current step.")
+
+    def reset():
+        hidden = gr.update(visible=False)
+        return IDLE_HTML.replace("Not started.", "Starting..."), hidden, hidden, ""
+
+    start_inputs = [model_path, calib, calib_file, calib_path, samples, seqlen, bits, group, search_scale, clip,
+                    output, trust]
+    start_btn.click(reset, outputs=[status, chart, load_btn, load_status], queue=False,
+                    api_visibility="private").then(
+        start, inputs=start_inputs, outputs=[status, chart, load_btn, result_path], api_name="quantize",
+        concurrency_limit=4, show_progress_on=[status])
+    cancel_btn.click(cancel, api_name="cancel_quantize", queue=False)
+    return QuantizeTab(model_path, load_btn, result_path, load_status)

@@ -1,0 +1,67 @@
+"""The one object the UI's event handlers share: the ModelManager (so the UI and the API serve one engine), the
+settings the app was started with, the folders the Quantize tab produced, the running quantization job and the
+memory panel's rolling history. It is built once in app.py and passed to every tab's build function."""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.demo_model import default_demo_model_dir
+from engine.manager import ModelManager
+
+MEMORY_HISTORY_SECONDS = 120  # the memory plot's rolling window
+
+
+@dataclass
+class StudioSettings:
+    engine_config: EngineConfig = field(default_factory=EngineConfig)  # the Model tab's defaults (from CLI flags)
+    demo_model_dir: Path = field(default_factory=default_demo_model_dir)
+    quant_output_root: Path = field(default_factory=lambda: Path("quantized").resolve())
+    api_keys_required: bool = False
+    served_model_name: str | None = None
+    root_path: str = ""
+    server_port: int = 7860
+
+
+@dataclass
+class StudioState:
+    manager: ModelManager = field(default_factory=ModelManager)
+    settings: StudioSettings = field(default_factory=StudioSettings)
+    quantized_models: list[str] = field(default_factory=list)  # folders the Quantize tab wrote, newest first
+    loading: str | None = None  # name of the model being loaded, for the header while the manager swaps models
+    quant_job: Any = None  # ui.quantize_tab.QuantJob while one runs (one at a time: it takes the whole GPU)
+    memory_history: collections.deque = field(
+        default_factory=lambda: collections.deque(maxlen=MEMORY_HISTORY_SECONDS)
+    )
+    chat_stop_events: dict = field(default_factory=dict)  # browser session -> stop events of its running replies
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def is_demo_path(self, path: str | Path) -> bool:
+        try:
+            return Path(path).expanduser().resolve() == self.settings.demo_model_dir.expanduser().resolve()
+        except OSError:
+            return False
+
+    def add_quantized(self, folder: str) -> None:
+        with self.lock:
+            self.quantized_models = [folder] + [f for f in self.quantized_models if f != folder][:19]
+
+    def model_choices(self) -> list[tuple[str, str]]:
+        """(label, path) pairs for the model pickers: the demo model, quantized folders, then recent loads."""
+        demo = str(self.settings.demo_model_dir)
+        choices = [("Demo model (random weights, built locally)", demo)]
+        seen = {demo}
+        for folder in self.quantized_models:
+            if folder not in seen:
+                choices.append((f"{Path(folder).name}  (quantized here)", folder))
+                seen.add(folder)
+        for model in self.manager.recent:
+            if model not in seen and not self.is_demo_path(model):
+                choices.append((f"{Path(model).name or model}  (recent)", model))
+                seen.add(model)
+        return choices
