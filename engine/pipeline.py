@@ -147,8 +147,14 @@ class Pipeline:
         """Async stream of RequestOutput deltas. Cancelling or closing it aborts the request at once."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
-        rid = self._submit(prompt, gen_config, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
-                           request_id, apply_chat_template, input_ids)
+
+        def deliver(out: RequestOutput) -> None:
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, out)
+            except RuntimeError:  # the consumer's event loop has closed: nobody is listening any more
+                pass
+
+        rid = self._submit(prompt, gen_config, deliver, request_id, apply_chat_template, input_ids)
         finished = False
         try:
             while not finished:
