@@ -101,7 +101,7 @@ class ModelRunner:
                 caches.append(KVCache(self._cache_tensor(shape, dtype=self.dtype, device=self.device),
                                       self._cache_tensor(shape, dtype=self.dtype, device=self.device)))
             else:
-                sz_shape = (num_blocks, spec.num_kv_heads, self.block_size, 2)  # (scale, min), head-major
+                sz_shape = (num_blocks, self.block_size, spec.num_kv_heads, 2)
                 sz = scale_zero_dtype(self.dtype)
                 caches.append(KVCache(
                     self._cache_tensor(shape, dtype=torch.uint8, device=self.device),
