@@ -1,13 +1,18 @@
 """Kernel micro-benchmarks on CUDA: every Triton op at Llama-2-7B (MHA, 32/32 heads) and Llama-3-8B (GQA, 32/8)
 shapes, head_dim 128, fp16 activations, KV cache fp16 / int8 / int4 (block size 64).
 
-Times are triton.testing.do_bench medians. `MB` counts the bytes a kernel must move (inputs read once, outputs
-written once; for attention all cached K/V of the batch plus their scales, q and the output), so `GB/s` over the
-device's copy bandwidth (measured here: a large device-to-device torch copy, read + write bytes) says how close a
-kernel runs to the memory roofline. Prefill rows also give TFLOP/s (causal: half the QK^T and PV products). A
-second table sweeps tile configs and split counts at a few decode / prefill shapes, to tune the defaults.
+Times are triton.testing.do_bench medians (`time_us`; L2 flushed before each call, launch overhead included when
+the CPU is the slower side). Decode attention is also timed the way the engine runs it (`graph_us`): 32 calls
+captured back to back in one CUDA graph, like a decode step's layers, each on its own cache blocks, so every call
+reads its K/V from HBM and no Python or launch overhead is counted. `MB` counts the bytes a kernel must move
+(inputs read once, outputs written once; for attention all cached K/V of the batch plus their scales, q and the
+output), so `GB/s` over the device's copy bandwidth (measured here: a large device-to-device torch copy, read +
+write bytes) says how close a kernel runs to the memory roofline (`frac_copy_bw` from do_bench, `frac_bw_graph`
+from the graph time). Prefill rows also give TFLOP/s (causal: half the QK^T and PV products). A second table
+sweeps tile configs and split counts at a few decode / prefill shapes, to tune the defaults.
 
     python -m benchmarks.bench_kernels --out bench-results/kernels   # writes kernels.json and kernels.md
+    python -m benchmarks.bench_kernels --only decode --out ...        # decode attention rows + decode sweep only
 """
 
 from __future__ import annotations
@@ -71,16 +76,24 @@ class PagedKV:
             self.k, self.v = (torch.randn(shape, dtype=DTYPE, device=device) for _ in range(2))
             self.k_sz = self.v_sz = None
         else:
-            self.k, self.v = (torch.randint(0, 256, shape, dtype=torch.uint8, device=device) for _ in range(2))
-            sz = torch.empty((*shape[:3], 2), dtype=torch.float16, device=device)
+            self.k = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+            v_storage = (self.num_blocks, num_kv_heads, stored, BLOCK_SIZE)  # token-minor, as the engine allocates
+            self.v = torch.randint(0, 256, v_storage, dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
+            sz = torch.empty((self.num_blocks, num_kv_heads, BLOCK_SIZE, 2), dtype=torch.float16, device=device)
             sz[..., 0].uniform_(0.005, 0.05)
-            sz[..., 1].fill_(2 ** (quant_policy - 1))
+            sz[..., 1].uniform_(-2.0, -1.0)
             self.k_sz, self.v_sz = sz, sz.clone()
         self.perm = torch.randperm(self.num_blocks, device=device).to(torch.int32)
 
-    def block_tables(self, batch, context):
+    def block_tables(self, batch, context, index=0):
+        """The index-th of the disjoint [batch, context / BLOCK_SIZE] tables the cache holds (wrapping around)."""
         per_seq = context // BLOCK_SIZE
-        return self.perm[: batch * per_seq].view(batch, per_seq)
+        n = batch * per_seq
+        start = (index % (self.num_blocks // n)) * n
+        return self.perm[start : start + n].view(batch, per_seq)
+
+    def num_tables(self, batch, context) -> int:
+        return self.num_blocks // (batch * context // BLOCK_SIZE)
 
     def bytes_per_token(self) -> int:
         """K and V bytes one cached token costs (codes plus scale/zero when quantized)."""
@@ -94,6 +107,74 @@ class PagedKV:
 
     def scales(self):
         return self.k_sz, self.v_sz, self.quant_policy
+
+    def old_args(self):
+        """K/V in the pre-change layout, V head_dim-contiguous (for the --baseline kernel)."""
+        if not self.quant_policy:
+            return self.k, self.v
+        if not hasattr(self, "_old_v"):
+            self._old_v = self.v.contiguous()
+        return self.k, self._old_v
+
+    def old_scales(self):
+        """The scales in the pre-change [num_blocks, block_size, Hk, 2] layout (for the --baseline kernel)."""
+        if not self.quant_policy:
+            return None, None, 0
+        if not hasattr(self, "_old"):
+            self._old = tuple(t.permute(0, 2, 1, 3).contiguous() for t in (self.k_sz, self.v_sz))
+        return (*self._old, self.quant_policy)
+
+
+def bench_graph_us(calls, reps=15) -> float:
+    """Microseconds per call of `calls` (zero-argument callables) captured back to back in one CUDA graph."""
+    import statistics
+
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times) * 1e3 / len(calls)
+
+
+GRAPH_CALLS = 32  # decode calls per timed graph: one per layer of a 7B/8B model
+
+
+def decode_graph_us(launch, cache: PagedKV, q, batch, context, scales=None, kv=None) -> float:
+    """Graph time of `launch(q, k, v, tables, lens, scale, k_sz, v_sz, qp)` over GRAPH_CALLS disjoint block tables."""
+    d = q.shape[-1]
+    lens = torch.full((batch,), context, dtype=torch.int32, device=q.device)
+    scales = scales or cache.scales()
+    kv = kv or cache.args()
+    tables = [cache.block_tables(batch, context, i) for i in range(min(GRAPH_CALLS, cache.num_tables(batch, context)))]
+    calls = [
+        (lambda t=tables[i % len(tables)]: launch(q, *kv, t, lens, d**-0.5, *scales))
+        for i in range(GRAPH_CALLS)
+    ]
+    return bench_graph_us(calls)
+
+
+def baseline_module(name="benchmarks._baseline_decode"):
+    """benchmarks/_baseline_*.py: a kernel as it was before the quantized-KV rewrite (old scale layout), if present."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 def bench_elementwise(model, cfg, copy_bw, device) -> list[dict]:
@@ -135,37 +216,51 @@ def bench_store_kv(model, cfg, cache: PagedKV, kv, copy_bw, device) -> list[dict
     return rows
 
 
-def bench_decode(model, cfg, cache: PagedKV, kv, copy_bw, device) -> list[dict]:
+def bench_decode(model, cfg, cache: PagedKV, kv, copy_bw, device, baseline=False) -> list[dict]:
     from engine.kernels.decode_attention import default_config, paged_decode_attention, pick_num_splits
 
+    impls = [("decode_attention", paged_decode_attention, cache.args(), cache.scales(), pick_num_splits)]
+    old = baseline_module() if baseline else None
+    if old is not None:
+        impls.append(("decode_attention (before)", old.paged_decode_attention, cache.old_args(), cache.old_scales(),
+                      old.pick_num_splits))
     rows, hq, d = [], cfg["hq"], cfg["d"]
     for batch in DECODE_BATCHES:
         for context in DECODE_CONTEXTS:
             q = torch.randn(batch, hq, d, dtype=DTYPE, device=device)
             tables = cache.block_tables(batch, context)
             lens = torch.full((batch,), context, dtype=torch.int32, device=device)
-            ms = bench_ms(paged_decode_attention, q, *cache.args(), tables, lens, d**-0.5, *cache.scales())
             nbytes = batch * context * cache.bytes_per_token() + 2 * q.numel() * 2 + tables.numel() * 4
-            splits = pick_num_splits(batch, cfg["hk"], context, default_config(q)["block_n"], q.device)
-            rows.append(row("decode_attention", model, f"B={batch} ctx={context}", kv, ms, nbytes, copy_bw,
-                            splits=splits))
+            for name, fn, kv_args, scales, pick in impls:
+                ms = bench_ms(fn, q, *kv_args, tables, lens, d**-0.5, *scales)
+                graph_us = decode_graph_us(fn, cache, q, batch, context, scales, kv_args)
+                splits = pick(batch, cfg["hk"], context, default_config(q)["block_n"], q.device)
+                rows.append(row(name, model, f"B={batch} ctx={context}", kv, ms, nbytes, copy_bw, splits=splits,
+                                graph_us=graph_us, frac_bw_graph=nbytes / (graph_us * 1e-6) / copy_bw))
+                emit(rows[-1])
     return rows
 
 
-def bench_prefill(model, cfg, cache: PagedKV, kv, copy_bw, device) -> list[dict]:
+def bench_prefill(model, cfg, cache: PagedKV, kv, copy_bw, device, baseline=False) -> list[dict]:
     from engine.kernels.prefill_attention import paged_prefill_attention
 
+    impls = [("prefill_attention", paged_prefill_attention, cache.args(), cache.scales())]
+    old = baseline_module("benchmarks._baseline_prefill") if baseline else None
+    if old is not None:
+        impls.append(("prefill_attention (before)", old.paged_prefill_attention, cache.old_args(), cache.old_scales()))
     rows, hq, d, n = [], cfg["hq"], cfg["d"], PREFILL_TOKENS
     for context in (n, 4 * n):  # a fresh prompt; the last chunk of a long prompt (or a prefix-cache hit)
         q = torch.randn(n, hq, d, dtype=DTYPE, device=device)
         cu = torch.tensor([0, n], dtype=torch.int32, device=device)
         lens = torch.tensor([context], dtype=torch.int32, device=device)
         tables = cache.block_tables(1, context)
-        ms = bench_ms(paged_prefill_attention, q, *cache.args(), tables, cu, lens, d**-0.5, *cache.scales(), n)
         pairs = n * (context - n) + n * (n + 1) / 2  # (query, key) pairs the causal mask keeps
         nbytes = context * cache.bytes_per_token() + 2 * q.numel() * 2
-        rows.append(row("prefill_attention", model, f"{n} new / ctx {context}", kv, ms, nbytes, copy_bw,
-                        TFLOPs=4 * hq * d * pairs / (ms * 1e-3) / 1e12))
+        for name, fn, kv_args, scales in impls:
+            ms = bench_ms(fn, q, *kv_args, tables, cu, lens, d**-0.5, *scales, n)
+            rows.append(row(name, model, f"{n} new / ctx {context}", kv, ms, nbytes, copy_bw,
+                            TFLOPs=4 * hq * d * pairs / (ms * 1e-3) / 1e12))
+            emit(rows[-1])
     return rows
 
 
@@ -184,42 +279,62 @@ def bench_sdpa_baseline(model, cfg, copy_bw, device) -> list[dict]:
                 (q.numel() * 2 + k.numel() * 2) * 2, copy_bw, TFLOPs=4 * hq * d * pairs / (ms * 1e-3) / 1e12)]
 
 
-def sweep(caches, copy_bw, device, start) -> list[dict]:
-    """Decode tile configs (B=16, ctx 8k, default splits) and split counts (B=1, ctx 8k, default tiles) for every
-    cache; prefill tile configs for Llama-2 fp16 / int4. Stops at SWEEP_DEADLINE_S."""
-    from engine.kernels.decode_attention import decode_attention_launch, default_config, pick_num_splits
-    from engine.kernels.prefill_attention import prefill_attention_launch
+DECODE_TILE_CONFIGS = [(64, 4, 2), (64, 2, 2), (32, 4, 2), (64, 4, 3), (128, 2, 2)]
 
-    def out_of_time():
-        return time.perf_counter() - start > SWEEP_DEADLINE_S
+
+def sweep_decode(caches, copy_bw, device, out_of_time, tile_configs=None) -> list[dict]:
+    """Graph-timed decode at ctx 8k: split counts at B=1 and B=16 (default tiles), then tile configs (block_n, warps,
+    stages) at B=16 and B=1 with the default split count."""
+    from engine.kernels.decode_attention import decode_attention_launch, default_config, pick_num_splits
 
     rows = []
-    tile_configs = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2), (128, 8, 3)]
-    for (model, kv), cache in caches.items():
+    context = max(DECODE_CONTEXTS)
+
+    def measure(model, kv, cache, batch, block_n, warps, stages, splits):
         cfg = MODELS[model]
-        d, context = cfg["d"], max(DECODE_CONTEXTS)
-        for batch in (min(16, max(DECODE_BATCHES)), 1):
-            q = torch.randn(batch, cfg["hq"], d, dtype=DTYPE, device=device)
-            tables = cache.block_tables(batch, context)
-            lens = torch.full((batch,), context, dtype=torch.int32, device=device)
-            nbytes = batch * context * cache.bytes_per_token()
-            default = default_config(q)
-            default_splits = pick_num_splits(batch, cfg["hk"], context, default["block_n"], q.device)
-            if batch > 1:
-                trials = [(bn, w, st, default_splits) for bn, w, st in tile_configs]
-            else:
-                tiles = (default["block_n"], default["num_warps"], default["num_stages"])
-                trials = [(*tiles, n) for n in (4, 8, 16, 32, 64)]
-            for block_n, warps, stages, splits in trials:
+        d = cfg["d"]
+        q = torch.randn(batch, cfg["hq"], d, dtype=DTYPE, device=device)
+        nbytes = batch * context * cache.bytes_per_token()
+        default = default_config(q, BLOCK_SIZE, cache.quant_policy)
+        default_splits = pick_num_splits(batch, cfg["hk"], context, default["block_n"], q.device)
+        is_default = (block_n, warps, stages, splits) == (default["block_n"], default["num_warps"],
+                                                          default["num_stages"], default_splits)
+
+        def launch(*args):
+            return decode_attention_launch(*args, num_splits=splits, block_n=block_n, num_warps=warps,
+                                           num_stages=stages)
+
+        us = decode_graph_us(launch, cache, q, batch, context)
+        rows.append(row("decode_attention", model, f"B={batch} ctx={context}", kv, us * 1e-3, nbytes, copy_bw,
+                        config=f"block_n={block_n} warps={warps} stages={stages} splits={splits}"
+                        + (" (default)" if is_default else ""), graph_us=us))
+        emit(rows[-1])
+
+    for batch, split_counts in ((1, (8, 16, 32, 64)), (16, (1, 2, 4, 8))):
+        for (model, kv), cache in caches.items():
+            for splits in split_counts:
                 if out_of_time():
                     return rows
-                ms = bench_ms(decode_attention_launch, q, *cache.args(), tables, lens, d**-0.5, *cache.scales(),
-                              num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages)
-                rows.append(row("decode_attention", model, f"B={batch} ctx={context}", kv, ms, nbytes, copy_bw,
-                                config=f"block_n={block_n} warps={warps} stages={stages} splits={splits}"
-                                + (" (default)" if (block_n, warps, stages, splits) == (
-                                    default["block_n"], default["num_warps"], default["num_stages"], default_splits)
-                                   else "")))
+                measure(model, kv, cache, batch, 64, 4, 2, splits)
+    for block_n, warps, stages in tile_configs or DECODE_TILE_CONFIGS:
+        for (model, kv), cache in caches.items():
+            cfg = MODELS[model]
+            for batch in (16, 1):
+                if out_of_time():
+                    return rows
+                splits = pick_num_splits(batch, cfg["hk"], context, block_n, device)
+                measure(model, kv, cache, batch, block_n, warps, stages, splits)
+    return rows
+
+
+def sweep(caches, copy_bw, device, out_of_time) -> list[dict]:
+    """Decode (sweep_decode) then prefill tile configs for Llama-2 fp16 / int4. Stops when out of time."""
+    from engine.kernels.prefill_attention import prefill_attention_launch
+
+    rows = sweep_decode(caches, copy_bw, device, out_of_time)
+    for (model, kv), cache in caches.items():
+        cfg = MODELS[model]
+        d = cfg["d"]
         if model == "llama2-7b" and kv in ("fp16", "int4"):
             n = PREFILL_TOKENS
             q = torch.randn(n, cfg["hq"], d, dtype=DTYPE, device=device)
@@ -235,7 +350,18 @@ def sweep(caches, copy_bw, device, start) -> list[dict]:
                                 n * cache.bytes_per_token() + 2 * q.numel() * 2, copy_bw,
                                 TFLOPs=4 * cfg["hq"] * d * n * (n + 1) / 2 / (ms * 1e-3) / 1e12,
                                 config=f"block_m={bm} block_n={bn} warps={warps} stages={stages}"))
+                emit(rows[-1])
     return rows
+
+
+_EMIT_PATH = None
+
+
+def emit(r: dict) -> None:
+    """Append a finished row to the .jsonl progress file (so a run cut short still leaves its rows)."""
+    if _EMIT_PATH is not None:
+        with open(_EMIT_PATH, "a") as f:
+            f.write(json.dumps(r) + "\n")
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
@@ -249,7 +375,7 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run(device="cuda", do_sweep=True) -> dict:
+def run(device="cuda", do_sweep=True, only="all", baseline=False, deadline_s=SWEEP_DEADLINE_S) -> dict:
     start = time.perf_counter()
     device = torch.device(device)
     torch.manual_seed(0)
@@ -257,18 +383,28 @@ def run(device="cuda", do_sweep=True) -> dict:
     rows = []
     caches = {}
     for model, cfg in MODELS.items():
-        rows += bench_elementwise(model, cfg, copy_bw, device)
-        rows += bench_sdpa_baseline(model, cfg, copy_bw, device)
+        if only == "all":
+            rows += bench_elementwise(model, cfg, copy_bw, device)
+            rows += bench_sdpa_baseline(model, cfg, copy_bw, device)
         for kv, quant_policy in KV_FORMATS.items():
-            max_tokens = max(DECODE_BATCHES) * max(DECODE_CONTEXTS)
+            max_tokens = max(max(DECODE_BATCHES) * max(DECODE_CONTEXTS), 32 * 8192)  # >= 2 tables at B=16 ctx 8k
             cache = PagedKV(max_tokens, cfg["hk"], cfg["d"], quant_policy, device)
-            rows += bench_store_kv(model, cfg, cache, kv, copy_bw, device)
-            rows += bench_decode(model, cfg, cache, kv, copy_bw, device)
-            rows += bench_prefill(model, cfg, cache, kv, copy_bw, device)
+            if only == "all":
+                rows += bench_store_kv(model, cfg, cache, kv, copy_bw, device)
+            rows += bench_decode(model, cfg, cache, kv, copy_bw, device, baseline=baseline)
+            if only == "all":
+                rows += bench_prefill(model, cfg, cache, kv, copy_bw, device, baseline=baseline)
             # all six caches stay resident for the sweep: about 19 GB (Llama-2 fp16 at 512k tokens: 8.6 GB)
             caches[(model, kv)] = cache
             torch.cuda.synchronize()
-    sweep_rows = sweep(caches, copy_bw, device, start) if do_sweep else []
+
+    def out_of_time():
+        return time.perf_counter() - start > deadline_s
+
+    sweep_rows = []
+    if do_sweep:
+        sweep_rows = sweep_decode(caches, copy_bw, device, out_of_time) if only == "decode" else sweep(
+            caches, copy_bw, device, out_of_time)
     return {
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
@@ -281,7 +417,8 @@ def run(device="cuda", do_sweep=True) -> dict:
 
 
 def to_markdown(result: dict) -> str:
-    cols = ["kernel", "model", "case", "kv", "time_us", "MB", "GB/s", "frac_copy_bw", "TFLOPs", "splits"]
+    cols = ["kernel", "model", "case", "kv", "time_us", "graph_us", "MB", "GB/s", "frac_copy_bw", "frac_bw_graph",
+            "TFLOPs", "splits"]
     parts = [
         f"# Triton kernels on {result['device']}",
         f"torch {result['torch']}, triton {result['triton']}; measured copy bandwidth "
@@ -290,28 +427,41 @@ def to_markdown(result: dict) -> str:
         markdown_table(result["rows"], cols),
     ]
     if result["sweep"]:
-        parts += ["", "## Config sweep", "", markdown_table(result["sweep"], ["kernel", "model", "case", "kv", "config",
-                                                                              "time_us", "GB/s", "frac_copy_bw",
-                                                                              "TFLOPs"])]
+        parts += ["", "## Config sweep (decode: graph_us)", "", markdown_table(
+            result["sweep"], ["kernel", "model", "case", "kv", "config", "time_us", "GB/s", "frac_copy_bw", "TFLOPs"])]
     parts += ["", f"elapsed {result['elapsed_s']:.0f} s"]
     return "\n".join(parts) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _EMIT_PATH, DECODE_BATCHES, DECODE_CONTEXTS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="report path prefix (writes .json and .md), or a folder")
     p.add_argument("--no-sweep", action="store_true", help="skip the tile-config / split-count sweep")
+    p.add_argument("--only", choices=["all", "decode"], default="all", help="decode: decode attention rows and sweep")
+    p.add_argument("--baseline", action="store_true",
+                   help="also time benchmarks/_baseline_decode.py / _baseline_prefill.py (kernels as they were before "
+                        "the quantized-KV rewrite, fed the old layouts), if present")
+    p.add_argument("--deadline", type=float, default=SWEEP_DEADLINE_S, help="seconds after which the sweep stops")
+    p.add_argument("--batches", default=None, help="decode batch sizes, comma-separated (default 1,16,64)")
+    p.add_argument("--contexts", default=None, help="decode context lengths, comma-separated (default 1024,8192)")
     p.add_argument("--device", default="cuda")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels needs a CUDA GPU", file=sys.stderr)
         return 1
 
-    result = run(args.device, do_sweep=not args.no_sweep)
     out = Path(args.out)
     if out.is_dir():
         out = out / "kernels"
     out.parent.mkdir(parents=True, exist_ok=True)
+    _EMIT_PATH = out.with_suffix(".jsonl")
+    if args.batches:
+        DECODE_BATCHES = tuple(int(x) for x in args.batches.split(","))
+    if args.contexts:
+        DECODE_CONTEXTS = tuple(int(x) for x in args.contexts.split(","))
+    result = run(args.device, do_sweep=not args.no_sweep, only=args.only, baseline=args.baseline,
+                 deadline_s=args.deadline)
     md = to_markdown(result)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(md)

@@ -101,11 +101,12 @@ class ModelRunner:
                 caches.append(KVCache(self._cache_tensor(shape, dtype=self.dtype, device=self.device),
                                       self._cache_tensor(shape, dtype=self.dtype, device=self.device)))
             else:
-                sz_shape = (num_blocks, self.block_size, spec.num_kv_heads, 2)
+                sz_shape = (num_blocks, spec.num_kv_heads, self.block_size, 2)  # (scale, min), head-major
                 sz = scale_zero_dtype(self.dtype)
+                v_storage = (num_blocks, spec.num_kv_heads, head_dim, self.block_size)  # token-minor V
                 caches.append(KVCache(
                     self._cache_tensor(shape, dtype=torch.uint8, device=self.device),
-                    self._cache_tensor(shape, dtype=torch.uint8, device=self.device),
+                    self._cache_tensor(v_storage, dtype=torch.uint8, device=self.device).permute(0, 3, 1, 2),
                     self._cache_tensor(sz_shape, dtype=sz, device=self.device),
                     self._cache_tensor(sz_shape, dtype=sz, device=self.device),
                     qp,

@@ -5,7 +5,8 @@ kv_len cached tokens (already stored), so one kernel serves plain prefill (q_len
 and chunked prefill (q_len < kv_len). Grid (q tiles, q heads, batch); a program runs an online softmax (base 2,
 fp32) over the context tiles its rows can see, applying the causal mask only on the tiles that cross the
 diagonal. K/V come from the paged cache through per-token block-table lookups (any block size), dequantized
-in registers when quant_policy is 8 or 4 (`_load_kv_tile`, shared with decode_attention.py).
+in registers when quant_policy is 8 or 4. (Prefill reuses each dequantized tile for BLOCK_M query rows, so
+unlike decode it dequantizes K/V tiles outright.)
 """
 
 from __future__ import annotations
@@ -14,7 +15,97 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.decode_attention import LOG2E, _check_cache, _load_kv_tile
+from engine.kernels.decode_attention import LOG2E, _as_pairs, _check_cache, _split_pairs
+
+
+@triton.jit
+def _load_kv_tile(
+    cache_ptr,
+    sz_ptr,
+    block_ids,  # [BLOCK_N] int64 physical block of each token
+    block_offs,  # [BLOCK_N] offset of each token inside its block
+    kv_head,
+    offs_d,  # [BLOCK_DH]
+    mask_n,  # [BLOCK_N]
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_cd,
+    stride_szb,
+    stride_szh,
+    stride_szs,
+    QUANT_POLICY: tl.constexpr,
+    HALF_D: tl.constexpr,
+):
+    """(lo, hi) halves [BLOCK_N, BLOCK_DH] of BLOCK_N cached head vectors; fp32 when dequantized, else the cache
+    dtype. Masked tokens read as 0."""
+    mask = mask_n[:, None] & (offs_d[None, :] < HALF_D)
+    rows = block_ids * stride_cb + block_offs * stride_cs + kv_head * stride_ch  # [BLOCK_N]
+    ptrs = cache_ptr + rows[:, None] + offs_d[None, :] * stride_cd  # [BLOCK_N, BLOCK_DH]
+    if QUANT_POLICY == 4:
+        packed = tl.load(ptrs, mask=mask, other=0)  # uint8: element d low nibble, element d + D/2 high nibble
+        lo = packed & 0xF
+        hi = packed >> 4
+    else:
+        lo = tl.load(ptrs, mask=mask, other=0)
+        hi = tl.load(ptrs + HALF_D * stride_cd, mask=mask, other=0)
+    if QUANT_POLICY != 0:
+        sz = sz_ptr + block_ids * stride_szb + kv_head * stride_szh + block_offs * stride_szs  # [BLOCK_N]
+        scale = tl.load(sz, mask=mask_n, other=0.0).to(tl.float32)
+        mn = tl.load(sz + 1, mask=mask_n, other=0.0).to(tl.float32)
+        lo = lo.to(tl.float32) * scale[:, None] + mn[:, None]
+        hi = hi.to(tl.float32) * scale[:, None] + mn[:, None]
+    return lo, hi
+
+
+@triton.jit
+def _load_v_token_minor(
+    cache_ptr,
+    pairs_ptr,  # the V scale_zero viewed as one int32 / int64 per (scale, min) pair: [num_blocks, Hk, block_size]
+    block_table_ptr,
+    start_n,
+    block_ids,  # [BLOCK_N] int64 physical block of each token (masked entries: 0)
+    block_offs,  # [BLOCK_N]
+    kv_head,
+    offs_d,  # [BLOCK_DH]
+    mask_n,  # [BLOCK_N]
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_cd,
+    stride_pb,
+    stride_ph,
+    QUANT_POLICY: tl.constexpr,
+    HALF_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """A quantized, token-minor V cache's tile as fp32 (lo, hi) halves [BLOCK_N, BLOCK_DH], like _load_kv_tile: read
+    as [d, token] tiles so each row is a run of contiguous tokens (the compiler sees that when a tile lies inside one
+    block: its block id is then one broadcast load), with codes and scales unmasked along tokens (the addresses stay
+    inside allocated blocks, and tokens past the context get scale 0 and min 0), then transposed."""
+    if BLOCK_SIZE % BLOCK_N == 0:
+        ids = tl.load(block_table_ptr + start_n // BLOCK_SIZE + tl.arange(0, BLOCK_N) * 0).to(tl.int64)
+    else:
+        ids = block_ids
+    rows = ids * stride_cb + block_offs * stride_cs + kv_head * stride_ch  # [BLOCK_N]
+    ptrs = cache_ptr + rows[None, :] + offs_d[:, None] * stride_cd  # [BLOCK_DH, BLOCK_N]
+    mask_d = (offs_d < HALF_D)[:, None]
+    if QUANT_POLICY == 4:
+        packed = tl.load(ptrs, mask=mask_d, other=0)  # uint8: element d low nibble, element d + D/2 high nibble
+        lo = packed & 0xF
+        hi = packed >> 4
+    else:
+        lo = tl.load(ptrs, mask=mask_d, other=0)
+        hi = tl.load(ptrs + HALF_D * stride_cd, mask=mask_d, other=0)
+    # (scale, min) pairs read as one int32 / int64 each (decode_attention._split_pairs), unmasked like the codes
+    pairs = tl.load(pairs_ptr + ids * stride_pb + kv_head * stride_ph + block_offs)  # [BLOCK_N]
+    scale, mn = _split_pairs(pairs)
+    scale = tl.where(mask_n, scale, 0.0)
+    mn = tl.where(mask_n, mn, 0.0)
+    lo = lo.to(tl.float32) * scale[None, :] + mn[None, :]
+    hi = hi.to(tl.float32) * scale[None, :] + mn[None, :]
+    return tl.trans(lo), tl.trans(hi)
 
 
 @triton.jit
@@ -34,18 +125,23 @@ def _prefill_kernel(
     stride_kcb,
     stride_kcs,
     stride_kch,
+    stride_kcd,
     stride_vcb,
     stride_vcs,
     stride_vch,
+    stride_vcd,
     stride_kszb,
-    stride_kszs,
     stride_kszh,
+    stride_kszs,
     stride_vszb,
-    stride_vszs,
     stride_vszh,
+    stride_vszs,
     stride_btb,
     stride_ot,
     stride_oh,
+    v_pairs_ptr,  # V_TOKEN_MINOR: v_sz as pairs (_as_pairs); else a placeholder
+    stride_vpb,
+    stride_vph,
     GROUP: tl.constexpr,
     QUANT_POLICY: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -53,6 +149,7 @@ def _prefill_kernel(
     BLOCK_DH: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    V_TOKEN_MINOR: tl.constexpr,  # quantized V stored token-minor (reference.py), as the model runner allocates it
     DOT_PRECISION: tl.constexpr,
 ):
     m_block = tl.program_id(0)
@@ -95,8 +192,8 @@ def _prefill_kernel(
         block_offs = offs_n % BLOCK_SIZE
 
         k_lo, k_hi = _load_kv_tile(k_cache_ptr, k_sz_ptr, block_ids, block_offs, kv_head, offs_d, mask_n,
-                                   stride_kcb, stride_kcs, stride_kch, stride_kszb, stride_kszs, stride_kszh,
-                                   QUANT_POLICY, HALF_D)  # [BLOCK_N, BLOCK_DH] each
+                                   stride_kcb, stride_kcs, stride_kch, stride_kcd,
+                                   stride_kszb, stride_kszh, stride_kszs, QUANT_POLICY, HALF_D)  # [BLOCK_N, BLOCK_DH]
         s = tl.dot(q_lo, tl.trans(k_lo.to(q_lo.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         s = tl.dot(q_hi, tl.trans(k_hi.to(q_hi.dtype)), s, input_precision=DOT_PRECISION)
         s = s * qk_scale
@@ -110,9 +207,15 @@ def _prefill_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
 
-        v_lo, v_hi = _load_kv_tile(v_cache_ptr, v_sz_ptr, block_ids, block_offs, kv_head, offs_d, mask_n,
-                                   stride_vcb, stride_vcs, stride_vch, stride_vszb, stride_vszs, stride_vszh,
-                                   QUANT_POLICY, HALF_D)
+        if V_TOKEN_MINOR:
+            v_lo, v_hi = _load_v_token_minor(v_cache_ptr, v_pairs_ptr, block_table_ptr, start_n, block_ids,
+                                             block_offs, kv_head, offs_d, mask_n, stride_vcb, stride_vcs, stride_vch,
+                                             stride_vcd, stride_vpb, stride_vph, QUANT_POLICY, HALF_D, BLOCK_SIZE,
+                                             BLOCK_N)
+        else:
+            v_lo, v_hi = _load_kv_tile(v_cache_ptr, v_sz_ptr, block_ids, block_offs, kv_head, offs_d, mask_n,
+                                       stride_vcb, stride_vcs, stride_vch, stride_vcd,
+                                       stride_vszb, stride_vszh, stride_vszs, QUANT_POLICY, HALF_D)
         p = p.to(q_lo.dtype)
         acc_lo = tl.dot(p, v_lo.to(q_lo.dtype), acc_lo * alpha[:, None], input_precision=DOT_PRECISION)
         acc_hi = tl.dot(p, v_hi.to(q_lo.dtype), acc_hi * alpha[:, None], input_precision=DOT_PRECISION)
@@ -146,7 +249,7 @@ def prefill_attention_launch(
     assert num_q_heads % num_kv_heads == 0, "Hq must be a multiple of Hk"
     assert head_dim % 2 == 0 and q.stride(-1) == 1, "q: [num_tokens, Hq, D] with even, contiguous D"
     _check_cache(k_cache, k_scale_zero, num_kv_heads, head_dim, quant_policy)
-    _check_cache(v_cache, v_scale_zero, num_kv_heads, head_dim, quant_policy)
+    _check_cache(v_cache, v_scale_zero, num_kv_heads, head_dim, quant_policy, is_v=True)
     assert block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.stride(1) == 1
     assert cu_seqlens_q.shape == (batch + 1,) and cu_seqlens_q.is_contiguous(), "cu_seqlens_q must be [B + 1]"
     assert kv_lens.is_contiguous(), "kv_lens must be contiguous [B]"
@@ -158,6 +261,8 @@ def prefill_attention_launch(
     if num_tokens == 0 or batch == 0 or max_seqlen_q <= 0:
         return out
     half_d = head_dim // 2
+    v_token_minor = bool(quant_policy) and v_cache.stride(1) == 1 and v_cache.stride(-1) != 1
+    v_pairs = _as_pairs(v_scale_zero) if v_token_minor else v_cache  # else an unused placeholder
     grid = (triton.cdiv(max_seqlen_q, block_m), num_q_heads, batch)
     _prefill_kernel[grid](
         q,
@@ -175,9 +280,11 @@ def prefill_attention_launch(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
+        k_cache.stride(3),
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
+        v_cache.stride(3),
         k_scale_zero.stride(0),
         k_scale_zero.stride(1),
         k_scale_zero.stride(2),
@@ -187,6 +294,9 @@ def prefill_attention_launch(
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
+        v_pairs,
+        v_pairs.stride(0),
+        v_pairs.stride(1),
         GROUP=num_q_heads // num_kv_heads,
         QUANT_POLICY=quant_policy,
         BLOCK_SIZE=k_cache.shape[1],
@@ -194,6 +304,7 @@ def prefill_attention_launch(
         BLOCK_DH=max(16, triton.next_power_of_2(half_d)),  # tl.dot needs K >= 16
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        V_TOKEN_MINOR=v_token_minor,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,
@@ -209,7 +320,7 @@ def paged_prefill_attention(
     cu_seqlens_q: torch.Tensor,  # [B + 1] offsets of each sequence's new tokens in q
     kv_lens: torch.Tensor,  # [B] tokens in cache per sequence, new ones included (already stored)
     scale: float,
-    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, block_size, Hk, 2]
+    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, Hk, block_size, 2]
     v_scale_zero: torch.Tensor | None = None,
     quant_policy: int = 0,
     max_seqlen_q: int | None = None,  # host-side hint; computing it from cu_seqlens_q syncs the device

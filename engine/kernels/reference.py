@@ -1,13 +1,19 @@
 """Plain-torch versions of every engine op: the CPU path, and the ground truth the Triton kernels are tested against.
 
 Paged KV cache layout (one pair of tensors per layer):
-    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim_stored]
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim_stored] (logical shape; indexed as such)
         quant_policy 0: model dtype, head_dim_stored = head_dim
         quant_policy 8: uint8,       head_dim_stored = head_dim
         quant_policy 4: uint8,       head_dim_stored = head_dim // 2; byte j holds element j in its low nibble
                                      and element j + head_dim // 2 in its high nibble (halves, not neighbours,
                                      so kernels dequantize two contiguous half-vectors without an interleave)
-    k_scale_zero, v_scale_zero: [num_blocks, block_size, num_kv_heads, 2] (scale, zero), only when quantized
+        Storage: head_dim contiguous, except the quantized V cache, which the model runner stores token-minor:
+        a [num_blocks, num_kv_heads, head_dim_stored, block_size] tensor viewed through .permute(0, 3, 1, 2).
+        (Decode's P @ V dot reduces over tokens; with a block's tokens adjacent, 8-bit codes reach it four to a
+        word instead of byte by byte.) Code below indexes logically and works with either storage.
+    k_scale_zero, v_scale_zero: [num_blocks, num_kv_heads, block_size, 2], only when quantized: [b, h, s] is the
+        (scale, min) pair of the token in slot s of block b, head h; fp32 for fp32 models, else fp16. (Head-major,
+        so a block's pairs for one head are contiguous: decode loads a tile's worth with one vector load.)
 Quantization is asymmetric, per token and per head, with the zero point stored as the vector's minimum:
 q = clamp(round((x - min) / scale), 0, 2**bits - 1), x ~= q * scale + min. (Storing min rather than an integer
 zero point keeps both numbers representable in fp16: a zero point of -min / scale overflows fp16 for vectors
@@ -91,9 +97,9 @@ def store_kv(
         v_cache[blocks, offsets] = v.to(v_cache.dtype)
         return
     for x, cache, sz in ((k, k_cache, k_scale_zero), (v, v_cache, v_scale_zero)):
-        q, scale_zero = quantize_kv(x, quant_policy)
+        q, scale_zero = quantize_kv(x, quant_policy)  # [N, Hk, D or D // 2], [N, Hk, 2]
         cache[blocks, offsets] = q
-        sz[blocks, offsets] = scale_zero.to(sz.dtype)
+        sz[blocks, :, offsets] = scale_zero.to(sz.dtype)  # indices split by a slice: indexed dim first, [N, Hk, 2]
 
 
 def gather_kv(
@@ -111,7 +117,7 @@ def gather_kv(
     x = cache[ids].flatten(0, 1)[:length]
     if quant_policy == 0:
         return x.to(dtype)
-    sz = scale_zero[ids].flatten(0, 1)[:length]
+    sz = scale_zero[ids].transpose(1, 2).flatten(0, 1)[:length]  # [nb, Hk, bs, 2] -> [length, Hk, 2]
     return dequantize_kv(x, sz, quant_policy, dtype)
 
 
@@ -198,4 +204,32 @@ def awq_linear(x, qweight, qzeros, scales, group_size: int, bias=None):
     """x [tokens, in] @ dequantized W [in, out] (+ bias)."""
     w = awq_dequantize(qweight, qzeros, scales, group_size).to(x.dtype)
     out = x @ w
+    return out if bias is None else out + bias
+
+
+# K-packed layout (what AWQLinear repacks qweight into for the GPU kernels, see kernels/awq_gemm.py):
+# qweight_k int32 [out, in / 8], read as int16 [out, in / 4]; the input rows run in chunks of C = min(G, 128); int16
+# t (0 <= t < C / 4) of chunk c holds in bits 4i..4i+3 (i = 0..3) the code of input row C c + (C / 4) i + t.
+# qzeros and scales keep the AWQ GEMM layout.
+def awq_unpack_k(qweight_k: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int32 [out, in / 8] K-packed -> int32 [out, in] with values 0..15."""
+    rows, cols = qweight_k.shape
+    chunk = min(group_size, 128)
+    q16 = qweight_k.contiguous().view(torch.int16).to(torch.int32)  # [out, in / 4]
+    shifts = torch.arange(0, 16, 4, device=qweight_k.device, dtype=torch.int32)
+    nibbles = (q16.reshape(rows, cols * 8 // chunk, chunk // 4)[..., None] >> shifts) & 0xF  # [out, c, t, i]
+    return nibbles.transpose(2, 3).reshape(rows, cols * 8)  # input row C c + (C / 4) i + t
+
+
+def awq_dequantize_k(qweight_k, qzeros, scales, group_size: int) -> torch.Tensor:
+    """K-packed weights -> [in, out] weight in scales' dtype, as awq_dequantize."""
+    q = awq_unpack_k(qweight_k, group_size).t()  # [in, out]
+    z = awq_unpack(qzeros).repeat_interleave(group_size, dim=0)
+    s = scales.repeat_interleave(group_size, dim=0)
+    return ((q - z).to(scales.dtype) * s).to(scales.dtype)
+
+
+def awq_linear_k(x, qweight_k, qzeros, scales, group_size: int, bias=None):
+    """x [tokens, in] @ dequantized K-packed W [in, out] (+ bias)."""
+    out = x @ awq_dequantize_k(qweight_k, qzeros, scales, group_size).to(x.dtype)
     return out if bias is None else out + bias

@@ -1,10 +1,12 @@
 """Triton KV-cache write: new tokens' keys and values go to their paged slots, quantized on the fly.
 
-One program writes one token (every kv head, both K and V). Cache layout and quantization are those documented
-at the top of reference.py: quant_policy 8 stores uint8 codes, 4 packs two codes per byte as halves (byte j =
-element j low nibble | element j + D/2 high nibble), each with a per-token, per-head (scale, min) pair:
-x ~= q * scale + min.
-Head vectors are handled as two halves throughout, which is exactly the int4 packing, and slot -1 is skipped.
+Grid (tokens, 2): one program writes one token's keys (or values) for every kv head, so a decode step's few
+tokens get K and V written in parallel. Cache layout and quantization are those documented at the top of
+reference.py: quant_policy 8 stores uint8 codes, 4 packs two codes per byte as halves (byte j = element j low
+nibble | element j + D/2 high nibble), each with a per-token, per-head (scale, min) pair: x ~= q * scale + min,
+stored as [num_blocks, Hk, block_size, 2]. Caches are addressed through all four strides, so the token-minor
+quantized V layout (head_dim stride = block_size) needs no special case. Head vectors are handled as two halves
+throughout, which is exactly the int4 packing, and slot -1 is skipped.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ def _quantize(x, scale, mn, QMAX: tl.constexpr):
 def _store_heads(
     x_ptr,
     cache_ptr,
-    sz_ptr,
     token,
     block_id,
     block_off,
@@ -44,14 +45,12 @@ def _store_heads(
     stride_cb,
     stride_cs,
     stride_ch,
-    stride_szb,
-    stride_szs,
-    stride_szh,
-    QUANT_POLICY: tl.constexpr,
+    stride_cd,
     HALF_D: tl.constexpr,
     BLOCK_DH: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
+    """One token's [Hk, D] keys or values into an fp cache (no quantization)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_DH)
     mask_h = offs_h < num_kv_heads
@@ -59,30 +58,92 @@ def _store_heads(
     src = x_ptr + token * stride_xn + offs_h[:, None] * stride_xh + offs_d[None, :]  # [BLOCK_H, BLOCK_DH]
     x1 = tl.load(src, mask=mask, other=0.0)  # first half of each head vector
     x2 = tl.load(src + HALF_D, mask=mask, other=0.0)  # second half
-    dst = cache_ptr + block_id * stride_cb + block_off * stride_cs + offs_h[:, None] * stride_ch + offs_d[None, :]
+    dst = cache_ptr + block_id * stride_cb + block_off * stride_cs + offs_h[:, None] * stride_ch
+    dst += offs_d[None, :] * stride_cd  # [BLOCK_H, BLOCK_DH]
+    tl.store(dst, x1.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF_D * stride_cd, x2.to(cache_ptr.dtype.element_ty), mask=mask)
 
-    if QUANT_POLICY == 0:
-        tl.store(dst, x1.to(cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst + HALF_D, x2.to(cache_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _store_quantized_tile(
+    x_ptr,
+    cache_ptr,
+    sz_ptr,
+    slot_ptr,
+    tile,
+    head,
+    num_tokens,
+    stride_xn,
+    stride_xh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_cd,
+    stride_szb,
+    stride_szh,
+    stride_szs,
+    QUANT_POLICY: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HALF_D: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """BLOCK_T tokens' vectors of one kv head: quantized per token, codes and (scale, min) stored."""
+    QMAX: tl.constexpr = (1 << QUANT_POLICY) - 1
+    rows = tl.arange(0, BLOCK_T)
+    offs_t = tile * BLOCK_T + rows  # [BLOCK_T] token indices
+    mask_t = offs_t < num_tokens
+    slot = tl.load(slot_ptr + offs_t, mask=mask_t, other=-1).to(tl.int64)
+    valid = slot >= 0
+    offs_d = tl.arange(0, BLOCK_DH)
+    mask_d = offs_d < HALF_D
+    mask = valid[:, None] & mask_d[None, :]
+    src = x_ptr + offs_t[:, None].to(tl.int64) * stride_xn + head * stride_xh + offs_d[None, :]  # [BLOCK_T, BLOCK_DH]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)  # first half of each head vector
+    x2 = tl.load(src + HALF_D, mask=mask, other=0.0).to(tl.float32)  # second half
+
+    inf = float("inf")
+    mn = tl.min(tl.minimum(tl.where(mask, x1, inf), tl.where(mask, x2, inf)), axis=1)  # [BLOCK_T]
+    mx = tl.max(tl.maximum(tl.where(mask, x1, -inf), tl.where(mask, x2, -inf)), axis=1)
+    mn = tl.where(valid, mn, 0.0)  # skipped tokens: keep the math finite
+    mx = tl.where(valid, mx, 0.0)
+    scale = tl.maximum(tl.math.div_rn(mx - mn, QMAX * 1.0), 1e-8)
+    # one reciprocal per token instead of a division per element (a correctly rounded division is a branchy
+    # instruction sequence); the product is within an ulp of the quotient, so a code can differ from
+    # reference.quantize_kv only when (x - min) / scale lies within an ulp of a rounding tie
+    inv = tl.math.div_rn(tl.full([BLOCK_T], 1.0, tl.float32), scale)
+    q1 = tl.minimum(tl.maximum(_round_half_even((x1 - mn[:, None]) * inv[:, None]), 0.0), QMAX).to(tl.uint8)
+    q2 = tl.minimum(tl.maximum(_round_half_even((x2 - mn[:, None]) * inv[:, None]), 0.0), QMAX).to(tl.uint8)
+    if QUANT_POLICY == 4:
+        q1 = q1 | (q2 << 4)
+
+    # A tile of consecutive slots inside one block (a prompt's tokens) is written through addresses the compiler
+    # sees as contiguous along tokens, so the token-minor V cache gets whole runs of bytes per row, not a byte
+    # per token scattered by the block size; any other tile (a decode batch, padding) scatters token by token.
+    slot0 = tl.load(slot_ptr + tile * BLOCK_T).to(tl.int64)
+    off0 = slot0 % BLOCK_SIZE
+    scattered = tl.sum(tl.where(mask_t & (slot != slot0 + rows), 1, 0), axis=0)
+    # (Each branch has its own names: a value assigned in both would be merged, and with it what the compiler knows.)
+    if (scattered == 0) & (slot0 >= 0) & (off0 + BLOCK_T <= BLOCK_SIZE):
+        run = off0 + rows  # [BLOCK_T] consecutive offsets inside block slot0 // BLOCK_SIZE
+        run_dst = cache_ptr + (slot0 // BLOCK_SIZE) * stride_cb + head * stride_ch + run[:, None] * stride_cs
+        run_sz = sz_ptr + (slot0 // BLOCK_SIZE) * stride_szb + head * stride_szh + run * stride_szs
+        _store_codes(run_dst + offs_d[None, :] * stride_cd, run_sz, q1, q2, scale, mn, mask, valid, stride_cd,
+                     QUANT_POLICY, HALF_D)
     else:
-        QMAX: tl.constexpr = (1 << QUANT_POLICY) - 1
-        x1 = x1.to(tl.float32)
-        x2 = x2.to(tl.float32)
-        mn = tl.min(tl.minimum(tl.where(mask, x1, float("inf")), tl.where(mask, x2, float("inf"))), axis=1)
-        mx = tl.max(tl.maximum(tl.where(mask, x1, -float("inf")), tl.where(mask, x2, -float("inf"))), axis=1)
-        mn = tl.where(mask_h, mn, 0.0)  # padding heads: keep the math finite
-        mx = tl.where(mask_h, mx, 0.0)
-        scale = tl.maximum(tl.math.div_rn(mx - mn, QMAX * 1.0), 1e-8)  # [BLOCK_H]
-        q1 = _quantize(x1, scale, mn, QMAX)
-        q2 = _quantize(x2, scale, mn, QMAX)
-        if QUANT_POLICY == 4:
-            tl.store(dst, q1 | (q2 << 4), mask=mask)
-        else:
-            tl.store(dst, q1, mask=mask)
-            tl.store(dst + HALF_D, q2, mask=mask)
-        sz = sz_ptr + block_id * stride_szb + block_off * stride_szs + offs_h * stride_szh  # [BLOCK_H]
-        tl.store(sz, scale.to(sz_ptr.dtype.element_ty), mask=mask_h)
-        tl.store(sz + 1, mn.to(sz_ptr.dtype.element_ty), mask=mask_h)
+        rows_at = (slot // BLOCK_SIZE) * stride_cb + head * stride_ch + (slot % BLOCK_SIZE) * stride_cs  # [BLOCK_T]
+        pairs_at = (slot // BLOCK_SIZE) * stride_szb + head * stride_szh + (slot % BLOCK_SIZE) * stride_szs
+        _store_codes(cache_ptr + rows_at[:, None] + offs_d[None, :] * stride_cd, sz_ptr + pairs_at, q1, q2, scale,
+                     mn, mask, valid, stride_cd, QUANT_POLICY, HALF_D)
+
+
+@triton.jit
+def _store_codes(dst, sz, q1, q2, scale, mn, mask, valid, stride_cd, QUANT_POLICY: tl.constexpr, HALF_D: tl.constexpr):
+    tl.store(dst, q1, mask=mask)
+    if QUANT_POLICY == 8:
+        tl.store(dst + HALF_D * stride_cd, q2, mask=mask)
+    tl.store(sz, scale.to(sz.dtype.element_ty), mask=valid)
+    tl.store(sz + 1, mn.to(sz.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -91,8 +152,6 @@ def _store_kv_kernel(
     v_ptr,
     k_cache_ptr,
     v_cache_ptr,
-    k_sz_ptr,
-    v_sz_ptr,
     slot_ptr,
     num_kv_heads,
     stride_kn,
@@ -102,42 +161,85 @@ def _store_kv_kernel(
     stride_kcb,
     stride_kcs,
     stride_kch,
+    stride_kcd,
     stride_vcb,
     stride_vcs,
     stride_vch,
-    stride_kszb,
-    stride_kszs,
-    stride_kszh,
-    stride_vszb,
-    stride_vszs,
-    stride_vszh,
-    QUANT_POLICY: tl.constexpr,
+    stride_vcd,
     BLOCK_SIZE: tl.constexpr,
     HALF_D: tl.constexpr,
     BLOCK_DH: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
+    """fp caches: grid (tokens, 2), one token's keys (or values) of every kv head per program."""
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot < 0:  # padding token: nothing to store
         return
     block_id = slot // BLOCK_SIZE
     block_off = slot % BLOCK_SIZE
-    _store_heads(k_ptr, k_cache_ptr, k_sz_ptr, token, block_id, block_off, num_kv_heads,
-                 stride_kn, stride_kh, stride_kcb, stride_kcs, stride_kch, stride_kszb, stride_kszs, stride_kszh,
-                 QUANT_POLICY, HALF_D, BLOCK_DH, BLOCK_H)
-    _store_heads(v_ptr, v_cache_ptr, v_sz_ptr, token, block_id, block_off, num_kv_heads,
-                 stride_vn, stride_vh, stride_vcb, stride_vcs, stride_vch, stride_vszb, stride_vszs, stride_vszh,
-                 QUANT_POLICY, HALF_D, BLOCK_DH, BLOCK_H)
+    if tl.program_id(1) == 0:  # K and V in separate programs: a decode step's few tokens are latency-bound
+        _store_heads(k_ptr, k_cache_ptr, token, block_id, block_off, num_kv_heads, stride_kn, stride_kh,
+                     stride_kcb, stride_kcs, stride_kch, stride_kcd, HALF_D, BLOCK_DH, BLOCK_H)
+    else:
+        _store_heads(v_ptr, v_cache_ptr, token, block_id, block_off, num_kv_heads, stride_vn, stride_vh,
+                     stride_vcb, stride_vcs, stride_vch, stride_vcd, HALF_D, BLOCK_DH, BLOCK_H)
+
+
+@triton.jit
+def _store_quantized_kernel(
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    k_sz_ptr,
+    v_sz_ptr,
+    slot_ptr,
+    num_tokens,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    stride_kcb,
+    stride_kcs,
+    stride_kch,
+    stride_kcd,
+    stride_vcb,
+    stride_vcs,
+    stride_vch,
+    stride_vcd,
+    stride_kszb,
+    stride_kszh,
+    stride_kszs,
+    stride_vszb,
+    stride_vszh,
+    stride_vszs,
+    QUANT_POLICY: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HALF_D: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Quantized caches: grid (token tiles, 2, kv heads), BLOCK_T tokens' keys (or values) of one head per program."""
+    tile = tl.program_id(0)
+    head = tl.program_id(2)
+    if tl.program_id(1) == 0:
+        _store_quantized_tile(k_ptr, k_cache_ptr, k_sz_ptr, slot_ptr, tile, head, num_tokens, stride_kn, stride_kh,
+                              stride_kcb, stride_kcs, stride_kch, stride_kcd, stride_kszb, stride_kszh, stride_kszs,
+                              QUANT_POLICY, BLOCK_SIZE, HALF_D, BLOCK_DH, BLOCK_T)
+    else:
+        _store_quantized_tile(v_ptr, v_cache_ptr, v_sz_ptr, slot_ptr, tile, head, num_tokens, stride_vn, stride_vh,
+                              stride_vcb, stride_vcs, stride_vch, stride_vcd, stride_vszb, stride_vszh, stride_vszs,
+                              QUANT_POLICY, BLOCK_SIZE, HALF_D, BLOCK_DH, BLOCK_T)
 
 
 def store_kv(
     k: torch.Tensor,  # [N, Hk, D]
     v: torch.Tensor,  # [N, Hk, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D or D // 2]
-    v_cache: torch.Tensor,
+    v_cache: torch.Tensor,  # same shape; quantized: may be token-minor (reference.py)
     slot_mapping: torch.Tensor,  # [N] int, -1 = skip
-    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, block_size, Hk, 2]
+    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, Hk, block_size, 2]
     v_scale_zero: torch.Tensor | None = None,
     quant_policy: int = 0,
 ) -> None:
@@ -149,47 +251,37 @@ def store_kv(
     stored_dim = head_dim // 2 if quant_policy == 4 else head_dim
     for cache in (k_cache, v_cache):
         assert cache.dim() == 4 and cache.shape[2:] == (num_kv_heads, stored_dim), "bad cache shape"
-        assert cache.stride(-1) == 1, "cache head_dim must be contiguous"
+    assert k_cache.stride(-1) == 1, "k cache head_dim must be contiguous"
+    assert v_cache.stride(-1) == 1 or (quant_policy and v_cache.stride(1) == 1), "v cache: head_dim or token-minor"
     assert k_cache.shape[:2] == v_cache.shape[:2], "k and v caches must have the same blocks"
     if quant_policy:
         assert k_cache.dtype == torch.uint8 and v_cache.dtype == torch.uint8, "quantized caches are uint8"
         for sz in (k_scale_zero, v_scale_zero):
-            assert sz is not None and sz.shape == (*k_cache.shape[:3], 2), "scale_zero must be [nb, bs, Hk, 2]"
+            nb, bs, hk = k_cache.shape[:3]
+            assert sz is not None and sz.shape == (nb, hk, bs, 2), "scale_zero must be [nb, Hk, block_size, 2]"
             assert sz.stride(-1) == 1, "scale_zero last dim must be contiguous"
-    else:
-        k_scale_zero, v_scale_zero = k_cache, v_cache  # unused placeholders (QUANT_POLICY=0)
     if num_tokens == 0:
         return
     half_d = head_dim // 2
-    _store_kv_kernel[(num_tokens,)](
-        k,
-        v,
-        k_cache,
-        v_cache,
-        k_scale_zero,
-        v_scale_zero,
-        slot_mapping,
-        num_kv_heads,
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        k_scale_zero.stride(0),
-        k_scale_zero.stride(1),
-        k_scale_zero.stride(2),
-        v_scale_zero.stride(0),
-        v_scale_zero.stride(1),
-        v_scale_zero.stride(2),
+    strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), *k_cache.stride(), *v_cache.stride())
+    if not quant_policy:
+        _store_kv_kernel[(num_tokens, 2)](
+            k, v, k_cache, v_cache, slot_mapping, num_kv_heads, *strides,
+            BLOCK_SIZE=k_cache.shape[1],
+            HALF_D=half_d,
+            BLOCK_DH=triton.next_power_of_2(half_d),
+            BLOCK_H=triton.next_power_of_2(num_kv_heads),
+            num_warps=4,
+        )
+        return
+    block_t = 32 if k.is_cuda else 16  # interpreter: small tiles, so the CPU tests cross them
+    _store_quantized_kernel[(triton.cdiv(num_tokens, block_t), 2, num_kv_heads)](
+        k, v, k_cache, v_cache, k_scale_zero, v_scale_zero, slot_mapping, num_tokens, *strides,
+        *k_scale_zero.stride()[:3], *v_scale_zero.stride()[:3],
         QUANT_POLICY=quant_policy,
         BLOCK_SIZE=k_cache.shape[1],
         HALF_D=half_d,
         BLOCK_DH=triton.next_power_of_2(half_d),
-        BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_T=block_t,
         num_warps=4,
     )

@@ -2,16 +2,22 @@
 
 Checkpoint tensors load as they are (`qweight`, `qzeros`, `scales`, optional `bias`); fused linears (qkv,
 gate_up) concatenate their shards along the output dimension, which in this layout is dim 1 with 8 output
-features per int32. The forward goes through ops.awq_linear: a W4A16 Triton kernel on GPU, dequantize-then-
-matmul on CPU. Modules listed in `modules_to_not_convert` stay plain Linear layers.
+features per int32. Once the model is loaded, `post_load()` (called by the loader for every module that has it,
+the dummy-weights path included) repacks qweight on a GPU into the K-packed layout of kernels/awq_gemm.py
+(int32 [out, in / 8], input rows in chunks of min(G, 128): int32 j of chunk c holds rows C c + (C / 8) i + j in
+its nibbles i = 0..7), which the W4A16 Triton kernels stream with contiguous loads; qzeros and scales keep the
+checkpoint layout. On CPU nothing is repacked and the forward runs the torch reference (dequantize, matmul).
+Modules listed in `modules_to_not_convert` stay plain Linear layers.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
-from engine.kernels import ops
+from engine.kernels import ops, reference
 from engine.layers.linear import Linear
 
 
@@ -25,6 +31,7 @@ class AWQLinear(nn.Module):
             raise ValueError(f"AWQ needs out_features divisible by 8, got {out_features}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.shard_sizes = shard_sizes or [out_features]
+        self.k_packed = False  # qweight in the checkpoint layout until post_load repacks it
         groups = in_features // group_size
 
         def param(shape, dtype_, pack):
@@ -41,8 +48,25 @@ class AWQLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    @torch.no_grad()
+    def post_load(self) -> None:
+        """Repack qweight into the kernels' K-packed layout (GPU only; groups of 32, 64 or a multiple of 128)."""
+        if self.k_packed or not self.qweight.is_cuda:
+            return
+        from engine.kernels.awq_gemm import awq_repack
+
+        packed = awq_repack(self.qweight.data, self.group_size)
+        self.qweight = nn.Parameter(packed, requires_grad=False)
+        self.k_packed = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
+        if not self.k_packed:
+            return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
+        if x.is_cuda and os.environ.get("ENGINE_KERNELS", "auto") != "reference":
+            from engine.kernels.awq_gemm import awq_linear_k
+
+            return awq_linear_k(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
+        return reference.awq_linear_k(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
 
 
 def awq_linear_factory(quantization_config: dict, dtype: torch.dtype):

@@ -7,13 +7,15 @@ import torch
 from engine.kernels import reference
 
 
-def make_paged_kv(kv_lens, num_kv_heads, head_dim, block_size, quant_policy, dtype, device, num_spare_blocks=2):
+def make_paged_kv(kv_lens, num_kv_heads, head_dim, block_size, quant_policy, dtype, device, num_spare_blocks=2,
+                  v_token_minor=True):
     """Random K/V for each sequence's kv_lens[i] tokens, written with reference.store_kv into shuffled blocks.
 
     Everything a kernel must not read is poisoned: unused slots of fp caches are NaN, unused slots of quantized
     caches have NaN scales, and block-table padding points at block 0, a spare all-NaN block. Returns
     (k_cache, v_cache, k_scale_zero, v_scale_zero, block_tables [B, max_blocks + 1] int32). Scales are fp16 for
-    16-bit models and fp32 for fp32 ones, as the engine's model runner allocates them.
+    16-bit models and fp32 for fp32 ones and quantized V caches are token-minor (v_token_minor=False: head_dim
+    contiguous, a layout the kernels accept too), as the engine's model runner allocates them.
     """
     blocks_per_seq = [(n + block_size - 1) // block_size for n in kv_lens]
     num_blocks = sum(blocks_per_seq) + num_spare_blocks
@@ -33,10 +35,11 @@ def make_paged_kv(kv_lens, num_kv_heads, head_dim, block_size, quant_policy, dty
         k_sz = v_sz = None
     else:
         k_cache = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
-        v_cache = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+        v_cache = new_quantized_v_cache(shape, device, v_token_minor)
         sz_dtype = torch.float32 if dtype == torch.float32 else torch.float16
-        k_sz = torch.full((*shape[:3], 2), float("nan"), dtype=sz_dtype, device=device)
-        v_sz = torch.full((*shape[:3], 2), float("nan"), dtype=sz_dtype, device=device)
+        sz_shape = (num_blocks, num_kv_heads, block_size, 2)  # (scale, min) pairs, head-major
+        k_sz = torch.full(sz_shape, float("nan"), dtype=sz_dtype, device=device)
+        v_sz = torch.full(sz_shape, float("nan"), dtype=sz_dtype, device=device)
 
     slots = []
     for i, n in enumerate(kv_lens):
@@ -47,6 +50,15 @@ def make_paged_kv(kv_lens, num_kv_heads, head_dim, block_size, quant_policy, dty
     v = torch.randn(slots.numel(), num_kv_heads, head_dim, dtype=dtype, device=device)
     reference.store_kv(k, v, k_cache, v_cache, slots, k_sz, v_sz, quant_policy)
     return k_cache, v_cache, k_sz, v_sz, block_tables
+
+
+def new_quantized_v_cache(shape, device, token_minor=True):
+    """Random uint8 codes of logical shape [num_blocks, block_size, Hk, D_stored]; token_minor: stored as
+    [num_blocks, Hk, D_stored, block_size] (reference.py's quantized V layout) and returned as a permuted view."""
+    if not token_minor:
+        return torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+    nb, bs, hk, d = shape
+    return torch.randint(0, 256, (nb, hk, d, bs), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
 
 
 def assert_close(out, ref, atol, rtol):

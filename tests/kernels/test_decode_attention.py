@@ -32,9 +32,10 @@ TOLERANCE = {
 }
 
 
-def _check(kv_lens, num_q_heads, num_kv_heads, head_dim, block_size, quant_policy, dtype, device, forced_splits=()):
+def _check(kv_lens, num_q_heads, num_kv_heads, head_dim, block_size, quant_policy, dtype, device, forced_splits=(),
+           v_token_minor=True):
     k_cache, v_cache, k_sz, v_sz, block_tables = make_paged_kv(
-        kv_lens, num_kv_heads, head_dim, block_size, quant_policy, dtype, device)
+        kv_lens, num_kv_heads, head_dim, block_size, quant_policy, dtype, device, v_token_minor=v_token_minor)
     q = torch.randn(len(kv_lens), num_q_heads, head_dim, dtype=dtype, device=device)
     kv_lens_t = torch.tensor(kv_lens, dtype=torch.int32, device=device)
     scale = head_dim**-0.5
@@ -69,6 +70,12 @@ def test_paged_decode_attention_head_dim_128(quant_policy, poison_empty):
 @pytest.mark.parametrize("quant_policy", [0, 4])
 def test_paged_decode_attention_head_dim_80(quant_policy, poison_empty):
     _check([9, 23], 2, 1, 80, 6, quant_policy, torch.float16, DEVICE)  # half dim 40 padded to 64; block size 6
+
+
+@pytest.mark.parametrize("quant_policy", [8, 4])
+def test_paged_decode_attention_head_dim_contiguous_v(quant_policy, poison_empty):
+    """Quantized V laid out like K (head_dim contiguous) instead of the engine's token-minor layout."""
+    _check([45, 7], 4, 2, 64, 16, quant_policy, torch.float16, DEVICE, forced_splits=(2,), v_token_minor=False)
 
 
 @pytest.mark.gpu

@@ -30,9 +30,9 @@ TOLERANCE = {
 
 
 def _check(q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, block_size, quant_policy, dtype, device,
-           pass_max_seqlen=True):
+           pass_max_seqlen=True, v_token_minor=True):
     k_cache, v_cache, k_sz, v_sz, block_tables = make_paged_kv(
-        kv_lens, num_kv_heads, head_dim, block_size, quant_policy, dtype, device)
+        kv_lens, num_kv_heads, head_dim, block_size, quant_policy, dtype, device, v_token_minor=v_token_minor)
     cu_seqlens_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
     q = torch.randn(sum(q_lens), num_q_heads, head_dim, dtype=dtype, device=device)
     kv_lens_t = torch.tensor(kv_lens, dtype=torch.int32, device=device)
@@ -63,6 +63,12 @@ def test_paged_prefill_attention_head_dim_128(poison_empty):
 @pytest.mark.parametrize("quant_policy", [0, 4])
 def test_paged_prefill_attention_head_dim_80(quant_policy, poison_empty):
     _check([9, 4], [9, 23], 2, 1, 80, 6, quant_policy, torch.float16, DEVICE)  # half dim 40 padded; block size 6
+
+
+@pytest.mark.parametrize("quant_policy", [8, 4])
+def test_paged_prefill_attention_head_dim_contiguous_v(quant_policy, poison_empty):
+    """Quantized V laid out like K (head_dim contiguous) instead of the engine's token-minor layout."""
+    _check([7, 20], [30, 20], 4, 2, 64, 16, quant_policy, torch.float16, DEVICE, v_token_minor=False)
 
 
 @pytest.mark.gpu

@@ -14,6 +14,7 @@ from engine.kernels import reference
 from engine.kernels.store_kv import store_kv
 
 from .conftest import DEVICE, requires_cuda
+from .paged_utils import new_quantized_v_cache
 
 # quant_policy -> (max |code difference|, max fraction of codes that may differ); fp caches must match exactly
 # (compiled on a GPU, fp32 evaluation order can move a value across a rounding tie: at most one code off)
@@ -26,27 +27,32 @@ def _codes(cache: torch.Tensor, quant_policy: int) -> torch.Tensor:
     return torch.cat([c & 0xF, c >> 4], dim=-1) if quant_policy == 4 else c
 
 
-def _caches(num_blocks, block_size, num_kv_heads, head_dim, quant_policy, dtype, device):
-    """Poisoned caches; scale_zero is fp16 for 16-bit models and fp32 for fp32 ones, like the model runner's."""
+def _caches(num_blocks, block_size, num_kv_heads, head_dim, quant_policy, dtype, device, v_token_minor=True):
+    """Poisoned caches like the model runner's: scale_zero fp16 for 16-bit models and fp32 for fp32 ones, quantized V
+    token-minor (unless v_token_minor=False)."""
     stored_dim = head_dim // 2 if quant_policy == 4 else head_dim
     shape = (num_blocks, block_size, num_kv_heads, stored_dim)
     if quant_policy == 0:
         caches = [torch.full(shape, float("nan"), dtype=dtype, device=device) for _ in range(2)]
         return caches + [None, None]
-    caches = [torch.randint(0, 256, shape, dtype=torch.uint8, device=device) for _ in range(2)]
+    caches = [torch.randint(0, 256, shape, dtype=torch.uint8, device=device),
+              new_quantized_v_cache(shape, device, v_token_minor)]
     sz_dtype = torch.float32 if dtype == torch.float32 else torch.float16
-    return caches + [torch.full((*shape[:3], 2), float("nan"), dtype=sz_dtype, device=device) for _ in range(2)]
+    sz_shape = (num_blocks, num_kv_heads, block_size, 2)  # (scale, min) pairs, head-major
+    return caches + [torch.full(sz_shape, float("nan"), dtype=sz_dtype, device=device) for _ in range(2)]
 
 
-def _check(num_tokens, num_kv_heads, head_dim, block_size, num_blocks, quant_policy, dtype, device):
+def _check(num_tokens, num_kv_heads, head_dim, block_size, num_blocks, quant_policy, dtype, device,
+           v_token_minor=True, slots=None):
     k = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
     v = 3 * torch.randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device) + 1
-    slots = torch.randperm(num_blocks * block_size, device=device)[:num_tokens]
-    slots[torch.rand(num_tokens, device=device) < 0.2] = -1  # padding tokens
-    slots = slots.to(torch.int32)
+    if slots is None:  # scattered slots, some of them padding
+        slots = torch.randperm(num_blocks * block_size, device=device)[:num_tokens]
+        slots[torch.rand(num_tokens, device=device) < 0.2] = -1
+    slots = slots.to(device=device, dtype=torch.int32)
 
-    expected = _caches(num_blocks, block_size, num_kv_heads, head_dim, quant_policy, dtype, device)
-    got = [t.clone() if t is not None else None for t in expected]
+    expected = _caches(num_blocks, block_size, num_kv_heads, head_dim, quant_policy, dtype, device, v_token_minor)
+    got = [t.clone(memory_format=torch.preserve_format) if t is not None else None for t in expected]
     reference.store_kv(k, v, *expected[:2], slots, *expected[2:], quant_policy)
     store_kv(k, v, *got[:2], slots, *got[2:], quant_policy)
 
@@ -75,6 +81,25 @@ def test_store_kv_odd_shapes(quant_policy):
            dtype=torch.float16, device=DEVICE)
 
 
+@pytest.mark.parametrize("quant_policy", [8, 4])
+def test_store_kv_head_dim_contiguous_v(quant_policy):
+    """Quantized V caches laid out like K (head_dim contiguous) work too."""
+    _check(num_tokens=9, num_kv_heads=2, head_dim=64, block_size=4, num_blocks=5, quant_policy=quant_policy,
+           dtype=torch.float16, device=DEVICE, v_token_minor=False)
+
+
+@pytest.mark.parametrize("v_token_minor", [True, False])
+@pytest.mark.parametrize("quant_policy", [0, 8, 4])
+def test_store_kv_prompt_runs(quant_policy, v_token_minor):
+    """Prompt-like slots: runs of consecutive slots, block-aligned or not, a partial last tile and a padding
+    token inside a run (the kernel's contiguous-tile and scattered paths, and tiles that fall back)."""
+    block_size = 16
+    slots = torch.cat([torch.arange(16, 56), torch.arange(70, 93), torch.tensor([-1, 94, 95])])
+    slots[20] = -1
+    _check(num_tokens=slots.numel(), num_kv_heads=2, head_dim=64, block_size=block_size, num_blocks=7,
+           quant_policy=quant_policy, dtype=torch.float16, device=DEVICE, v_token_minor=v_token_minor, slots=slots)
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("quant_policy", [0, 8, 4])
@@ -83,6 +108,9 @@ def test_store_kv_odd_shapes(quant_policy):
 def test_store_kv_gpu(head_dim, dtype, quant_policy):
     _check(num_tokens=4096, num_kv_heads=8, head_dim=head_dim, block_size=64, num_blocks=100,
            quant_policy=quant_policy, dtype=dtype, device="cuda")
+    runs = torch.cat([torch.arange(64, 64 + 3000), torch.arange(3100, 3100 + 1000)])  # two prompts
+    _check(num_tokens=runs.numel(), num_kv_heads=8, head_dim=head_dim, block_size=64, num_blocks=100,
+           quant_policy=quant_policy, dtype=dtype, device="cuda", slots=runs)
 
 
 def test_constant_and_offset_vectors_survive_fp16_scale_zero():
