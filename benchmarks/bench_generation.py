@@ -150,6 +150,28 @@ def bench_transformers(shape: str, quick: bool) -> dict:
     return res
 
 
+def bench_pressure(folder: Path, shape: str, config: str, fraction: float, n_requests: int, prompt: int,
+                   new: int) -> dict:
+    """Many long requests against a deliberately small KV cache: the KV policy decides how many run at once."""
+    awq, qp = CONFIGS[config]
+    pipe = pipeline(folder, EngineConfig(quant_policy=qp, load_format="dummy", enable_prefix_caching=False,
+                                         max_batch_size=256, cache_max_entry_count=fraction))
+    timer = RequestTimer(pipe.engine)
+    rng = random.Random(1)
+    timer.run([(random_ids(rng, 16, pipe.engine.spec.vocab_size), 8)], 1)
+    reqs = [(random_ids(rng, prompt, pipe.engine.spec.vocab_size), new) for _ in range(n_requests)]
+    r = timer.run(reqs, n_requests)
+    out = {"shape": shape, "config": config, "cache_max_entry_count": fraction,
+           "kv_capacity_tokens": pipe.memory()["kv_capacity_tokens"], "requests": n_requests, "prompt": prompt,
+           "new_tokens": new, "output_tokens_per_s": r["output_tokens_per_s"], "requests_per_s": r["requests_per_s"],
+           "preemptions": pipe.engine.scheduler.num_preemptions, "tpot_p50_ms": r["tpot_p50_ms"]}
+    pipe.close()
+    del pipe, timer
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="llama2-7b")
@@ -157,7 +179,20 @@ def main(argv=None):
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and requests (a smoke run)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--pressure", action="store_true",
+                        help="only the memory-pressure workload: long requests in a small KV cache, per config")
+    parser.add_argument("--pressure-fraction", type=float, default=0.15)
     args = parser.parse_args(argv)
+    if args.pressure:
+        root = Path(tempfile.mkdtemp())
+        rows = []
+        for shape in args.shapes.split(","):
+            for config in args.configs.split(","):
+                folder = make_shape_folder(shape, root, awq_group_size=128 if CONFIGS[config][0] else None)
+                rows.append(bench_pressure(folder, shape, config, args.pressure_fraction, 192, 1024, 256))
+                print(rows[-1], flush=True)
+        save(args.out, "pressure", rows, markdown_table(rows, list(rows[0].keys())))
+        return
     ceilings = {"copy_bw": copy_bandwidth_bytes_per_s(), "bf16_flops": matmul_flops_per_s()}
     print(f"device: {torch.cuda.get_device_name()} | copy {ceilings['copy_bw'] / 1e12:.2f} TB/s | "
           f"bf16 matmul {ceilings['bf16_flops'] / 1e12:.0f} TFLOP/s", flush=True)
