@@ -12,6 +12,7 @@ import itertools
 import logging
 import queue
 import random
+import sys
 import threading
 import time
 import traceback
@@ -30,6 +31,8 @@ from engine.sequence import PENDING, SamplingState, Sequence, SequenceStatus
 from engine.tokenizer import IncrementalDetokenizer, chat_template_for, load_tokenizer, stop_token_ids_for
 
 log = logging.getLogger(__name__)
+
+SWITCH_INTERVAL_S = 0.0005
 
 
 def _overlappable(seq: Sequence) -> bool:
@@ -185,6 +188,11 @@ class LLMEngine:
 
     # ---- the loop (engine thread) ---------------------------------------------------------------------
     def _loop(self) -> None:
+        # The step loop is Python that rarely blocks once steps overlap the GPU, so it would hold the GIL for
+        # whole switch intervals (5 ms by default) while the API's and the UI's event loops wait to stream the
+        # tokens it produced. A shorter interval, plus an explicit release after each step, keeps them served.
+        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
         while True:
             if not self.scheduler.has_work and self._pending is None:
                 self._wakeup.wait(timeout=0.5)
@@ -193,6 +201,7 @@ class LLMEngine:
                 break
             if self.scheduler.has_work:
                 self.step()
+                time.sleep(0)  # let the threads that stream our output run
             else:
                 self._resolve_pending()
         self._resolve_pending()
