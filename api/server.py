@@ -394,7 +394,7 @@ def _chat_routes(api: _API, router: APIRouter) -> None:
             async with aclosing(stream_choices(pipe, jobs, request.is_disconnected, api.is_current(pipe))) as events:
                 async for job, out in events:
                     results[job.index].add(out)
-                    if out.text or (logprobs is not None and out.logprobs):
+                    if out.text or out.token_ids or (logprobs is not None and out.logprobs):
                         lp = ChatChoiceLogprobs(content=chat_logprobs(out.logprobs, texts)) if logprobs is not None \
                             else None
                         yield chunk([ChatCompletionChunkChoice(index=job.index, delta=DeltaMessage(content=out.text),
@@ -466,7 +466,7 @@ def _completion_routes(api: _API, router: APIRouter) -> None:
             async with aclosing(stream_choices(pipe, jobs, request.is_disconnected, api.is_current(pipe))) as events:
                 async for job, out in events:
                     results[job.index].add(out)
-                    if out.text or (logprobs is not None and out.logprobs):
+                    if out.text or out.token_ids or (logprobs is not None and out.logprobs):
                         lp = None
                         if logprobs is not None:
                             lp = completion_logprobs(out.logprobs, texts, offsets[job.index])
