@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import graph_us  # noqa: E402
 
 LINEARS = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}  # K, N
 LM_HEAD = (4096, 32000)
@@ -166,29 +167,6 @@ def bench_us(fn) -> float:
 
     fn()
     return 1e3 * triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
-
-
-def graph_us(calls, reps: int = 7) -> float:
-    """Microseconds per call of `calls` (zero-argument callables) captured back to back in one CUDA graph."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    del graph
-    return statistics.median(times) / len(calls)
 
 
 def rotating(fn, weights, calls_min: int = 16) -> list:

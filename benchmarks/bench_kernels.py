@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import graph_us
+
 MODELS = {  # name -> hidden, intermediate, q heads, kv heads, head_dim
     "llama2-7b": {"hidden": 4096, "inter": 11008, "hq": 32, "hk": 32, "d": 128},
     "llama3-8b": {"hidden": 4096, "inter": 14336, "hq": 32, "hk": 8, "d": 128},
@@ -125,31 +127,6 @@ class PagedKV:
         return (*self._old, self.quant_policy)
 
 
-def bench_graph_us(calls, reps=15) -> float:
-    """Microseconds per call of `calls` (zero-argument callables) captured back to back in one CUDA graph."""
-    import statistics
-
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    return statistics.median(times) * 1e3 / len(calls)
-
-
 GRAPH_CALLS = 32  # decode calls per timed graph: one per layer of a 7B/8B model
 
 
@@ -164,7 +141,7 @@ def decode_graph_us(launch, cache: PagedKV, q, batch, context, scales=None, kv=N
         (lambda t=tables[i % len(tables)]: launch(q, *kv, t, lens, d**-0.5, *scales))
         for i in range(GRAPH_CALLS)
     ]
-    return bench_graph_us(calls)
+    return graph_us(calls)
 
 
 def baseline_module(name="benchmarks._baseline_decode"):

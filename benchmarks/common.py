@@ -85,6 +85,30 @@ def matmul_flops_per_s(device="cuda", n=8192, dtype=torch.bfloat16, iters=10) ->
     return 2 * n**3 * iters / (start.elapsed_time(end) / 1e3)
 
 
+def graph_us(calls, reps: int = 15) -> float:
+    """Microseconds per call of `calls` (zero-argument callables) captured back to back in one CUDA graph:
+    what a kernel costs inside the engine's decode graphs, without Python launch overhead."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    del graph
+    return statistics.median(times) / len(calls)
+
+
 def percentile(values, q):
     if not values:
         return float("nan")
