@@ -106,5 +106,12 @@ class GenerationConfig:
             raise ValueError("stop strings must not be empty")
 
     @property
+    def needs_only_logits(self) -> bool:
+        """No penalties and no logprobs: sampling needs nothing but this step's logits, so it takes the fast
+        path and the step may run before the host has read the previous step's tokens."""
+        return (self.repetition_penalty == 1.0 and not self.presence_penalty and not self.frequency_penalty
+                and self.logprobs is None)
+
+    @property
     def is_greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0.0

@@ -35,12 +35,6 @@ log = logging.getLogger(__name__)
 SWITCH_INTERVAL_S = 0.0005
 
 
-def _overlappable(seq: Sequence) -> bool:
-    """Penalties and logprobs read the newest tokens on the host, so those steps run without overlap."""
-    g = seq.sampling.gen_config
-    return g.repetition_penalty == 1.0 and not g.presence_penalty and not g.frequency_penalty and g.logprobs is None
-
-
 class PromptTooLongError(ValueError):
     pass
 
@@ -262,7 +256,8 @@ class LLMEngine:
             self._resolve_pending()
             return
         self.stats.num_steps += 1
-        overlap = self.overlap and all(_overlappable(seq) for seq in batch.seqs)
+        # penalties and logprobs read the newest tokens on the host: those steps run without overlap
+        overlap = self.overlap and all(seq.sampling.gen_config.needs_only_logits for seq in batch.seqs)
         if not overlap:
             self._resolve_pending()
         try:

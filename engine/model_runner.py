@@ -33,11 +33,6 @@ def scale_zero_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 else torch.float16
 
 
-def _is_plain(g) -> bool:
-    return (g.repetition_penalty == 1.0 and not g.presence_penalty and not g.frequency_penalty
-            and g.logprobs is None)
-
-
 @dataclass
 class StepHandle:
     """A launched step: its batch, the sequences that sample, and the device/host token buffers."""
@@ -185,7 +180,7 @@ class ModelRunner:
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         gcs = [s.sampling.gen_config for s in seqs]
         temps = [0.0 if g.is_greedy else g.temperature for g in gcs]
-        if not any(temps) and all(_is_plain(g) for g in gcs) and all(
+        if not any(temps) and all(g.needs_only_logits for g in gcs) and all(
                 s.num_generated_tokens >= s.sampling.gen_config.min_new_tokens for s in seqs):
             return SamplingBatch(*([None] * 6), all_greedy=True)  # argmax only: no per-row tensors needed
         f32, i64 = torch.float32, torch.int64
