@@ -395,6 +395,21 @@ def pick_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: in
     return max(1, min(wanted, triton.cdiv(max_context, MIN_SPLIT_TILES * block_n), MAX_SPLITS))
 
 
+def check_attention_inputs(q, k_cache, v_cache, k_scale_zero, v_scale_zero, block_tables, kv_lens, quant_policy):
+    """The launcher asserts decode and prefill share (q: [tokens or B, Hq, D]; one kv_lens entry per sequence)."""
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    batch = kv_lens.shape[0]
+    assert quant_policy in (0, 4, 8), f"quant_policy must be 0, 4 or 8, got {quant_policy}"
+    assert num_q_heads % num_kv_heads == 0, "Hq must be a multiple of Hk"
+    assert head_dim % 2 == 0 and q.stride(-1) == 1, "q: [N, Hq, D] with even, contiguous D"
+    _check_cache(k_cache, k_scale_zero, num_kv_heads, head_dim, quant_policy)
+    _check_cache(v_cache, v_scale_zero, num_kv_heads, head_dim, quant_policy, is_v=True)
+    assert block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.stride(1) == 1
+    assert kv_lens.dim() == 1 and kv_lens.is_contiguous(), "kv_lens must be a contiguous [B]"
+    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {q.dtype}"
+
+
 def _check_cache(cache, scale_zero, num_kv_heads, head_dim, quant_policy, is_v=False):
     stored_dim = head_dim // 2 if quant_policy == 4 else head_dim
     assert cache.dim() == 4 and cache.shape[2:] == (num_kv_heads, stored_dim), f"bad cache shape {tuple(cache.shape)}"
@@ -430,14 +445,7 @@ def decode_attention_launch(
     """paged_decode_attention with explicit split count and tiling (tests and benchmarks force these)."""
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    assert quant_policy in (0, 4, 8), f"quant_policy must be 0, 4 or 8, got {quant_policy}"
-    assert num_q_heads % num_kv_heads == 0, "Hq must be a multiple of Hk"
-    assert head_dim % 2 == 0 and q.stride(-1) == 1, "q: [B, Hq, D] with even, contiguous D"
-    _check_cache(k_cache, k_scale_zero, num_kv_heads, head_dim, quant_policy)
-    _check_cache(v_cache, v_scale_zero, num_kv_heads, head_dim, quant_policy, is_v=True)
-    assert block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.stride(1) == 1
-    assert kv_lens.shape == (batch,) and kv_lens.is_contiguous(), "kv_lens must be [B]"
-    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {q.dtype}"
+    check_attention_inputs(q, k_cache, v_cache, k_scale_zero, v_scale_zero, block_tables, kv_lens, quant_policy)
     if quant_policy:
         k_pairs, v_pairs = _as_pairs(k_scale_zero), _as_pairs(v_scale_zero)  # [nb, Hk, block_size] int32 / int64
     else:

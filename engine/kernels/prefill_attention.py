@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.decode_attention import LOG2E, _as_pairs, _check_cache, _split_pairs
+from engine.kernels.decode_attention import LOG2E, _as_pairs, _split_pairs, check_attention_inputs
 
 
 @triton.jit
@@ -245,15 +245,8 @@ def prefill_attention_launch(
     num_tokens, num_q_heads, head_dim = q.shape
     batch = kv_lens.shape[0]
     num_kv_heads = k_cache.shape[2]
-    assert quant_policy in (0, 4, 8), f"quant_policy must be 0, 4 or 8, got {quant_policy}"
-    assert num_q_heads % num_kv_heads == 0, "Hq must be a multiple of Hk"
-    assert head_dim % 2 == 0 and q.stride(-1) == 1, "q: [num_tokens, Hq, D] with even, contiguous D"
-    _check_cache(k_cache, k_scale_zero, num_kv_heads, head_dim, quant_policy)
-    _check_cache(v_cache, v_scale_zero, num_kv_heads, head_dim, quant_policy, is_v=True)
-    assert block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.stride(1) == 1
+    check_attention_inputs(q, k_cache, v_cache, k_scale_zero, v_scale_zero, block_tables, kv_lens, quant_policy)
     assert cu_seqlens_q.shape == (batch + 1,) and cu_seqlens_q.is_contiguous(), "cu_seqlens_q must be [B + 1]"
-    assert kv_lens.is_contiguous(), "kv_lens must be contiguous [B]"
-    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {q.dtype}"
     if not quant_policy:
         k_scale_zero, v_scale_zero = k_cache, v_cache  # unused placeholders (QUANT_POLICY=0)
 
