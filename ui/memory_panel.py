@@ -42,13 +42,15 @@ def take_reading(state: StudioState) -> dict:
         if last is not None and time.time() - last["time"] < SAMPLE_EVERY_S:
             return last
     loaded = state.manager.current
-    engine = None
+    engine, engine_error = None, None
     if loaded is not None:
         try:
             engine = loaded.pipeline.memory()
-        except Exception:  # noqa: BLE001 - a model being swapped out; the next tick reads the new one
-            log.debug("memory(): engine not readable", exc_info=True)
-    reading = {"time": time.time(), "gpu": gpu_snapshot(), "cpu": cpu_snapshot(), "engine": engine}
+        except Exception as e:  # noqa: BLE001 - e.g. a model being swapped out; the next tick reads the new one
+            log.warning("memory(): engine not readable", exc_info=True)
+            engine_error = f"{type(e).__name__}: {e}"
+    reading = {"time": time.time(), "gpu": gpu_snapshot(), "cpu": cpu_snapshot(), "engine": engine,
+               "engine_error": engine_error}
     with state.lock:
         state.memory_history.append(reading)
     return reading
@@ -71,7 +73,9 @@ def _legend(items: list[tuple[str, str, str]]) -> str:
     ) + "</div>"
 
 
-def _engine_rows(eng: dict | None, device_total: float | None) -> str:
+def _engine_rows(eng: dict | None, device_total: float | None, error: str | None = None) -> str:
+    if error is not None:
+        return f'<div class="mem-row mem-note">Engine memory could not be read: {html.escape(error)}</div>'
     if eng is None:
         return '<div class="mem-row mem-muted">Engine: no model loaded.</div>'
     kv_used = eng["kv_cache_bytes"] * eng["kv_usage"]
@@ -134,7 +138,7 @@ def render_html(reading: dict) -> str:
                                                              "other processes")], total or 0)
             + "</div>"
         )
-    rows.append(_engine_rows(eng, device_total))
+    rows.append(_engine_rows(eng, device_total, reading.get("engine_error")))
     stamp = time.strftime("%H:%M:%S", time.localtime(reading["time"]))
     rows.append(f'<div class="mem-stamp" id="mem-stamp">updated {stamp}</div>')
     return f'<div class="mem-panel" id="mem-panel">{"".join(rows)}</div>'

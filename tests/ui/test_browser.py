@@ -199,4 +199,20 @@ def test_api_tab_shows_the_endpoint(page, studio):
     assert page.locator("#api-base-url").inner_text() == studio.url + "/v1"
     model = studio.manager.current.name
     wait_ui(page, lambda: model in page.locator("#tab-api").inner_text(), 10, "the model name in the examples")
+    from ui.common import fmt_bytes
+
+    weights = fmt_bytes(studio.manager.current.pipeline.memory()["weights_bytes"])
+    wait_ui(page, lambda: f"weights {weights}" in page.locator("#mem-panel").inner_text(), 10,
+            "the memory panel to show the loaded model")  # so the screenshot is not a reading from before the load
     shot(page, "api-tab")
+
+
+def test_memory_panel_still_live_and_matches_the_loaded_model(page, studio):
+    """After loads, chats and a quantization, the panel keeps refreshing and shows the model now loaded."""
+    stamp = page.locator("#mem-stamp").inner_text()
+    wait_ui(page, lambda: page.locator("#mem-stamp").inner_text() != stamp, 10, "the memory panel to refresh")
+    from ui.common import fmt_bytes
+
+    weights = fmt_bytes(studio.manager.current.pipeline.memory()["weights_bytes"])
+    wait_ui(page, lambda: f"weights {weights}" in page.locator("#mem-panel").inner_text(), 10,
+            f"the panel to show the loaded model's weights ({weights})")
