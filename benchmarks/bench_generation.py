@@ -61,7 +61,7 @@ def linear_flops_per_token(spec) -> float:
 
 
 def bench_engine(folder: Path, shape: str, config: str, ceilings: dict, quick: bool,
-                 concurrencies=(1, 16, 64, 256), fixed_requests=256) -> dict:
+                 concurrencies=(1, 16, 64, 256), fixed_requests=256, decode_only: bool = False) -> dict:
     awq, qp = CONFIGS[config]
     pipe = pipeline(folder, EngineConfig(quant_policy=qp, load_format="dummy", enable_prefix_caching=False,
                                          max_batch_size=256, cache_max_entry_count=0.85))
@@ -80,6 +80,12 @@ def bench_engine(folder: Path, shape: str, config: str, ceilings: dict, quick: b
                 "itl_p90_ms": r["itl_p90_ms"], "itl_p99_ms": r["itl_p99_ms"]})
     bytes_step = decode_bytes_per_step(pipe, n_new // 2)
     res["decode_fraction_of_bw"] = bytes_step / mean_step / ceilings["copy_bw"]
+    if decode_only:
+        pipe.close()
+        del pipe, eng, timer
+        gc.collect()
+        torch.cuda.empty_cache()
+        return res
     # batch-1 decode at an 8k context
     if not quick:
         r8 = timer.run([(random_ids(rng, 8192, spec.vocab_size), 129)], 1)
@@ -178,6 +184,7 @@ def main(argv=None):
     parser.add_argument("--configs", default="fp16")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and requests (a smoke run)")
+    parser.add_argument("--decode-only", action="store_true", help="batch-1 decode only (A/B runs)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--pressure", action="store_true",
                         help="only the memory-pressure workload: long requests in a small KV cache, per config")
@@ -202,12 +209,12 @@ def main(argv=None):
         for config in args.configs.split(","):
             folder = make_shape_folder(shape, root, awq_group_size=128 if CONFIGS[config][0] else None)
             t = time.perf_counter()
-            res = bench_engine(folder, shape, config, ceilings, args.quick)
+            res = bench_engine(folder, shape, config, ceilings, args.quick, decode_only=args.decode_only)
             res["bench_s"] = time.perf_counter() - t
             results["engine"].append(res)
             print({k: v for k, v in res.items() if not isinstance(v, dict)}, flush=True)
             save(args.out, "generation", results, "")
-        if not args.no_transformers:
+        if not args.no_transformers and not args.decode_only:
             results["transformers"].append(bench_transformers(shape, args.quick))
             gc.collect()
             torch.cuda.empty_cache()
@@ -225,6 +232,9 @@ def main(argv=None):
             row["x_hf_best_batch"] = r["fixed256_output_tok_s"] / ref["best_output_tok_s"]
         rows.append(row)
     md = markdown_table(rows, list(rows[0].keys())) if rows else ""
+    if args.decode_only:
+        save(args.out, "generation", results, md)
+        return
     conc_rows = [{"shape": r["shape"], "config": r["config"], **{k: v for k, v in r[f"conc{c}"].items()
                   if k in ("concurrency", "requests_per_s", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
                            "tpot_p50_ms", "tpot_p99_ms")}} for r in results["engine"] for c in (1, 16, 64, 256)]

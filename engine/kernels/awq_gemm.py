@@ -26,9 +26,8 @@ Kernels, all on the K-packed layout:
   rounding, as reference.awq_dequantize), then a plain MMA with the tokens on the M side.
 - awq_gemv_kernel: the no-tensor-core variant (broadcast multiply + sum in fp32, config kernel="gemv"), measured
   slower than the MMA kernel at every M on an H200 (1.4x at M = 1); kept for comparison and MMA-less GPUs.
-Split-K: programs tile N (and M) and split K so that the GPU is full; partials go to a small fp32 buffer and the
-last program of each output tile (a per-tile counter, reset by that program) sums them in split order, adds the
-bias and stores: one launch, no atomics on the output, no zero-fill or cast kernels, deterministic.
+Split-K as in split_k.py (one launch, deterministic). The MMA kernel takes part in programmatic dependent launch
+(pdl.py): its first weight tile and scales are loaded before it waits for the previous kernel.
 Prefill (M > FUSED_MAX_M): dequantize once into an fp16/bf16 [N, K] weight and let cuBLAS run the GEMM.
 Nothing syncs with the host: the launchers only allocate (torch.empty), so they run inside CUDA graph capture.
 Tile configs: default_config (measured, see benchmarks/bench_awq_gemm.py).
@@ -41,6 +40,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels.pdl import launch_options, release_next, wait_for_previous
+from engine.kernels.split_k import num_sms, split_k, split_k_epilogue, split_locks
 
 FUSED_MAX_M = 256  # up to here the fused kernel beats dequantize + cuBLAS (about even at 256)
 MAX_CHUNK = 128
@@ -142,35 +144,6 @@ def _nibbles(p, Q_POS: tl.constexpr, MAGIC: tl.constexpr, DTYPE: tl.constexpr, U
     return w0, w1, w2, w3
 
 
-# ---- split-K epilogue -------------------------------------------------------------------------------------
-@triton.jit
-def _split_k_epilogue(acc, offs_m, offs_n, mask_m, mask_n, tile, pid_k, M, N, bias_ptr, out_ptr, ws_ptr,
-                      lock_ptr, stride_om, stride_on, SPLIT_K, SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] fp32: this program's partial sum. With one split it is the output; else it goes to
-    ws [SPLIT_K, M, N] and the last program of this output tile to arrive sums all splits in split order
-    (SPLIT_P2 >= SPLIT_K: a few buckets, so that split counts share compiled kernels)."""
-    mask = mask_m[:, None] & mask_n[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    if SPLIT_P2 == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]  # split s at + s * M * N
-        tl.store(ws_ptrs + pid_k * M * N, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the release below
-        count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-        if count == SPLIT_K - 1:
-            total = tl.zeros_like(acc)
-            for s in tl.static_range(SPLIT_P2):  # unrolled: all loads in flight at once
-                live = tl.full((1, 1), s, tl.int32) < SPLIT_K
-                total += tl.load(ws_ptrs + s * M * N, mask=mask & live, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(lock_ptr + tile, 0)  # ready for the next launch
-
-
 # ---- tensor-core kernel -----------------------------------------------------------------------------------
 @triton.jit
 def _mma(acc, w, x, SWAP_AB: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -201,9 +174,11 @@ def awq_mma_kernel(
     SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr, FOLD: tl.constexpr,
     SPLIT_DOTS: tl.constexpr, DENORM: tl.constexpr, USE_ASM: tl.constexpr, ASM0: tl.constexpr,
     ASM1: tl.constexpr, ASM2: tl.constexpr, ASM3: tl.constexpr, Q_POS: tl.constexpr, MAGIC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PREFETCH_W: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """qweight_ptr: the K-packed weights as int16 [N, K / 4] (stride_qwn in int16)."""
+    """qweight_ptr: the K-packed weights as int16 [N, K / 4] (stride_qwn in int16). PREFETCH_W: the weight tile
+    of the next iteration is loaded one ahead by hand (else the compiler pipelines it); the first one is then
+    in flight before the wait for the previous kernel (PDL)."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     BLOCK_KQ: tl.constexpr = BLOCK_K // 4  # int16 per row of a tile (one layout chunk: BLOCK_K = C)
     dtype = x_ptr.dtype.element_ty
@@ -226,13 +201,21 @@ def awq_mma_kernel(
     g_next = t_begin * BLOCK_K // GROUP_SIZE
     s_next = tl.load(scales_ptr + g_next * stride_sg + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
     zp_next = tl.load(qzeros_ptr + g_next * stride_qzg + offs_n // 8, mask=mask_n, other=0)
+    if PREFETCH_W:
+        p_next = tl.load(w_ptrs + t_begin * BLOCK_KQ, mask=mask_n[:, None], other=0)
+    wait_for_previous(USE_PDL)  # x is the previous kernel's output
+    release_next(USE_PDL)
     if FOLD:
         xt_next = tl.load(x_tile_ptrs + t_begin * BLOCK_K, mask=mask_m[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
     for t in range(t_begin, t_end):
         k0 = t * BLOCK_K
-        p = tl.load(w_ptrs + t * BLOCK_KQ, mask=mask_n[:, None], other=0)  # [BLOCK_N, BLOCK_KQ] int16
-        s, zp = s_next, zp_next
         t_next = tl.minimum(t + 1, t_end - 1)
+        if PREFETCH_W:
+            p = p_next
+            p_next = tl.load(w_ptrs + t_next * BLOCK_KQ, mask=mask_n[:, None], other=0)
+        else:
+            p = tl.load(w_ptrs + t * BLOCK_KQ, mask=mask_n[:, None], other=0)  # [BLOCK_N, BLOCK_KQ] int16
+        s, zp = s_next, zp_next
         g_next = t_next * BLOCK_K // GROUP_SIZE
         s_next = tl.load(scales_ptr + g_next * stride_sg + offs_n, mask=mask_n, other=0.0)
         zp_next = tl.load(qzeros_ptr + g_next * stride_qzg + offs_n // 8, mask=mask_n, other=0)
@@ -288,7 +271,7 @@ def awq_mma_kernel(
             acc = de
     if SWAP_AB:
         acc = tl.trans(acc)
-    _split_k_epilogue(acc, offs_m, offs_n, mask_m, mask_n, pid_m * tl.num_programs(1) + pid_n, pid_k, M, N,
+    split_k_epilogue(acc, offs_m, offs_n, mask_m, mask_n, pid_m * tl.num_programs(1) + pid_n, pid_k, M, N,
                       bias_ptr, out_ptr, ws_ptr, lock_ptr, stride_om, stride_on, SPLIT_K, SPLIT_P2, HAS_BIAS)
 
 
@@ -335,7 +318,7 @@ def awq_gemv_kernel(
         zp = tl.load(qzeros_ptr + g * stride_qzg + offs_n // 8, mask=mask_n, other=0)
         z16 = ((zp >> zshift) & 0xF).to(tl.float32) + 16.0
         acc += s[None, :] * (tl.sum(dot, axis=2) - z16[None, :] * tl.sum(xsum, axis=2))  # [BLOCK_M, BLOCK_N]
-    _split_k_epilogue(acc, offs_m, offs_n, mask_m, mask_n, pid_n, pid_k, M, N, bias_ptr, out_ptr,
+    split_k_epilogue(acc, offs_m, offs_n, mask_m, mask_n, pid_n, pid_k, M, N, bias_ptr, out_ptr,
                       ws_ptr, lock_ptr, stride_om, stride_on, SPLIT_K, SPLIT_P2, HAS_BIAS)
 
 
@@ -406,34 +389,6 @@ def awq_dequantize_kernel(
 
 
 # ---- launchers --------------------------------------------------------------------------------------------
-_NUM_SMS: dict[torch.device, int] = {}
-_LOCKS: dict[torch.device, torch.Tensor] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device not in _NUM_SMS:
-        is_cuda = device.type == "cuda"
-        _NUM_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if is_cuda else 4
-    return _NUM_SMS[device]
-
-
-def _locks(device: torch.device, n: int) -> torch.Tensor:
-    """Per-tile arrival counters for the split-K epilogue, zero between launches (the last program resets its own).
-    Allocated once per device (the engine's warm-up runs before CUDA graph capture)."""
-    locks = _LOCKS.get(device)
-    if locks is None or locks.numel() < n:
-        locks = torch.zeros(max(n, 8192), dtype=torch.int32, device=device)
-        _LOCKS[device] = locks
-    return locks
-
-
-def _split_k(tiles: int, k_tiles: int, target_programs: int, max_split: int) -> tuple[int, int]:
-    """-> (split, k tiles per split): tiles * split close to target_programs, no empty split."""
-    split = max(1, min(k_tiles, max_split, round(target_programs / tiles)))
-    per_split = triton.cdiv(k_tiles, split)
-    return triton.cdiv(k_tiles, per_split), per_split
-
-
 def default_config(M: int, N: int, K: int, group_size: int) -> dict:
     """Tile shape and launch parameters of awq_linear_k, from CUDA-graph-timed sweeps on an H200 at the Llama-2-7B
     shapes (benchmarks/bench_awq_gemm.py --sweep). Up to 32 tokens: weights on the MMA's M side, codes through the
@@ -478,10 +433,10 @@ def awq_linear_k(x: torch.Tensor, qweight_k, qzeros, scales, group_size: int, bi
     block_n = cfg["BLOCK_N"]
     m_tiles = triton.cdiv(M, block_m)
     tiles = m_tiles * triton.cdiv(N, block_n)
-    split, per_split = _split_k(tiles, K // C, cfg["programs_per_sm"] * _num_sms(x.device), cfg["max_split"])
+    split, per_split = split_k(tiles, K // C, cfg["programs_per_sm"] * num_sms(x.device), cfg["max_split"])
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out
-    locks = _locks(x.device, tiles) if split > 1 else out
+    locks = split_locks(x.device, tiles) if split > 1 else out
     has_bias = bias is not None
     q16 = qweight_k.view(torch.int16)  # [N, K / 4]
     args = (x, q16, qzeros, scales, bias if has_bias else out, out, ws, locks, M, N, K, split, per_split,
@@ -501,7 +456,8 @@ def awq_linear_k(x: torch.Tensor, qweight_k, qzeros, scales, group_size: int, bi
     awq_mma_kernel[(m_tiles, triton.cdiv(N, block_n), split)](
         *args, **common, SWAP_AB=cfg["SWAP_AB"], FOLD=fold, SPLIT_DOTS=split_dots, DENORM=denorm,
         USE_ASM=use_asm, ASM0=asm[0], ASM1=asm[1], ASM2=asm[2], ASM3=asm[3], Q_POS=q_pos, MAGIC=magic,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH_W=cfg.get("PREFETCH_W", False),
+        **launch_options(x))
     return out
 
 

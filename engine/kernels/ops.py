@@ -65,5 +65,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, scale,
                                               v_scale_zero, quant_policy)
 
 
+def linear(x, weight, bias=None):
+    return _pick("linear", x)(x, weight, bias)
+
+
 def awq_linear(x, qweight, qzeros, scales, group_size, bias=None):
     return _pick("awq_linear", x)(x, qweight, qzeros, scales, group_size, bias)

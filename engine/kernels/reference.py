@@ -55,6 +55,11 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return rotate(q), rotate(k)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ weight [out, in]^T (+ bias): the nn.Linear product."""
+    return F.linear(x, weight, bias)
+
+
 def quantize_kv(x: torch.Tensor, bits: int):
     """x: [N, H, D] -> (q uint8 [N, H, D or D // 2], scale_zero [N, H, 2] float32 holding (scale, min))."""
     qmax = (1 << bits) - 1

@@ -125,7 +125,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta, inputs_embeds)  # [num_tokens, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [num_rows, vocab]
+        return ops.linear(hidden, self.lm_head.weight).float()  # [num_rows, vocab]
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
