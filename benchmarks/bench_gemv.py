@@ -88,8 +88,10 @@ def chain(awq: bool, awq_config: dict | None = None) -> tuple[float, int]:
     nbytes += VOCAB * HIDDEN * 2
     x0 = torch.randn(1, HIDDEN, device="cuda", dtype=DTYPE)
 
-    def lin(x, w):
-        return awq_linear_k(x, *w, GROUP, config=awq_config) if awq else ops.linear(x, w)
+    def lin(x, w, silu_mul=False):
+        if awq:
+            return awq_linear_k(x, *w, GROUP, config=awq_config, silu_mul=silu_mul)
+        return ops.silu_mul_linear(x, w) if silu_mul else ops.linear(x, w)
 
     def step():
         x, res = x0, torch.zeros_like(x0)
@@ -98,7 +100,7 @@ def chain(awq: bool, awq_config: dict | None = None) -> tuple[float, int]:
             qkv = lin(h, layer["qkv"])
             x = lin(qkv[:, :HIDDEN], layer["o"])  # strided rows, as the attention output would not be
             h, res = ops.rms_norm(x, layer["norm2"], 1e-5, res)
-            x = lin(ops.silu_and_mul(lin(h, layer["gate_up"])), layer["down"])
+            x = lin(lin(h, layer["gate_up"]), layer["down"], silu_mul=True)
         return ops.linear(x, lm_head)
 
     us = graph_us([step], reps=20)

@@ -10,9 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.pdl import launch_options, release_next, wait_for_previous
+
 
 @triton.jit
-def _silu(x):
+def silu(x):
     return x / (1.0 + tl.exp(-x))
 
 
@@ -24,14 +26,17 @@ def _silu_and_mul_kernel(
     stride_xn,
     stride_outn,
     BLOCK_I: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
+    release_next(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask_i = offs_i < inter
 
     gate = tl.load(x_ptr + row * stride_xn + offs_i, mask=mask_i, other=0.0).to(tl.float32)  # [BLOCK_I]
     up = tl.load(x_ptr + row * stride_xn + inter + offs_i, mask=mask_i, other=0.0).to(tl.float32)
-    out = _silu(gate) * up
+    out = silu(gate) * up
     tl.store(out_ptr + row * stride_outn + offs_i, out.to(out_ptr.dtype.element_ty), mask=mask_i)
 
 
@@ -48,5 +53,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block_i = min(triton.next_power_of_2(inter), 1024)  # 1024 columns per program: 4 warps x 8 elements
     grid = (num_tokens, triton.cdiv(inter, block_i))
-    _silu_and_mul_kernel[grid](x2d, out2d, inter, x2d.stride(0), out2d.stride(0), BLOCK_I=block_i, num_warps=4)
+    _silu_and_mul_kernel[grid](x2d, out2d, inter, x2d.stride(0), out2d.stride(0), BLOCK_I=block_i, num_warps=4,
+                               **launch_options(x))
     return out

@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.activation import silu, silu_and_mul
 from engine.kernels.pdl import launch_options, release_next, wait_for_previous
 from engine.kernels.split_k import num_sms, split_k, split_k_epilogue, split_locks
 
@@ -156,10 +157,21 @@ def _mma(acc, w, x, SWAP_AB: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _nibble_mma(acc, w, s, zoff, x_ptrs, mask_m, FOLD: tl.constexpr, SWAP_AB: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+def _load_x(ptrs, mask_m, up_offset, SILU_MUL: tl.constexpr):
+    """An x tile; with SILU_MUL the rows are [gate | up] (up at + up_offset) and the tile is silu(gate) * up,
+    computed as activation.silu_and_mul does (fp32, rounded once)."""
+    x = tl.load(ptrs, mask=mask_m[:, None], other=0.0)
+    if SILU_MUL:
+        up = tl.load(ptrs + up_offset, mask=mask_m[:, None], other=0.0)
+        x = (silu(x.to(tl.float32)) * up.to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _nibble_mma(acc, w, s, zoff, x_ptrs, mask_m, up_offset, FOLD: tl.constexpr, SWAP_AB: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, SILU_MUL: tl.constexpr):
     """One nibble's MMA: w [BLOCK_N, BLOCK_K / 4] against its x slice; without FOLD w (16 + q) is dequantized."""
-    x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)  # [BLOCK_M, BLOCK_K / 4]
+    x = _load_x(x_ptrs, mask_m, up_offset, SILU_MUL)  # [BLOCK_M, BLOCK_K / 4]
     if not FOLD:
         w = (w - zoff.to(w.dtype)[:, None]) * s.to(w.dtype)[:, None]
     return _mma(acc, w, x, SWAP_AB, DOT_PRECISION)
@@ -174,11 +186,12 @@ def awq_mma_kernel(
     SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr, FOLD: tl.constexpr,
     SPLIT_DOTS: tl.constexpr, DENORM: tl.constexpr, USE_ASM: tl.constexpr, ASM0: tl.constexpr,
     ASM1: tl.constexpr, ASM2: tl.constexpr, ASM3: tl.constexpr, Q_POS: tl.constexpr, MAGIC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PREFETCH_W: tl.constexpr, USE_PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PREFETCH_W: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """qweight_ptr: the K-packed weights as int16 [N, K / 4] (stride_qwn in int16). PREFETCH_W: the weight tile
     of the next iteration is loaded one ahead by hand (else the compiler pipelines it); the first one is then
-    in flight before the wait for the previous kernel (PDL)."""
+    in flight before the wait for the previous kernel (PDL). SILU_MUL: x rows are [gate | up] (2 K wide) and the
+    input is silu(gate) * up (the MLP's down projection without the activation kernel)."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     BLOCK_KQ: tl.constexpr = BLOCK_K // 4  # int16 per row of a tile (one layout chunk: BLOCK_K = C)
     dtype = x_ptr.dtype.element_ty
@@ -206,7 +219,7 @@ def awq_mma_kernel(
     wait_for_previous(USE_PDL)  # x is the previous kernel's output
     release_next(USE_PDL)
     if FOLD:
-        xt_next = tl.load(x_tile_ptrs + t_begin * BLOCK_K, mask=mask_m[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
+        xt_next = _load_x(x_tile_ptrs + t_begin * BLOCK_K, mask_m, K, SILU_MUL)  # [BLOCK_M, BLOCK_K]
     for t in range(t_begin, t_end):
         k0 = t * BLOCK_K
         t_next = tl.minimum(t + 1, t_end - 1)
@@ -221,7 +234,7 @@ def awq_mma_kernel(
         zp_next = tl.load(qzeros_ptr + g_next * stride_qzg + offs_n // 8, mask=mask_n, other=0)
         if FOLD:
             xt = xt_next
-            xt_next = tl.load(x_tile_ptrs + t_next * BLOCK_K, mask=mask_m[:, None], other=0.0)
+            xt_next = _load_x(x_tile_ptrs + t_next * BLOCK_K, mask_m, K, SILU_MUL)
         z = ((zp >> zshift) & 0xF).to(tl.float32)  # [BLOCK_N]
         if DENORM:
             zoff = z
@@ -236,22 +249,28 @@ def awq_mma_kernel(
             do = acc
         if SPLIT_DOTS:
             xp = x_ptrs + k0
-            de = _nibble_mma(de, w0, s, zoff, xp, mask_m, FOLD, SWAP_AB, DOT_PRECISION)
+            de = _nibble_mma(de, w0, s, zoff, xp, mask_m, K, FOLD, SWAP_AB, DOT_PRECISION,
+                                 SILU_MUL)
             if FOLD:
-                do = _nibble_mma(do, w1, s, zoff, xp + BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION)
+                do = _nibble_mma(do, w1, s, zoff, xp + BLOCK_KQ, mask_m, K, FOLD, SWAP_AB, DOT_PRECISION,
+                                 SILU_MUL)
             else:
-                de = _nibble_mma(de, w1, s, zoff, xp + BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION)
-            de = _nibble_mma(de, w2, s, zoff, xp + 2 * BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION)
+                de = _nibble_mma(de, w1, s, zoff, xp + BLOCK_KQ, mask_m, K, FOLD, SWAP_AB, DOT_PRECISION,
+                                 SILU_MUL)
+            de = _nibble_mma(de, w2, s, zoff, xp + 2 * BLOCK_KQ, mask_m, K, FOLD, SWAP_AB, DOT_PRECISION,
+                                 SILU_MUL)
             if FOLD:
-                do = _nibble_mma(do, w3, s, zoff, xp + 3 * BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION)
+                do = _nibble_mma(do, w3, s, zoff, xp + 3 * BLOCK_KQ, mask_m, K, FOLD, SWAP_AB, DOT_PRECISION,
+                                 SILU_MUL)
             else:
-                de = _nibble_mma(de, w3, s, zoff, xp + 3 * BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION)
+                de = _nibble_mma(de, w3, s, zoff, xp + 3 * BLOCK_KQ, mask_m, K, FOLD, SWAP_AB, DOT_PRECISION,
+                                 SILU_MUL)
         else:  # one MMA over the whole tile: nibble tensors joined into [BLOCK_N, 4, BLOCK_KQ] = natural K order
             w = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # [BLOCK_N, BLOCK_KQ, 2, 2]: w_i at 2 d1 + d2 = i
             w = tl.reshape(tl.permute(w, (0, 2, 3, 1)), (BLOCK_N, BLOCK_K))
             if not FOLD:
                 w = (w - zoff.to(dtype)[:, None]) * s.to(dtype)[:, None]
-            x = tl.load(x_tile_ptrs + k0, mask=mask_m[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
+            x = _load_x(x_tile_ptrs + k0, mask_m, K, SILU_MUL)  # [BLOCK_M, BLOCK_K]
             de = _mma(de, w, x, SWAP_AB, DOT_PRECISION)
         if FOLD:  # de, do = sum_k x (q + offset) * 2^-e per output: scale, subtract (z + offset) s sum_k x
             s32 = s.to(tl.float32)
@@ -411,23 +430,27 @@ def default_config(M: int, N: int, K: int, group_size: int) -> dict:
                 num_stages=3, programs_per_sm=2, max_split=8)
 
 
-def awq_linear_k(x: torch.Tensor, qweight_k, qzeros, scales, group_size: int, bias=None, config=None) -> torch.Tensor:
+def awq_linear_k(x: torch.Tensor, qweight_k, qzeros, scales, group_size: int, bias=None, config=None,
+                 silu_mul: bool = False) -> torch.Tensor:
     """x [M, K] @ W4 (K-packed qweight_k [N, K / 8], AWQ qzeros [K / G, N / 8], scales [K / G, N]) (+ bias) -> [M, N]
-    in x's dtype. `config` overrides entries of default_config (benchmarks, tests)."""
+    in x's dtype. silu_mul: x is [M, 2 K] = [gate | up] and the input is silu(gate) * up. `config` overrides
+    entries of default_config (benchmarks, tests)."""
     assert x.dim() == 2 and qweight_k.dtype == torch.int32 and qzeros.dtype == torch.int32
-    M, K = x.shape
-    N = scales.shape[1]
+    M, N, K = x.shape[0], scales.shape[1], qweight_k.shape[1] * 8
+    assert x.shape[1] == (2 * K if silu_mul else K), "x [M, K] ([M, 2 K] with silu_mul)"
     C = k_chunk(group_size)
     assert qweight_k.shape == (N, K // 8) and scales.shape == (K // group_size, N), "shapes"
     assert qzeros.shape == (K // group_size, N // 8) and K % group_size == 0 and C % 32 == 0, "shapes"
     assert qweight_k.stride(1) == 1 and qzeros.stride(1) == 1 and scales.stride(1) == 1, "row-major weights"
     if x.stride(1) != 1:
         x = x.contiguous()
+    cfg = default_config(M, N, K, group_size)
+    cfg.update(config or {})
+    if silu_mul and (M > FUSED_MAX_M or cfg["kernel"] == "gemv"):
+        x, silu_mul = silu_and_mul(x), False
     if M > FUSED_MAX_M:
         out = x @ awq_dequantize_k(qweight_k, qzeros, scales, group_size, x.dtype).t()
         return out if bias is None else out + bias
-    cfg = default_config(M, N, K, group_size)
-    cfg.update(config or {})
     gemv = cfg["kernel"] == "gemv"
     block_m = triton.next_power_of_2(M) if gemv else cfg["BLOCK_M"]
     block_n = cfg["BLOCK_N"]
@@ -457,7 +480,7 @@ def awq_linear_k(x: torch.Tensor, qweight_k, qzeros, scales, group_size: int, bi
         *args, **common, SWAP_AB=cfg["SWAP_AB"], FOLD=fold, SPLIT_DOTS=split_dots, DENORM=denorm,
         USE_ASM=use_asm, ASM0=asm[0], ASM1=asm[1], ASM2=asm[2], ASM3=asm[3], Q_POS=q_pos, MAGIC=magic,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH_W=cfg.get("PREFETCH_W", False),
-        **launch_options(x))
+        SILU_MUL=silu_mul, **launch_options(x))
     return out
 
 

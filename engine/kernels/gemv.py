@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from engine.kernels.activation import silu, silu_and_mul
 from engine.kernels.pdl import launch_options, release_next, wait_for_previous
 from engine.kernels.split_k import num_sms, split_k, split_k_epilogue, split_locks
 
@@ -35,8 +36,11 @@ def gemv_kernel(
     stride_xm, stride_wn, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_P2: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    """SILU_MUL: x rows are [gate | up] (2 K wide) and the product's input is silu(gate) * up, computed as
+    activation.silu_and_mul does (fp32, rounded once to x's dtype): the MLP's down projection without the
+    activation kernel."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -63,10 +67,14 @@ def gemv_kernel(
         k_next = tl.minimum(t + 1, t_end - 1) * BLOCK_K  # the last iteration reloads its own tile (a cache hit)
         if EVEN_K:
             w_next = tl.load(w_ptrs + k_next, mask=mask_n[:, None], other=0.0)
-            x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
+            mask_x = mask_m[:, None]
         else:
             w_next = tl.load(w_ptrs + k_next, mask=mask_n[:, None] & (offs_k[None, :] < K - k_next), other=0.0)
-            x = tl.load(x_ptrs + k0, mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0.0)
+            mask_x = mask_m[:, None] & (offs_k[None, :] < K - k0)
+        x = tl.load(x_ptrs + k0, mask=mask_x, other=0.0)
+        if SILU_MUL:
+            up = tl.load(x_ptrs + K + k0, mask=mask_x, other=0.0)
+            x = (silu(x.to(tl.float32)) * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
         if DOT:
             acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc, input_precision=DOT_PRECISION)
         else:
@@ -81,18 +89,27 @@ def gemv_kernel(
 
 def default_config(M: int, N: int, K: int) -> dict:
     """Tile shape and launch parameters of gemv, from CUDA-graph-timed sweeps on an H200 at the Llama-2-7B shapes
-    (benchmarks/bench_gemv.py --sweep)."""
+    (benchmarks/bench_gemv.py --sweep, PDL on; fractions of the 4.25 TB/s copy rate). One token: FMA over thin,
+    long tiles, many programs per SM (qkv 0.97, o 0.81, gate_up 1.01, down 0.93, lm_head 1.04; cuBLAS 0.84,
+    0.61, 0.92, 0.81, 0.96). 2-8 tokens: MMA tiles, about even with cuBLAS except for N <= 8192 (o, down:
+    5-10% faster), where linear() uses it."""
     if M == 1:
-        return dict(DOT=False, BLOCK_N=8, BLOCK_K=512, num_warps=4, programs_per_sm=4, max_split=16)
-    return dict(DOT=True, BLOCK_N=64, BLOCK_K=128, num_warps=4, programs_per_sm=4, max_split=16)
+        if K >= 8192:  # down-like: long rows
+            return dict(DOT=False, BLOCK_N=8, BLOCK_K=512, num_warps=8, programs_per_sm=4, max_split=32)
+        if N <= 4096:  # o-like: a small matrix, few bytes per program
+            return dict(DOT=False, BLOCK_N=2, BLOCK_K=512, num_warps=4, programs_per_sm=4, max_split=32)
+        if 16384 <= N <= 30000:  # gate_up-like
+            return dict(DOT=False, BLOCK_N=4, BLOCK_K=2048, num_warps=4, programs_per_sm=8, max_split=32)
+        return dict(DOT=False, BLOCK_N=2, BLOCK_K=1024, num_warps=4, programs_per_sm=12, max_split=32)
+    return dict(DOT=True, BLOCK_N=64, BLOCK_K=256, num_warps=4, programs_per_sm=2, max_split=32)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: dict | None = None):
-    """x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype, for M <= GEMV_MAX_M. `config` overrides
-    entries of default_config (benchmarks, tests)."""
-    assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1], "x [M, K], weight [N, K]"
-    M, K = x.shape
-    N = weight.shape[0]
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: dict | None = None,
+         silu_mul: bool = False):
+    """x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype, for M <= GEMV_MAX_M. silu_mul: x is
+    [M, 2 K] = [gate | up] and the input is silu(gate) * up. `config` overrides entries of default_config."""
+    M, N, K = x.shape[0], weight.shape[0], weight.shape[1]
+    assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == (2 * K if silu_mul else K), "x [M, K], weight [N, K]"
     assert M <= GEMV_MAX_M and weight.stride(1) == 1, "few tokens, row-major weight"
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -113,15 +130,29 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x.stride(0), weight.stride(0), out.stride(0), out.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_P2=split_p2, HAS_BIAS=bias is not None, DOT=dot,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", EVEN_K=K % block_k == 0,
-        num_warps=cfg["num_warps"], num_stages=1, **launch_options(x))
+        SILU_MUL=silu_mul, num_warps=cfg["num_warps"], num_stages=1, **launch_options(x))
     return out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """ops.linear on CUDA: this kernel for up to GEMV_MAX_M tokens of fp16/bf16, cuBLAS otherwise
-    (ENGINE_GEMV=0: always cuBLAS, for A/B runs)."""
+def _use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (0 < rows <= GEMV_MAX_M and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16)
-            and os.environ.get("ENGINE_GEMV", "1") != "0"):
+    fits = rows == 1 or (rows <= GEMV_MAX_M and weight.shape[0] <= 8192)
+    return (rows > 0 and fits and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16)
+            and os.environ.get("ENGINE_GEMV", "1") != "0")
+
+
+def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """ops.silu_mul_linear on CUDA: linear(silu_and_mul(x)) with the activation inside the GEMV when it runs."""
+    if _use_gemv(x, weight):
+        rows = x.numel() // x.shape[-1]
+        return gemv(x.reshape(rows, x.shape[-1]), weight, bias, silu_mul=True).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(silu_and_mul(x), weight, bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """ops.linear on CUDA: this kernel for one token, and for up to GEMV_MAX_M tokens when N <= 8192 (where it
+    measured faster than cuBLAS), fp16/bf16; cuBLAS otherwise (ENGINE_GEMV=0: always cuBLAS, for A/B runs)."""
+    if _use_gemv(x, weight):
+        rows = x.numel() // x.shape[-1]
         return gemv(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)

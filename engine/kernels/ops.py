@@ -69,5 +69,9 @@ def linear(x, weight, bias=None):
     return _pick("linear", x)(x, weight, bias)
 
 
+def silu_mul_linear(x, weight, bias=None):
+    return _pick("silu_mul_linear", x)(x, weight, bias)
+
+
 def awq_linear(x, qweight, qzeros, scales, group_size, bias=None):
     return _pick("awq_linear", x)(x, qweight, qzeros, scales, group_size, bias)

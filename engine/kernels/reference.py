@@ -60,6 +60,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(silu_and_mul(x)): a gated MLP's activation and down projection."""
+    return F.linear(silu_and_mul(x), weight, bias)
+
+
 def quantize_kv(x: torch.Tensor, bits: int):
     """x: [N, H, D] -> (q uint8 [N, H, D or D // 2], scale_zero [N, H, 2] float32 holding (scale, min))."""
     qmax = (1 << bits) - 1

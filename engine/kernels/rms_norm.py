@@ -1,7 +1,8 @@
 """Triton RMSNorm with an optional fused residual add (the twin of reference.rms_norm).
 
-One program normalizes one row: x (+ residual) is added in the model dtype (so residual_out matches the
-unfused add bit for bit), the mean of squares is taken in fp32, and the result is scaled by `weight`.
+Takes part in programmatic dependent launch (pdl.py). One program normalizes one row: x (+ residual) is added
+in the model dtype (so residual_out matches the unfused add bit for bit), the mean of squares is taken in fp32,
+and the result is scaled by `weight`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels.pdl import launch_options, release_next, wait_for_previous
 
 
 @triton.jit
@@ -26,10 +29,14 @@ def _rms_norm_kernel(
     stride_res_outn,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < hidden
+    w = tl.load(w_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # a weight: before the wait (PDL)
+    wait_for_previous(USE_PDL)
+    release_next(USE_PDL)
 
     x = tl.load(x_ptr + row * stride_xn + offs_d, mask=mask_d, other=0.0)  # [BLOCK_D]
     if HAS_RESIDUAL:
@@ -39,7 +46,6 @@ def _rms_norm_kernel(
 
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / hidden + eps)
-    w = tl.load(w_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     out = xf * rstd * w
     tl.store(out_ptr + row * stride_outn + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
@@ -80,5 +86,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
             HAS_RESIDUAL=residual is not None,
             BLOCK_D=block_d,
             num_warps=num_warps,
+            **launch_options(x),
         )
     return out if residual is None else (out, res_out)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from engine.kernels.activation import silu_and_mul
 from engine.kernels.awq_gemm import awq_linear
 from engine.kernels.decode_attention import paged_decode_attention
-from engine.kernels.gemv import linear
+from engine.kernels.gemv import linear, silu_mul_linear
 from engine.kernels.ops import TRITON_OPS
 from engine.kernels.prefill_attention import paged_prefill_attention
 from engine.kernels.rms_norm import rms_norm
@@ -24,4 +24,5 @@ TRITON_OPS.update(
     paged_prefill_attention=paged_prefill_attention,
     awq_linear=awq_linear,
     linear=linear,
+    silu_mul_linear=silu_mul_linear,
 )

@@ -59,13 +59,20 @@ class AWQLinear(nn.Module):
         self.qweight = nn.Parameter(packed, requires_grad=False)
         self.k_packed = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.k_packed:
-            return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
-        if x.is_cuda and os.environ.get("ENGINE_KERNELS", "auto") != "reference":
+    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+        """silu_mul: x is [..., 2 * in_features] = [gate | up] and the input is silu(gate) * up (fused into the
+        W4A16 kernel on the GPU)."""
+        if self.k_packed and x.is_cuda and os.environ.get("ENGINE_KERNELS", "auto") != "reference":
             from engine.kernels.awq_gemm import awq_linear_k
 
-            return awq_linear_k(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
+            x2d = x.reshape(-1, x.shape[-1])
+            out = awq_linear_k(x2d, self.qweight, self.qzeros, self.scales, self.group_size, self.bias,
+                               silu_mul=silu_mul)
+            return out.view(*x.shape[:-1], self.out_features)
+        if silu_mul:
+            x = ops.silu_and_mul(x)
+        if not self.k_packed:
+            return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
         return reference.awq_linear_k(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
 
 

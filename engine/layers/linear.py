@@ -31,7 +31,11 @@ class Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+        """silu_mul: x is [..., 2 * in_features] = [gate | up] and the input is silu(gate) * up (the gated MLP's
+        activation, fused into the matmul's kernel where one runs)."""
+        if silu_mul:
+            return ops.silu_mul_linear(x, self.weight, self.bias)
         return ops.linear(x, self.weight, self.bias)
 
 

@@ -59,7 +59,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = make_linear(i, spec.hidden_size, False, dtype, prefix=f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x), silu_mul=True)  # silu(gate) * up inside down's kernel
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.kernels import reference
-from engine.kernels.gemv import GEMV_MAX_M, gemv, linear
+from engine.kernels.gemv import GEMV_MAX_M, gemv, linear, silu_mul_linear
 from tests.kernels.conftest import requires_cuda
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,6 +39,17 @@ def test_gemv_matches_linear(variant, M, K, N, bias):
     out = gemv(x, w, b, config=VARIANTS[variant])
     assert out.shape == (M, N) and out.dtype == x.dtype
     assert rel_err(out, reference.linear(x, w, b)) < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["fma", "mma"])
+@pytest.mark.parametrize("M", [1, 4])
+def test_gemv_fused_silu_mul_input(variant, M):
+    # the down projection reads [gate | up] and applies silu(gate) * up itself
+    g = torch.Generator().manual_seed(M)
+    gate_up = torch.randn(M, 2 * 200, generator=g).to(DEVICE)
+    w = torch.randn(48, 200, generator=g).to(DEVICE)
+    out = gemv(gate_up, w, config=VARIANTS[variant], silu_mul=True)
+    assert rel_err(out, reference.silu_mul_linear(gate_up, w)) < 1e-5
 
 
 def test_gemv_split_k_is_deterministic_and_strided_input():
@@ -72,3 +83,7 @@ def test_gemv_llama_shapes_gpu(dtype, M, K, N):
     assert rel_err(out, ref) < 5e-3
     torch.cuda.synchronize()
     assert torch.equal(out, linear(x, w))  # deterministic split-K
+    if N == 4096:  # as the down projection: [gate | up] in, the activation fused
+        gate_up = torch.randn(M, 2 * K, device="cuda", generator=g).to(dtype)
+        ref = reference.silu_mul_linear(gate_up.float(), w.float())
+        assert rel_err(silu_mul_linear(gate_up, w), ref) < 5e-3
