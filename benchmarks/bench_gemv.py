@@ -63,7 +63,7 @@ def random_awq(K, N, gen):
     return qk, qz, s
 
 
-def chain(awq: bool, awq_config: dict | None = None) -> tuple[float, int]:
+def chain(awq: bool, awq_config: dict | None = None, fuse_silu: bool = True) -> tuple[float, int]:
     """-> (µs per decode step of the chain, weight bytes read per step)."""
     from engine.kernels import ops
     from engine.kernels.awq_gemm import awq_linear_k
@@ -100,7 +100,11 @@ def chain(awq: bool, awq_config: dict | None = None) -> tuple[float, int]:
             qkv = lin(h, layer["qkv"])
             x = lin(qkv[:, :HIDDEN], layer["o"])  # strided rows, as the attention output would not be
             h, res = ops.rms_norm(x, layer["norm2"], 1e-5, res)
-            x = lin(lin(h, layer["gate_up"]), layer["down"], silu_mul=True)
+            gate_up = lin(h, layer["gate_up"])
+            if fuse_silu:
+                x = lin(gate_up, layer["down"], silu_mul=True)
+            else:
+                x = lin(ops.silu_and_mul(gate_up), layer["down"])
         return ops.linear(x, lm_head)
 
     us = graph_us([step], reps=20)
@@ -177,18 +181,19 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     chains, rows, errors = [], [], []
     variants = [
-        ("fp16 cuBLAS", False, None, dict(ENGINE_GEMV="0", ENGINE_PDL="0")),
-        ("fp16 GEMV", False, None, dict(ENGINE_GEMV="1", ENGINE_PDL="0")),
-        ("fp16 GEMV + PDL", False, None, dict(ENGINE_GEMV="1", ENGINE_PDL="1")),
-        ("W4A16", True, None, dict(ENGINE_PDL="0")),
-        ("W4A16 + PDL", True, None, dict(ENGINE_PDL="1")),
-        ("W4A16 + PDL + prefetch", True, dict(PREFETCH_W=True), dict(ENGINE_PDL="1")),
-        ("W4A16 + prefetch", True, dict(PREFETCH_W=True), dict(ENGINE_PDL="0")),
+        ("fp16 cuBLAS", False, None, True, dict(ENGINE_GEMV="0", ENGINE_PDL="0")),
+        ("fp16 GEMV", False, None, True, dict(ENGINE_GEMV="1", ENGINE_PDL="0")),
+        ("fp16 GEMV + PDL", False, None, True, dict(ENGINE_GEMV="1", ENGINE_PDL="1")),
+        ("fp16 GEMV + PDL, separate SiLU", False, None, False, dict(ENGINE_GEMV="1", ENGINE_PDL="1")),
+        ("W4A16", True, None, True, dict(ENGINE_PDL="0")),
+        ("W4A16 + PDL", True, None, True, dict(ENGINE_PDL="1")),
+        ("W4A16 + PDL, separate SiLU", True, None, False, dict(ENGINE_PDL="1")),
+        ("W4A16 + PDL + prefetch", True, dict(PREFETCH_W=True), True, dict(ENGINE_PDL="1")),
     ]
-    for label, awq, cfg, variables in variants:
+    for label, awq, cfg, fuse_silu, variables in variants:
         try:
             with env(**variables):
-                us, nbytes = chain(awq, cfg)
+                us, nbytes = chain(awq, cfg, fuse_silu)
         except Exception as exc:  # noqa: BLE001
             errors.append(f"chain {label}: {type(exc).__name__}: {str(exc)[:300]}")
             print(errors[-1], flush=True)
