@@ -49,6 +49,12 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale_zero=None, v_scale_ze
     return _pick("store_kv", k)(k, v, k_cache, v_cache, slot_mapping, k_scale_zero, v_scale_zero, quant_policy)
 
 
+def rotary_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale_zero=None, v_scale_zero=None,
+                    quant_policy=0):
+    return _pick("rotary_store_kv", q)(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale_zero,
+                                       v_scale_zero, quant_policy)
+
+
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale,
                             k_scale_zero=None, v_scale_zero=None, quant_policy=0, max_seqlen_q=None):
     fn = _pick("paged_prefill_attention", q)

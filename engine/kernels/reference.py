@@ -112,6 +112,27 @@ def store_kv(
         sz[blocks, :, offsets] = scale_zero.to(sz.dtype)  # indices split by a slice: indexed dim first, [N, Hk, 2]
 
 
+def rotary_store_kv(
+    q: torch.Tensor,  # [N, Hq, D]
+    k: torch.Tensor,  # [N, Hk, D]
+    v: torch.Tensor,  # [N, Hk, D]
+    cos: torch.Tensor,  # [N, D // 2]
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [N] int, -1 = skip
+    k_scale_zero: torch.Tensor | None = None,
+    v_scale_zero: torch.Tensor | None = None,
+    quant_policy: int = 0,
+) -> torch.Tensor:
+    """apply_rotary then store_kv, as one op (the attention layer's first step): q is rotated in place and
+    returned, the rotated keys (rounded to k's dtype, then quantized if so) and v go to the cache. k itself is left
+    as it was: nothing reads it after the cache, so the fused kernel does not write it back."""
+    q_rot, k_rot = apply_rotary(q, k, cos, sin)
+    store_kv(k_rot, v, k_cache, v_cache, slot_mapping, k_scale_zero, v_scale_zero, quant_policy)
+    return q.copy_(q_rot)
+
+
 def gather_kv(
     cache: torch.Tensor,
     scale_zero: torch.Tensor | None,

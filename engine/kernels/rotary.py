@@ -14,6 +14,13 @@ import triton.language as tl
 
 
 @triton.jit
+def rotate_half(x1, x2, cos, sin):
+    """The rotation itself, on fp32 halves (cos/sin broadcastable to them): shared with store_kv.py's fused
+    rotary_store_kv, so both round the same fp32 expression and agree bit for bit."""
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
 def _rotate_heads(
     x_ptr,
     stride_xn,
@@ -33,8 +40,7 @@ def _rotate_heads(
     ptrs = x_ptr + token * stride_xn + offs_h[:, None] * stride_xh + offs_d[None, :]  # [BLOCK_H, BLOCK_DH]
     x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(ptrs + HALF_D, mask=mask, other=0.0).to(tl.float32)
-    out1 = x1 * cos[None, :] - x2 * sin[None, :]
-    out2 = x2 * cos[None, :] + x1 * sin[None, :]
+    out1, out2 = rotate_half(x1, x2, cos[None, :], sin[None, :])
     tl.store(ptrs, out1.to(x_ptr.dtype.element_ty), mask=mask)
     tl.store(ptrs + HALF_D, out2.to(x_ptr.dtype.element_ty), mask=mask)
 

@@ -1,4 +1,5 @@
-"""Triton KV-cache write: new tokens' keys and values go to their paged slots, quantized on the fly.
+"""Triton KV-cache write: new tokens' keys and values go to their paged slots, quantized on the fly; with rotary
+position embedding optionally fused in (rotary_store_kv).
 
 Grid (tokens, 2): one program writes one token's keys (or values) for every kv head, so a decode step's few
 tokens get K and V written in parallel. Cache layout and quantization are those documented at the top of
@@ -7,6 +8,20 @@ nibble | element j + D/2 high nibble), each with a per-token, per-head (scale, m
 stored as [num_blocks, Hk, block_size, 2]. Caches are addressed through all four strides, so the token-minor
 quantized V layout (head_dim stride = block_size) needs no special case. Head vectors are handled as two halves
 throughout, which is exactly the int4 packing, and slot -1 is skipped.
+
+rotary_store_kv is rotary.apply_rotary followed by store_kv in one launch (ROPE=True), one kernel fewer per
+decoder layer. Rotate-half RoPE works on the same two halves, so it slots in between the loads and the stores:
+the key programs rotate in fp32 (rotary.rotate_half, the very expression apply_rotary rounds), round to the
+model dtype as apply_rotary's in-place write would, and only then store or quantize, so the cache holds bit for
+bit what the two ops write. k itself is not written back (nothing reads it after the cache). The grid's second
+axis gets a third index whose programs rotate q in place for the attention kernel that follows: every token,
+padding slots included, as apply_rotary does. Queries need no slot, so these programs run beside the key and
+value ones instead of lengthening them: fp caches, one program per token rotates all its q heads
+(rotary._rotate_heads, apply_rotary's own code); quantized caches, one program per token tile and kv head
+rotates the q heads of that head's GQA group, tiled like the key and value programs.
+
+Both kernels take part in programmatic dependent launch (pdl.py): everything they read (q, k, v: the qkv
+projection's output) comes from the previous kernel, so they wait for it first thing and release the next one.
 """
 
 from __future__ import annotations
@@ -14,6 +29,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels.pdl import launch_options, release_next, wait_for_previous
+from engine.kernels.rotary import _rotate_heads, rotate_half
 
 
 @triton.jit
@@ -36,6 +54,8 @@ def _quantize(x, scale, mn, QMAX: tl.constexpr):
 def _store_heads(
     x_ptr,
     cache_ptr,
+    cos_ptr,
+    sin_ptr,
     token,
     block_id,
     block_off,
@@ -46,11 +66,15 @@ def _store_heads(
     stride_cs,
     stride_ch,
     stride_cd,
+    stride_cosn,
+    stride_sinn,
+    ROPE: tl.constexpr,
     HALF_D: tl.constexpr,
     BLOCK_DH: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """One token's [Hk, D] keys or values into an fp cache (no quantization)."""
+    """One token's [Hk, D] keys or values into an fp cache (no quantization). ROPE: rotated first by the token's
+    cos/sin ([N, D/2] fp32) and rounded to x's dtype, the value apply_rotary would have left in x."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_DH)
     mask_h = offs_h < num_kv_heads
@@ -58,6 +82,13 @@ def _store_heads(
     src = x_ptr + token * stride_xn + offs_h[:, None] * stride_xh + offs_d[None, :]  # [BLOCK_H, BLOCK_DH]
     x1 = tl.load(src, mask=mask, other=0.0)  # first half of each head vector
     x2 = tl.load(src + HALF_D, mask=mask, other=0.0)  # second half
+    if ROPE:
+        mask_d = offs_d < HALF_D
+        cos = tl.load(cos_ptr + token * stride_cosn + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # [BLOCK_DH]
+        sin = tl.load(sin_ptr + token * stride_sinn + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        r1, r2 = rotate_half(x1.to(tl.float32), x2.to(tl.float32), cos[None, :], sin[None, :])
+        x1 = r1.to(x_ptr.dtype.element_ty)
+        x2 = r2.to(x_ptr.dtype.element_ty)
     dst = cache_ptr + block_id * stride_cb + block_off * stride_cs + offs_h[:, None] * stride_ch
     dst += offs_d[None, :] * stride_cd  # [BLOCK_H, BLOCK_DH]
     tl.store(dst, x1.to(cache_ptr.dtype.element_ty), mask=mask)
@@ -70,6 +101,8 @@ def _store_quantized_tile(
     cache_ptr,
     sz_ptr,
     slot_ptr,
+    cos_ptr,
+    sin_ptr,
     tile,
     head,
     num_tokens,
@@ -82,13 +115,17 @@ def _store_quantized_tile(
     stride_szb,
     stride_szh,
     stride_szs,
+    stride_cosn,
+    stride_sinn,
+    ROPE: tl.constexpr,
     QUANT_POLICY: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HALF_D: tl.constexpr,
     BLOCK_DH: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """BLOCK_T tokens' vectors of one kv head: quantized per token, codes and (scale, min) stored."""
+    """BLOCK_T tokens' vectors of one kv head: quantized per token, codes and (scale, min) stored. ROPE: the
+    vectors are rotated first and rounded to x's dtype, so the codes are those of the rotated, stored-back k."""
     QMAX: tl.constexpr = (1 << QUANT_POLICY) - 1
     rows = tl.arange(0, BLOCK_T)
     offs_t = tile * BLOCK_T + rows  # [BLOCK_T] token indices
@@ -101,6 +138,11 @@ def _store_quantized_tile(
     src = x_ptr + offs_t[:, None].to(tl.int64) * stride_xn + head * stride_xh + offs_d[None, :]  # [BLOCK_T, BLOCK_DH]
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)  # first half of each head vector
     x2 = tl.load(src + HALF_D, mask=mask, other=0.0).to(tl.float32)  # second half
+    if ROPE:
+        cos, sin = _load_cos_sin(cos_ptr, sin_ptr, offs_t, offs_d, mask, stride_cosn, stride_sinn)
+        r1, r2 = rotate_half(x1, x2, cos, sin)
+        x1 = r1.to(x_ptr.dtype.element_ty).to(tl.float32)
+        x2 = r2.to(x_ptr.dtype.element_ty).to(tl.float32)
 
     inf = float("inf")
     mn = tl.min(tl.minimum(tl.where(mask, x1, inf), tl.where(mask, x2, inf)), axis=1)  # [BLOCK_T]
@@ -138,6 +180,48 @@ def _store_quantized_tile(
 
 
 @triton.jit
+def _load_cos_sin(cos_ptr, sin_ptr, offs_t, offs_d, mask, stride_cosn, stride_sinn):
+    """cos/sin of the tokens offs_t ([BLOCK_T]) as [BLOCK_T, BLOCK_DH] fp32 tiles."""
+    rows = offs_t[:, None].to(tl.int64)
+    cos = tl.load(cos_ptr + rows * stride_cosn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + rows * stride_sinn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def _rotate_q_tile(
+    q_ptr,
+    cos_ptr,
+    sin_ptr,
+    tile,
+    kv_head,
+    num_tokens,
+    q_per_kv,
+    stride_qn,
+    stride_qh,
+    stride_cosn,
+    stride_sinn,
+    HALF_D: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Rotate in place the q heads that share kv head `kv_head` (its GQA group) for BLOCK_T tokens: the query
+    programs of the quantized kernel, tiled like its key and value programs. cos/sin are loaded once per tile."""
+    offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_DH)
+    mask = (offs_t < num_tokens)[:, None] & (offs_d < HALF_D)[None, :]  # every token: padding slots too
+    cos, sin = _load_cos_sin(cos_ptr, sin_ptr, offs_t, offs_d, mask, stride_cosn, stride_sinn)
+    rows = q_ptr + offs_t[:, None].to(tl.int64) * stride_qn + offs_d[None, :]  # [BLOCK_T, BLOCK_DH]
+    for i in range(q_per_kv):
+        ptrs = rows + (kv_head * q_per_kv + i) * stride_qh
+        x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(ptrs + HALF_D, mask=mask, other=0.0).to(tl.float32)
+        out1, out2 = rotate_half(x1, x2, cos, sin)
+        tl.store(ptrs, out1.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(ptrs + HALF_D, out2.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _store_codes(dst, sz, q1, q2, scale, mn, mask, valid, stride_cd, QUANT_POLICY: tl.constexpr, HALF_D: tl.constexpr):
     tl.store(dst, q1, mask=mask)
     if QUANT_POLICY == 8:
@@ -148,12 +232,20 @@ def _store_codes(dst, sz, q1, q2, scale, mn, mask, valid, stride_cd, QUANT_POLIC
 
 @triton.jit
 def _store_kv_kernel(
+    q_ptr,
     k_ptr,
     v_ptr,
+    cos_ptr,
+    sin_ptr,
     k_cache_ptr,
     v_cache_ptr,
     slot_ptr,
+    num_q_heads,
     num_kv_heads,
+    stride_qn,
+    stride_qh,
+    stride_cosn,
+    stride_sinn,
     stride_kn,
     stride_kh,
     stride_vn,
@@ -166,36 +258,61 @@ def _store_kv_kernel(
     stride_vcs,
     stride_vch,
     stride_vcd,
+    ROPE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HALF_D: tl.constexpr,
     BLOCK_DH: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
-    """fp caches: grid (tokens, 2), one token's keys (or values) of every kv head per program."""
+    """fp caches: grid (tokens, 2, or 3 with ROPE), one token's keys (axis 1 = 0, rotated with ROPE), values (1)
+    or, with ROPE, queries (2, rotated in place) of every head per program."""
+    wait_for_previous(USE_PDL)  # q, k, v are the previous kernel's output; nothing is written before this
+    release_next(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + token).to(tl.int64)
-    if slot < 0:  # padding token: nothing to store
-        return
-    block_id = slot // BLOCK_SIZE
-    block_off = slot % BLOCK_SIZE
-    if tl.program_id(1) == 0:  # K and V in separate programs: a decode step's few tokens are latency-bound
-        _store_heads(k_ptr, k_cache_ptr, token, block_id, block_off, num_kv_heads, stride_kn, stride_kh,
-                     stride_kcb, stride_kcs, stride_kch, stride_kcd, HALF_D, BLOCK_DH, BLOCK_H)
+    which = tl.program_id(1)
+    if which == 2:
+        if ROPE:  # (launched only with ROPE; the constexpr keeps the code out of plain store_kv)
+            offs_d = tl.arange(0, BLOCK_DH)
+            mask_d = offs_d < HALF_D
+            cos = tl.load(cos_ptr + token * stride_cosn + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + token * stride_sinn + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            _rotate_heads(q_ptr, stride_qn, stride_qh, token, num_q_heads, cos, sin, offs_d, mask_d, HALF_D,
+                          BLOCK_HQ)
     else:
-        _store_heads(v_ptr, v_cache_ptr, token, block_id, block_off, num_kv_heads, stride_vn, stride_vh,
-                     stride_vcb, stride_vcs, stride_vch, stride_vcd, HALF_D, BLOCK_DH, BLOCK_H)
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        if slot >= 0:  # padding token (-1): nothing to store
+            block_id = slot // BLOCK_SIZE
+            block_off = slot % BLOCK_SIZE
+            if which == 0:  # K and V in separate programs: a decode step's few tokens are latency-bound
+                _store_heads(k_ptr, k_cache_ptr, cos_ptr, sin_ptr, token, block_id, block_off, num_kv_heads,
+                             stride_kn, stride_kh, stride_kcb, stride_kcs, stride_kch, stride_kcd, stride_cosn,
+                             stride_sinn, ROPE, HALF_D, BLOCK_DH, BLOCK_H)
+            else:
+                _store_heads(v_ptr, v_cache_ptr, cos_ptr, sin_ptr, token, block_id, block_off, num_kv_heads,
+                             stride_vn, stride_vh, stride_vcb, stride_vcs, stride_vch, stride_vcd, stride_cosn,
+                             stride_sinn, False, HALF_D, BLOCK_DH, BLOCK_H)
 
 
 @triton.jit
 def _store_quantized_kernel(
+    q_ptr,
     k_ptr,
     v_ptr,
+    cos_ptr,
+    sin_ptr,
     k_cache_ptr,
     v_cache_ptr,
     k_sz_ptr,
     v_sz_ptr,
     slot_ptr,
     num_tokens,
+    q_per_kv,
+    stride_qn,
+    stride_qh,
+    stride_cosn,
+    stride_sinn,
     stride_kn,
     stride_kh,
     stride_vn,
@@ -214,35 +331,39 @@ def _store_quantized_kernel(
     stride_vszb,
     stride_vszh,
     stride_vszs,
+    ROPE: tl.constexpr,
     QUANT_POLICY: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HALF_D: tl.constexpr,
     BLOCK_DH: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
-    """Quantized caches: grid (token tiles, 2, kv heads), BLOCK_T tokens' keys (or values) of one head per program."""
+    """Quantized caches: grid (token tiles, 2, or 3 with ROPE, kv heads), BLOCK_T tokens' keys (axis 1 = 0,
+    rotated with ROPE) or values (1) of one head per program; with ROPE, axis 1 = 2 rotates those tokens' q
+    heads of that kv head's group in place."""
+    wait_for_previous(USE_PDL)  # q, k, v are the previous kernel's output; nothing is written before this
+    release_next(USE_PDL)
     tile = tl.program_id(0)
+    which = tl.program_id(1)
     head = tl.program_id(2)
-    if tl.program_id(1) == 0:
-        _store_quantized_tile(k_ptr, k_cache_ptr, k_sz_ptr, slot_ptr, tile, head, num_tokens, stride_kn, stride_kh,
-                              stride_kcb, stride_kcs, stride_kch, stride_kcd, stride_kszb, stride_kszh, stride_kszs,
-                              QUANT_POLICY, BLOCK_SIZE, HALF_D, BLOCK_DH, BLOCK_T)
+    if which == 0:
+        _store_quantized_tile(k_ptr, k_cache_ptr, k_sz_ptr, slot_ptr, cos_ptr, sin_ptr, tile, head, num_tokens,
+                              stride_kn, stride_kh, stride_kcb, stride_kcs, stride_kch, stride_kcd, stride_kszb,
+                              stride_kszh, stride_kszs, stride_cosn, stride_sinn, ROPE, QUANT_POLICY, BLOCK_SIZE,
+                              HALF_D, BLOCK_DH, BLOCK_T)
+    elif which == 1:
+        _store_quantized_tile(v_ptr, v_cache_ptr, v_sz_ptr, slot_ptr, cos_ptr, sin_ptr, tile, head, num_tokens,
+                              stride_vn, stride_vh, stride_vcb, stride_vcs, stride_vch, stride_vcd, stride_vszb,
+                              stride_vszh, stride_vszs, stride_cosn, stride_sinn, False, QUANT_POLICY, BLOCK_SIZE,
+                              HALF_D, BLOCK_DH, BLOCK_T)
     else:
-        _store_quantized_tile(v_ptr, v_cache_ptr, v_sz_ptr, slot_ptr, tile, head, num_tokens, stride_vn, stride_vh,
-                              stride_vcb, stride_vcs, stride_vch, stride_vcd, stride_vszb, stride_vszh, stride_vszs,
-                              QUANT_POLICY, BLOCK_SIZE, HALF_D, BLOCK_DH, BLOCK_T)
+        if ROPE:  # (launched only with ROPE; the constexpr keeps the code out of plain store_kv)
+            _rotate_q_tile(q_ptr, cos_ptr, sin_ptr, tile, head, num_tokens, q_per_kv, stride_qn, stride_qh,
+                           stride_cosn, stride_sinn, HALF_D, BLOCK_DH, BLOCK_T)
 
 
-def store_kv(
-    k: torch.Tensor,  # [N, Hk, D]
-    v: torch.Tensor,  # [N, Hk, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D or D // 2]
-    v_cache: torch.Tensor,  # same shape; quantized: may be token-minor (reference.py)
-    slot_mapping: torch.Tensor,  # [N] int, -1 = skip
-    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, Hk, block_size, 2]
-    v_scale_zero: torch.Tensor | None = None,
-    quant_policy: int = 0,
-) -> None:
+def _check_kv(k, v, k_cache, v_cache, slot_mapping, k_scale_zero, v_scale_zero, quant_policy) -> None:
     num_tokens, num_kv_heads, head_dim = k.shape
     assert quant_policy in (0, 4, 8), f"quant_policy must be 0, 4 or 8, got {quant_policy}"
     assert v.shape == k.shape and head_dim % 2 == 0, "k and v must both be [N, Hk, D] with even D"
@@ -260,28 +381,83 @@ def store_kv(
             nb, bs, hk = k_cache.shape[:3]
             assert sz is not None and sz.shape == (nb, hk, bs, 2), "scale_zero must be [nb, Hk, block_size, 2]"
             assert sz.stride(-1) == 1, "scale_zero last dim must be contiguous"
-    if num_tokens == 0:
-        return
+
+
+def _launch(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale_zero, v_scale_zero, quant_policy) -> None:
+    """Both ops' launch; q is None for plain store_kv (ROPE off: q, cos and sin stand in as unused k)."""
+    num_tokens, num_kv_heads, head_dim = k.shape
     half_d = head_dim // 2
+    rope = q is not None
+    if not rope:
+        q, cos, sin = k, k, k
+    rope_strides = (q.stride(0), q.stride(1), cos.stride(0), sin.stride(0))
     strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), *k_cache.stride(), *v_cache.stride())
+    programs_per_tile = 3 if rope else 2  # keys, values (, queries)
     if not quant_policy:
-        _store_kv_kernel[(num_tokens, 2)](
-            k, v, k_cache, v_cache, slot_mapping, num_kv_heads, *strides,
+        _store_kv_kernel[(num_tokens, programs_per_tile)](
+            q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q.shape[1], num_kv_heads, *rope_strides, *strides,
+            ROPE=rope,
             BLOCK_SIZE=k_cache.shape[1],
             HALF_D=half_d,
             BLOCK_DH=triton.next_power_of_2(half_d),
             BLOCK_H=triton.next_power_of_2(num_kv_heads),
+            BLOCK_HQ=triton.next_power_of_2(q.shape[1]),
             num_warps=4,
+            **launch_options(q),
         )
         return
     block_t = 32 if k.is_cuda else 16  # interpreter: small tiles, so the CPU tests cross them
-    _store_quantized_kernel[(triton.cdiv(num_tokens, block_t), 2, num_kv_heads)](
-        k, v, k_cache, v_cache, k_scale_zero, v_scale_zero, slot_mapping, num_tokens, *strides,
-        *k_scale_zero.stride()[:3], *v_scale_zero.stride()[:3],
+    _store_quantized_kernel[(triton.cdiv(num_tokens, block_t), programs_per_tile, num_kv_heads)](
+        q, k, v, cos, sin, k_cache, v_cache, k_scale_zero, v_scale_zero, slot_mapping, num_tokens,
+        q.shape[1] // num_kv_heads, *rope_strides, *strides, *k_scale_zero.stride()[:3], *v_scale_zero.stride()[:3],
+        ROPE=rope,
         QUANT_POLICY=quant_policy,
         BLOCK_SIZE=k_cache.shape[1],
         HALF_D=half_d,
         BLOCK_DH=triton.next_power_of_2(half_d),
         BLOCK_T=block_t,
         num_warps=4,
+        **launch_options(q),
     )
+
+
+def store_kv(
+    k: torch.Tensor,  # [N, Hk, D]
+    v: torch.Tensor,  # [N, Hk, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D or D // 2]
+    v_cache: torch.Tensor,  # same shape; quantized: may be token-minor (reference.py)
+    slot_mapping: torch.Tensor,  # [N] int, -1 = skip
+    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, Hk, block_size, 2]
+    v_scale_zero: torch.Tensor | None = None,
+    quant_policy: int = 0,
+) -> None:
+    _check_kv(k, v, k_cache, v_cache, slot_mapping, k_scale_zero, v_scale_zero, quant_policy)
+    if k.shape[0]:
+        _launch(None, k, v, None, None, k_cache, v_cache, slot_mapping, k_scale_zero, v_scale_zero, quant_policy)
+
+
+def rotary_store_kv(
+    q: torch.Tensor,  # [N, Hq, D], rotated in place
+    k: torch.Tensor,  # [N, Hk, D], read only: the cache gets its rotation
+    v: torch.Tensor,  # [N, Hk, D]
+    cos: torch.Tensor,  # [N, D // 2] fp32, the step's positions (RotaryEmbedding.lookup)
+    sin: torch.Tensor,  # [N, D // 2]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale_zero: torch.Tensor | None = None,
+    v_scale_zero: torch.Tensor | None = None,
+    quant_policy: int = 0,
+) -> torch.Tensor:
+    """apply_rotary(q, k, cos, sin) then store_kv(rotated k, v, ...) in one launch; returns q (rotated)."""
+    _check_kv(k, v, k_cache, v_cache, slot_mapping, k_scale_zero, v_scale_zero, quant_policy)
+    num_tokens, num_q_heads, head_dim = q.shape
+    half_d = head_dim // 2
+    assert k.shape[0] == num_tokens and k.shape[2] == head_dim, "q/k shape mismatch"
+    assert num_q_heads % k.shape[1] == 0, "q heads must be a multiple of kv heads"
+    assert q.stride(-1) == 1, "head_dim of q must be contiguous"
+    assert cos.shape == (num_tokens, half_d) and sin.shape == cos.shape, "cos/sin must be [N, D // 2]"
+    assert cos.stride(-1) == 1 and sin.stride(-1) == 1, "cos/sin last dim must be contiguous"
+    if num_tokens:
+        _launch(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale_zero, v_scale_zero, quant_policy)
+    return q

@@ -13,13 +13,14 @@ from engine.kernels.ops import TRITON_OPS
 from engine.kernels.prefill_attention import paged_prefill_attention
 from engine.kernels.rms_norm import rms_norm
 from engine.kernels.rotary import apply_rotary
-from engine.kernels.store_kv import store_kv
+from engine.kernels.store_kv import rotary_store_kv, store_kv
 
 TRITON_OPS.update(
     rms_norm=rms_norm,
     silu_and_mul=silu_and_mul,
     apply_rotary=apply_rotary,
     store_kv=store_kv,
+    rotary_store_kv=rotary_store_kv,
     paged_decode_attention=paged_decode_attention,
     paged_prefill_attention=paged_prefill_attention,
     awq_linear=awq_linear,

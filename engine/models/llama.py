@@ -28,7 +28,7 @@ def plain_linear(in_features, out_features, bias, dtype, shard_sizes=None, prefi
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, dtype, make_linear: LinearFactory, prefix: str):
+    def __init__(self, spec: ModelSpec, dtype, make_linear: LinearFactory, prefix: str):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -36,7 +36,6 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = make_linear(spec.hidden_size, q_size + 2 * kv_size, spec.attention_bias, dtype,
                                     shard_sizes=[q_size, kv_size, kv_size], prefix=f"{prefix}.qkv_proj")
         self.o_proj = make_linear(q_size, spec.hidden_size, False, dtype, prefix=f"{prefix}.o_proj")
-        self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(self, cos_sin, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -45,8 +44,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(cos_sin, q, k)
-        out = self.attn(q, k, v, meta)  # [num_tokens, num_heads, head_dim]
+        out = self.attn(q, k, v, meta, cos_sin)  # RoPE is applied there, fused into the KV-cache write
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -63,10 +61,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, rotary, dtype, make_linear: LinearFactory, prefix: str):
+    def __init__(self, spec: ModelSpec, dtype, make_linear: LinearFactory, prefix: str):
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(spec, rotary, dtype, make_linear, f"{prefix}.self_attn")
+        self.self_attn = LlamaAttention(spec, dtype, make_linear, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(spec, dtype, make_linear, f"{prefix}.mlp")
 
@@ -86,10 +84,10 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)
-        self.rotary = rotary
+        # cos/sin tables; gathered once per step (lookup) and applied by each layer's attention
+        self.rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(spec, rotary, dtype, make_linear, f"model.layers.{i}") for i in range(spec.num_layers)
+            LlamaDecoderLayer(spec, dtype, make_linear, f"model.layers.{i}") for i in range(spec.num_layers)
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
 

@@ -6,8 +6,8 @@ import inspect
 
 from engine.kernels import ops, reference
 
-OP_NAMES = ["rms_norm", "silu_and_mul", "apply_rotary", "store_kv", "paged_decode_attention",
-            "paged_prefill_attention"]
+OP_NAMES = ["rms_norm", "silu_and_mul", "apply_rotary", "store_kv", "rotary_store_kv", "paged_decode_attention",
+            "paged_prefill_attention", "linear", "silu_mul_linear"]
 
 
 def test_registers_all_ops_with_reference_signatures():
