@@ -1,14 +1,20 @@
 """Triton paged decode attention: one new query token per sequence over its whole paged KV cache.
 
-Flash-decoding in two stages:
-  stage 1 (`_decode_split_kernel`): grid (batch, kv_heads, splits). A program takes every query head of one kv
-      head (GQA: K/V are loaded once per group, the group's heads are the rows of a tl.dot, padded to 16) and one
-      contiguous slice of the context, and runs an online softmax over it. It writes the slice's normalized partial
-      output and its log-sum-exp (base 2).
-  stage 2 (`_decode_reduce_kernel`): grid (batch, q_heads). Merges the splits' partials by their log-sum-exp.
-With a single split (large batch x kv_heads already fills the GPU) stage 1 writes the output directly. The split
-count is a runtime argument (one compiled kernel serves every count) picked from shapes alone, so a launch
-needs no device sync and can be captured in a CUDA graph.
+Flash-decoding in one launch, grid (batch, kv_heads, splits). A program takes every query head of one kv head (GQA:
+K/V are loaded once per group, the group's heads are the rows of a tl.dot, padded to 16) and one contiguous slice of
+the context, and runs an online softmax over it. With a single split (large batch x kv_heads already fills the GPU)
+it writes the output directly. With several, it writes the slice's normalized fp32 partial output and log-sum-exp
+(base 2) to a workspace, and the last program of its (sequence, kv head) to arrive merges all splits' partials by
+their log-sum-exp and writes the output: the split-K scheme of split_k.py. Arrival is counted in a persistent
+per-device int32 buffer (one counter per (sequence, kv head), zero between launches: the merging program resets
+its own). Each program's stores are made visible by a CTA barrier and the counter's acq_rel atomic; the merging
+program reads the partials through L2 (.cg), in split order whichever program arrives last, so the result is
+deterministic. The split count is a runtime argument (one compiled kernel serves a single split, one every count
+from 2 to MERGE_CHUNK, one each further MERGE_CHUNK) picked from shapes alone, so a launch needs no device sync and
+can be captured in a CUDA graph; the workspace comes from torch.empty, and the counters are allocated before
+capture. The kernel takes part in programmatic dependent launch (pdl.py): it waits for the previous kernel before
+its first load or store (the counters too: the previous launch's merging programs reset them) and lets the next
+kernel launch at once.
 
 Head vectors are handled as two halves (d < D/2, d >= D/2), the int4 packing of reference.py, so one code path
 serves all cache formats: q.k = q_lo.k_lo + q_hi.k_hi.
@@ -43,11 +49,15 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.pdl import launch_options, release_next, wait_for_previous
+
 LOG2E = 1.4426950408889634
 DEFAULT_SM_COUNT = 4  # stands in for the multiprocessor count off-GPU (TRITON_INTERPRET): keeps CPU grids small
-PROGRAMS_PER_SM = 4  # stage-1 programs to aim for per multiprocessor: enough loads in flight to saturate HBM
+PROGRAMS_PER_SM = 4  # programs to aim for per multiprocessor: enough loads in flight to saturate HBM
 MIN_SPLIT_TILES = 2  # ... but no split shorter than this many tiles
 MAX_SPLITS = 64
+MERGE_CHUNK = 16  # splits merged per unrolled step (one [MERGE_CHUNK, D / 2] fp32 tile per half and head)
+MIN_ARRIVAL_COUNTERS = 1 << 14  # (sequence, kv head) counters allocated up front: max batch 256 x 64 kv heads
 
 
 @triton.jit
@@ -176,7 +186,50 @@ def _split_pairs(pairs):
 
 
 @triton.jit
-def _decode_split_kernel(
+def _merge_splits(partial_ptr, lse_ptr, out_ptr, heads, num_splits, stride_ph, stride_ps, stride_lseh, stride_oh,
+                  GROUP: tl.constexpr, HALF_D: tl.constexpr, BLOCK_DH: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+                  MERGE_STEPS: tl.constexpr):
+    """The output rows of `heads` (GROUP query heads; pointers already offset to the sequence) from the partials
+    of num_splits <= MERGE_STEPS * MERGE_CHUNK splits: out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse).
+    Splits are summed in a fixed order (chunk by chunk, a fixed tree within a chunk). Partials other programs wrote
+    are read through L2 (.cg): L1 is not coherent across multiprocessors."""
+    offs_s = tl.arange(0, MERGE_CHUNK)
+    offs_d = tl.arange(0, BLOCK_DH)
+    mask_d = offs_d < HALF_D
+    for g in tl.static_range(GROUP):
+        head = heads + g
+        lse_ptrs = lse_ptr + head * stride_lseh + offs_s
+        lse_max = tl.full([MERGE_CHUNK], float("-inf"), tl.float32)
+        for c in tl.static_range(MERGE_STEPS):
+            mask_s = c * MERGE_CHUNK + offs_s < num_splits
+            lse = tl.load(lse_ptrs + c * MERGE_CHUNK, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
+            lse_max = tl.maximum(lse_max, lse)
+        lse_max = tl.max(lse_max, axis=0)
+        lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # every split empty (kv_len 0): output 0
+        denom = tl.zeros([MERGE_CHUNK], tl.float32)
+        out_lo = tl.zeros([BLOCK_DH], tl.float32)
+        out_hi = tl.zeros([BLOCK_DH], tl.float32)
+        part_ptrs = partial_ptr + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :]
+        for c in tl.static_range(MERGE_STEPS):  # unrolled: every chunk's loads can be in flight at once
+            mask_s = c * MERGE_CHUNK + offs_s < num_splits
+            lse = tl.load(lse_ptrs + c * MERGE_CHUNK, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
+            weights = tl.exp2(lse - lse_max)  # [MERGE_CHUNK]; empty splits weigh 0
+            denom += weights
+            mask = mask_s[:, None] & mask_d[None, :]
+            ptrs = part_ptrs + c * MERGE_CHUNK * stride_ps
+            lo = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")  # [MERGE_CHUNK, BLOCK_DH]
+            hi = tl.load(ptrs + HALF_D, mask=mask, other=0.0, cache_modifier=".cg")
+            out_lo += tl.sum(lo * weights[:, None], axis=0)
+            out_hi += tl.sum(hi * weights[:, None], axis=0)
+        denom = tl.sum(denom, axis=0)
+        denom = tl.where(denom > 0.0, denom, 1.0)
+        out_ptrs = out_ptr + head * stride_oh + offs_d
+        tl.store(out_ptrs, (out_lo / denom).to(out_ptr.dtype.element_ty), mask=mask_d)
+        tl.store(out_ptrs + HALF_D, (out_hi / denom).to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit(do_not_specialize=["num_splits"])  # one compiled kernel for every count (not 1 / multiples of 16)
+def _decode_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
@@ -184,10 +237,12 @@ def _decode_split_kernel(
     v_sz_ptr,
     block_table_ptr,
     kv_lens_ptr,
-    out_ptr,  # WRITE_PARTIAL: fp32 partials [B, Hq, num_splits, D]; else the output [B, Hq, D]
-    lse_ptr,  # [B, Hq, num_splits] fp32, log2-sum-exp2 of each split's scaled scores (WRITE_PARTIAL only)
+    out_ptr,  # the output [B, Hq, D]
+    partial_ptr,  # SPLIT: fp32 partial outputs [B, Hq, num_splits, D] (a workspace)
+    lse_ptr,  # SPLIT: [B, Hq, num_splits] fp32, log2-sum-exp2 of each split's scaled scores
+    arrivals_ptr,  # SPLIT: int32 counters, one per (sequence, kv head), zero between launches
     qk_scale,  # softmax scale * log2(e)
-    num_splits,  # a runtime value: split counts share one compiled kernel
+    num_splits,  # a runtime value: split counts share a compiled kernel (per MERGE_STEPS)
     stride_qb,
     stride_qh,
     stride_kcb,
@@ -204,7 +259,9 @@ def _decode_split_kernel(
     stride_btb,
     stride_ob,
     stride_oh,
-    stride_os,
+    stride_pb,
+    stride_ph,
+    stride_ps,
     stride_lseb,
     stride_lseh,
     GROUP: tl.constexpr,
@@ -214,11 +271,18 @@ def _decode_split_kernel(
     BLOCK_DH: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    WRITE_PARTIAL: tl.constexpr,
+    SPLIT: tl.constexpr,  # num_splits > 1: partials, merged by the last program of each (sequence, kv head)
+    MERGE_CHUNK: tl.constexpr,
+    MERGE_STEPS: tl.constexpr,  # SPLIT: cdiv(num_splits, MERGE_CHUNK)
     DOT_DTYPE: tl.constexpr,  # operand type of both dots
     CVT: tl.constexpr,  # quantized: how codes become dot operands (_codes_to_dot)
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    # q is the previous kernel's output (block tables and kv lengths are treated as such too), and the counters
+    # and workspace are only safe to touch once the previous launch is done: wait before any load or store
+    wait_for_previous(USE_PDL)
+    release_next(USE_PDL)
     batch = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -322,44 +386,28 @@ def _decode_split_kernel(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # an empty split leaves l = 0: its output is 0, its lse -inf
     acc_lo = acc_lo / l_safe[:, None]
     acc_hi = acc_hi / l_safe[:, None]
-    out_ptrs = out_ptr + batch * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
-    tl.store(out_ptrs, acc_lo.to(out_ptr.dtype.element_ty), mask=mask_hd)
-    tl.store(out_ptrs + HALF_D, acc_hi.to(out_ptr.dtype.element_ty), mask=mask_hd)
-    if WRITE_PARTIAL:
+    if not SPLIT:
+        out_ptrs = out_ptr + batch * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptrs, acc_lo.to(out_ptr.dtype.element_ty), mask=mask_hd)
+        tl.store(out_ptrs + HALF_D, acc_hi.to(out_ptr.dtype.element_ty), mask=mask_hd)
+    else:
+        partial_ptr += batch * stride_pb
+        lse_ptr += batch * stride_lseb
+        part_ptrs = partial_ptr + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :]
+        tl.store(part_ptrs, acc_lo, mask=mask_hd)
+        tl.store(part_ptrs + HALF_D, acc_hi, mask=mask_hd)
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
-        tl.store(lse_ptr + batch * stride_lseb + heads * stride_lseh + split, lse, mask=mask_h)
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    partial_ptr,  # [B, Hq, num_splits, D] fp32
-    lse_ptr,  # [B, Hq, num_splits] fp32
-    out_ptr,  # [B, Hq, D]
-    num_splits,
-    stride_pb,
-    stride_ph,
-    stride_ps,
-    stride_lseb,
-    stride_lseh,
-    stride_ob,
-    stride_oh,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    batch = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < num_splits
-    lse = tl.load(lse_ptr + batch * stride_lseb + head * stride_lseh + offs_s, mask=mask_s, other=float("-inf"))
-    lse_max = tl.max(lse, axis=0)
-    weights = tl.exp2(lse - lse_max)  # [BLOCK_S]; empty splits weigh 0
-    part_ptrs = partial_ptr + batch * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :]
-    parts = tl.load(part_ptrs, mask=mask_s[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_S, BLOCK_D]
-    out = tl.sum(parts * weights[:, None], axis=0) / tl.sum(weights, axis=0)
-    tl.store(out_ptr + batch * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+        tl.store(lse_ptr + heads * stride_lseh + split, lse, mask=mask_h)
+        # The last program of this (sequence, kv head) to arrive merges. The barrier orders every thread's stores
+        # before the counter's release; its acquire orders the merging program's loads after all other programs'
+        # releases.
+        tl.debug_barrier()
+        counter = arrivals_ptr + batch * tl.num_programs(1) + kv_head
+        count = tl.atomic_add(counter, 1, sem="acq_rel")
+        if count == num_splits - 1:
+            _merge_splits(partial_ptr, lse_ptr, out_ptr + batch * stride_ob, kv_head * GROUP, num_splits, stride_ph,
+                          stride_ps, stride_lseh, stride_oh, GROUP, HALF_D, BLOCK_DH, MERGE_CHUNK, MERGE_STEPS)
+            tl.store(counter, 0)  # ready for the next launch (and the next CUDA graph replay)
 
 
 @functools.lru_cache(maxsize=8)
@@ -389,8 +437,9 @@ def pick_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: in
     """Split the context until batch x kv_heads x splits programs fill the GPU (about PROGRAMS_PER_SM per
     multiprocessor, rounding down so a launch does not spill a small second wave), keeping every split at least
     MIN_SPLIT_TILES tiles long. Uses shapes only (no device sync), so it is CUDA-graph safe; `max_context` is an
-    upper bound (the block table's width in tokens). Measured on an H200 at ctx 8k (CUDA-graph timing): B=1 is
-    fastest at 16 splits with 32 kv heads and 64 with 8, B=16 at 1 and 4, for fp16 and quantized caches alike."""
+    upper bound (the block table's width in tokens). Measured on an H200 at ctx 8k (CUDA-graph timing, with the
+    merge still a separate kernel): B=1 is fastest at 16 splits with 32 kv heads and 64 with 8, B=16 at 1 and 4,
+    for fp16 and quantized caches alike."""
     wanted = PROGRAMS_PER_SM * _sm_count(device) // max(batch * num_kv_heads, 1)
     return max(1, min(wanted, triton.cdiv(max_context, MIN_SPLIT_TILES * block_n), MAX_SPLITS))
 
@@ -438,6 +487,28 @@ def _dot_types(q: torch.Tensor, quant_policy: int):
     return tl.float16, 2 if q.is_cuda else 1, "tf32"  # inline PTX on CUDA; its pure-Triton twin interpreted
 
 
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+_RETIRED_ARRIVALS: list[torch.Tensor] = []
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """The split merge's per-(sequence, kv head) arrival counters: int32, zero between launches (the merging program
+    resets its own). Allocated once per device, before CUDA graph capture (the engine warms up every captured batch
+    size first); a larger buffer, if ever needed, replaces it outside capture and the old one is kept alive, since
+    graphs captured earlier still point at it. Kernels of one launch use disjoint counters, and launches on a stream
+    run one after the other (PDL included: the kernel waits for the previous one before touching them)."""
+    counters = _ARRIVALS.get(device)
+    if counters is None or counters.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("decode attention: run a batch this large once before CUDA graph capture "
+                               "(the arrival counters must be allocated and zeroed outside the graph)")
+        if counters is not None:
+            _RETIRED_ARRIVALS.append(counters)
+        counters = torch.zeros(max(n, MIN_ARRIVAL_COUNTERS), dtype=torch.int32, device=device)
+        _ARRIVALS[device] = counters
+    return counters
+
+
 def decode_attention_launch(
     q, k_cache, v_cache, block_tables, kv_lens, scale, k_scale_zero, v_scale_zero, quant_policy,
     num_splits: int, block_n: int, num_warps: int = 4, num_stages: int = 2,
@@ -446,6 +517,7 @@ def decode_attention_launch(
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     check_attention_inputs(q, k_cache, v_cache, k_scale_zero, v_scale_zero, block_tables, kv_lens, quant_policy)
+    assert num_splits >= 1
     if quant_policy:
         k_pairs, v_pairs = _as_pairs(k_scale_zero), _as_pairs(v_scale_zero)  # [nb, Hk, block_size] int32 / int64
     else:
@@ -457,16 +529,17 @@ def decode_attention_launch(
     group = num_q_heads // num_kv_heads
     half_d = head_dim // 2
     if num_splits > 1:
-        partial = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-        lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
-        stage1_out, stride_os = partial, partial.stride(2)
+        # one workspace: partial outputs [B, Hq, splits, D], then log-sum-exps [B, Hq, splits]
+        n_part = batch * num_q_heads * num_splits * head_dim
+        ws = torch.empty(n_part + batch * num_q_heads * num_splits, dtype=torch.float32, device=q.device)
+        partial = ws[:n_part].view(batch, num_q_heads, num_splits, head_dim)
+        lse = ws[n_part:].view(batch, num_q_heads, num_splits)
+        arrivals = arrival_counters(q.device, batch * num_kv_heads)
     else:
-        partial = lse = None
-        stage1_out, stride_os = out, 0
-    lse_arg = lse if lse is not None else out  # unused placeholder with a single split
+        partial, lse, arrivals = out.unsqueeze(2), out, kv_lens  # unused placeholders with a single split
     dot_dtype, cvt, precision = _dot_types(q, quant_policy)
 
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,
         v_cache,
@@ -474,8 +547,10 @@ def decode_attention_launch(
         v_pairs,
         block_tables,
         kv_lens,
-        stage1_out,
-        lse_arg,
+        out,
+        partial,
+        lse,
+        arrivals,
         scale * LOG2E,
         num_splits,
         q.stride(0),
@@ -492,11 +567,13 @@ def decode_attention_launch(
         v_pairs.stride(0),
         v_pairs.stride(1),
         block_tables.stride(0),
-        stage1_out.stride(0),
-        stage1_out.stride(1),
-        stride_os,
-        lse_arg.stride(0),
-        lse_arg.stride(1),
+        out.stride(0),
+        out.stride(1),
+        partial.stride(0),
+        partial.stride(1),
+        partial.stride(2),
+        lse.stride(0),
+        lse.stride(1),
         GROUP=group,
         QUANT_POLICY=quant_policy,
         BLOCK_SIZE=k_cache.shape[1],
@@ -504,31 +581,16 @@ def decode_attention_launch(
         BLOCK_DH=max(16, triton.next_power_of_2(half_d)),  # tl.dot needs K >= 16
         BLOCK_H=max(16, triton.next_power_of_2(group)),  # tl.dot needs M >= 16: pad the head group
         BLOCK_N=block_n,
-        WRITE_PARTIAL=num_splits > 1,
+        SPLIT=num_splits > 1,
+        MERGE_CHUNK=MERGE_CHUNK,
+        MERGE_STEPS=triton.cdiv(num_splits, MERGE_CHUNK) if num_splits > 1 else 1,
         DOT_DTYPE=dot_dtype,
         CVT=cvt,
         DOT_PRECISION=precision,
         num_warps=num_warps,
         num_stages=num_stages,
+        **launch_options(q),
     )
-    if num_splits > 1:
-        _decode_reduce_kernel[(batch, num_q_heads)](
-            partial,
-            lse,
-            out,
-            num_splits,
-            partial.stride(0),
-            partial.stride(1),
-            partial.stride(2),
-            lse.stride(0),
-            lse.stride(1),
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=head_dim,
-            BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=triton.next_power_of_2(head_dim),
-            num_warps=4,
-        )
     return out
 
 
