@@ -4,7 +4,7 @@ what programmatic dependent launch (PDL) buys in a chain of kernels.
 - `chain`: the non-attention part of a batch-1 decode step as the engine runs it, in one CUDA graph: per layer
   add+RMSNorm, qkv, o (its input a strided slice of the qkv output), add+RMSNorm, gate_up, SiLU-and-mul, down;
   32 layers with their own weights, then the lm_head. Variants: fp16 weights through cuBLAS / the GEMV kernel
-  without / with PDL; W4A16 (AWQ, group 128) without / with PDL, with / without the hand-prefetched weight tile.
+  without / with PDL; W4A16 (AWQ, group 128) without / with PDL.
   `frac_bw` = bytes of all weights read / step time / measured copy rate (read + write bytes of a 4 GiB copy).
 - `--sweep`: per linear and batch M, graph-timed tile configs of the GEMV kernel next to cuBLAS (weights rotate
   through copies larger than the L2, so every call streams from HBM).
@@ -90,7 +90,7 @@ def chain(awq: bool, awq_config: dict | None = None, fuse_silu: bool = True) -> 
 
     def lin(x, w, silu_mul=False):
         if awq:
-            return awq_linear_k(x, *w, GROUP, config=awq_config, silu_mul=silu_mul)
+            return awq_linear_k(ops.silu_and_mul(x) if silu_mul else x, *w, GROUP, config=awq_config)
         return ops.silu_mul_linear(x, w) if silu_mul else ops.linear(x, w)
 
     def step():
@@ -187,8 +187,6 @@ def main() -> None:
         ("fp16 GEMV + PDL, separate SiLU", False, None, False, dict(ENGINE_GEMV="1", ENGINE_PDL="1")),
         ("W4A16", True, None, True, dict(ENGINE_PDL="0")),
         ("W4A16 + PDL", True, None, True, dict(ENGINE_PDL="1")),
-        ("W4A16 + PDL, separate SiLU", True, None, False, dict(ENGINE_PDL="1")),
-        ("W4A16 + PDL + prefetch", True, dict(PREFETCH_W=True), True, dict(ENGINE_PDL="1")),
     ]
     for label, awq, cfg, fuse_silu, variables in variants:
         try:

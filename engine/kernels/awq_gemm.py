@@ -27,7 +27,7 @@ Kernels, all on the K-packed layout:
 - awq_gemv_kernel: the no-tensor-core variant (broadcast multiply + sum in fp32, config kernel="gemv"), measured
   slower than the MMA kernel at every M on an H200 (1.4x at M = 1); kept for comparison and MMA-less GPUs.
 Split-K as in split_k.py (one launch, deterministic). The MMA kernel takes part in programmatic dependent launch
-(pdl.py): its first weight tile and scales are loaded before it waits for the previous kernel.
+(pdl.py): it launches while the previous kernel finishes and loads its first scales and zero points then.
 Prefill (M > FUSED_MAX_M): dequantize once into an fp16/bf16 [N, K] weight and let cuBLAS run the GEMM.
 Nothing syncs with the host: the launchers only allocate (torch.empty), so they run inside CUDA graph capture.
 Tile configs: default_config (measured, see benchmarks/bench_awq_gemm.py).
@@ -41,7 +41,6 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.activation import silu, silu_and_mul
 from engine.kernels.pdl import launch_options, release_next, wait_for_previous
 from engine.kernels.split_k import num_sms, split_k, split_k_epilogue, split_locks
 
@@ -157,21 +156,10 @@ def _mma(acc, w, x, SWAP_AB: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _load_x(ptrs, mask_m, up_offset, SILU_MUL: tl.constexpr):
-    """An x tile; with SILU_MUL the rows are [gate | up] (up at + up_offset) and the tile is silu(gate) * up,
-    computed as activation.silu_and_mul does (fp32, rounded once)."""
-    x = tl.load(ptrs, mask=mask_m[:, None], other=0.0)
-    if SILU_MUL:
-        up = tl.load(ptrs + up_offset, mask=mask_m[:, None], other=0.0)
-        x = (silu(x.to(tl.float32)) * up.to(tl.float32)).to(x.dtype)
-    return x
-
-
-@triton.jit
-def _nibble_mma(acc, w, s, zoff, x_ptrs, mask_m, up_offset, FOLD: tl.constexpr, SWAP_AB: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, SILU_MUL: tl.constexpr):
+def _nibble_mma(acc, w, s, zoff, x_ptrs, mask_m, FOLD: tl.constexpr, SWAP_AB: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
     """One nibble's MMA: w [BLOCK_N, BLOCK_K / 4] against its x slice; without FOLD w (16 + q) is dequantized."""
-    x = _load_x(x_ptrs, mask_m, up_offset, SILU_MUL)  # [BLOCK_M, BLOCK_K / 4]
+    x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)  # [BLOCK_M, BLOCK_K / 4]
     if not FOLD:
         w = (w - zoff.to(w.dtype)[:, None]) * s.to(w.dtype)[:, None]
     return _mma(acc, w, x, SWAP_AB, DOT_PRECISION)
@@ -186,12 +174,12 @@ def awq_mma_kernel(
     SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr, FOLD: tl.constexpr,
     SPLIT_DOTS: tl.constexpr, DENORM: tl.constexpr, USE_ASM: tl.constexpr, ASM0: tl.constexpr,
     ASM1: tl.constexpr, ASM2: tl.constexpr, ASM3: tl.constexpr, Q_POS: tl.constexpr, MAGIC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PREFETCH_W: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """qweight_ptr: the K-packed weights as int16 [N, K / 4] (stride_qwn in int16). PREFETCH_W: the weight tile
-    of the next iteration is loaded one ahead by hand (else the compiler pipelines it); the first one is then
-    in flight before the wait for the previous kernel (PDL). SILU_MUL: x rows are [gate | up] (2 K wide) and the
-    input is silu(gate) * up (the MLP's down projection without the activation kernel)."""
+    """qweight_ptr: the K-packed weights as int16 [N, K / 4] (stride_qwn in int16). Scales and zero points of the
+    first K tile load before the wait for the previous kernel (PDL); the weight tiles are pipelined by the compiler
+    (loading them one ahead by hand, so that the first is in flight before the wait, measured 20% slower).
+    """
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     BLOCK_KQ: tl.constexpr = BLOCK_K // 4  # int16 per row of a tile (one layout chunk: BLOCK_K = C)
     dtype = x_ptr.dtype.element_ty
@@ -214,27 +202,21 @@ def awq_mma_kernel(
     g_next = t_begin * BLOCK_K // GROUP_SIZE
     s_next = tl.load(scales_ptr + g_next * stride_sg + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
     zp_next = tl.load(qzeros_ptr + g_next * stride_qzg + offs_n // 8, mask=mask_n, other=0)
-    if PREFETCH_W:
-        p_next = tl.load(w_ptrs + t_begin * BLOCK_KQ, mask=mask_n[:, None], other=0)
     wait_for_previous(USE_PDL)  # x is the previous kernel's output
     release_next(USE_PDL)
     if FOLD:
-        xt_next = _load_x(x_tile_ptrs + t_begin * BLOCK_K, mask_m, K, SILU_MUL)  # [BLOCK_M, BLOCK_K]
+        xt_next = tl.load(x_tile_ptrs + t_begin * BLOCK_K, mask=mask_m[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
     for t in range(t_begin, t_end):
         k0 = t * BLOCK_K
-        t_next = tl.minimum(t + 1, t_end - 1)
-        if PREFETCH_W:
-            p = p_next
-            p_next = tl.load(w_ptrs + t_next * BLOCK_KQ, mask=mask_n[:, None], other=0)
-        else:
-            p = tl.load(w_ptrs + t * BLOCK_KQ, mask=mask_n[:, None], other=0)  # [BLOCK_N, BLOCK_KQ] int16
+        p = tl.load(w_ptrs + t * BLOCK_KQ, mask=mask_n[:, None], other=0)  # [BLOCK_N, BLOCK_KQ] int16
         s, zp = s_next, zp_next
+        t_next = tl.minimum(t + 1, t_end - 1)
         g_next = t_next * BLOCK_K // GROUP_SIZE
         s_next = tl.load(scales_ptr + g_next * stride_sg + offs_n, mask=mask_n, other=0.0)
         zp_next = tl.load(qzeros_ptr + g_next * stride_qzg + offs_n // 8, mask=mask_n, other=0)
         if FOLD:
             xt = xt_next
-            xt_next = _load_x(x_tile_ptrs + t_next * BLOCK_K, mask_m, K, SILU_MUL)
+            xt_next = tl.load(x_tile_ptrs + t_next * BLOCK_K, mask=mask_m[:, None], other=0.0)
         z = ((zp >> zshift) & 0xF).to(tl.float32)  # [BLOCK_N]
         if DENORM:
             zoff = z
@@ -249,28 +231,22 @@ def awq_mma_kernel(
             do = acc
         if SPLIT_DOTS:
             xp = x_ptrs + k0
-            de = _nibble_mma(de, w0, s, zoff, xp, mask_m, K, FOLD, SWAP_AB, DOT_PRECISION,
-                                 SILU_MUL)
+            de = _nibble_mma(de, w0, s, zoff, xp, mask_m, FOLD, SWAP_AB, DOT_PRECISION)
             if FOLD:
-                do = _nibble_mma(do, w1, s, zoff, xp + BLOCK_KQ, mask_m, K, FOLD, SWAP_AB, DOT_PRECISION,
-                                 SILU_MUL)
+                do = _nibble_mma(do, w1, s, zoff, xp + BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION)
             else:
-                de = _nibble_mma(de, w1, s, zoff, xp + BLOCK_KQ, mask_m, K, FOLD, SWAP_AB, DOT_PRECISION,
-                                 SILU_MUL)
-            de = _nibble_mma(de, w2, s, zoff, xp + 2 * BLOCK_KQ, mask_m, K, FOLD, SWAP_AB, DOT_PRECISION,
-                                 SILU_MUL)
+                de = _nibble_mma(de, w1, s, zoff, xp + BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION)
+            de = _nibble_mma(de, w2, s, zoff, xp + 2 * BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION)
             if FOLD:
-                do = _nibble_mma(do, w3, s, zoff, xp + 3 * BLOCK_KQ, mask_m, K, FOLD, SWAP_AB, DOT_PRECISION,
-                                 SILU_MUL)
+                do = _nibble_mma(do, w3, s, zoff, xp + 3 * BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION)
             else:
-                de = _nibble_mma(de, w3, s, zoff, xp + 3 * BLOCK_KQ, mask_m, K, FOLD, SWAP_AB, DOT_PRECISION,
-                                 SILU_MUL)
+                de = _nibble_mma(de, w3, s, zoff, xp + 3 * BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION)
         else:  # one MMA over the whole tile: nibble tensors joined into [BLOCK_N, 4, BLOCK_KQ] = natural K order
             w = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # [BLOCK_N, BLOCK_KQ, 2, 2]: w_i at 2 d1 + d2 = i
             w = tl.reshape(tl.permute(w, (0, 2, 3, 1)), (BLOCK_N, BLOCK_K))
             if not FOLD:
                 w = (w - zoff.to(dtype)[:, None]) * s.to(dtype)[:, None]
-            x = _load_x(x_tile_ptrs + k0, mask_m, K, SILU_MUL)  # [BLOCK_M, BLOCK_K]
+            x = tl.load(x_tile_ptrs + k0, mask=mask_m[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
             de = _mma(de, w, x, SWAP_AB, DOT_PRECISION)
         if FOLD:  # de, do = sum_k x (q + offset) * 2^-e per output: scale, subtract (z + offset) s sum_k x
             s32 = s.to(tl.float32)
@@ -430,27 +406,23 @@ def default_config(M: int, N: int, K: int, group_size: int) -> dict:
                 num_stages=3, programs_per_sm=2, max_split=8)
 
 
-def awq_linear_k(x: torch.Tensor, qweight_k, qzeros, scales, group_size: int, bias=None, config=None,
-                 silu_mul: bool = False) -> torch.Tensor:
+def awq_linear_k(x: torch.Tensor, qweight_k, qzeros, scales, group_size: int, bias=None, config=None) -> torch.Tensor:
     """x [M, K] @ W4 (K-packed qweight_k [N, K / 8], AWQ qzeros [K / G, N / 8], scales [K / G, N]) (+ bias) -> [M, N]
-    in x's dtype. silu_mul: x is [M, 2 K] = [gate | up] and the input is silu(gate) * up. `config` overrides
-    entries of default_config (benchmarks, tests)."""
+    in x's dtype. `config` overrides entries of default_config (benchmarks, tests)."""
     assert x.dim() == 2 and qweight_k.dtype == torch.int32 and qzeros.dtype == torch.int32
-    M, N, K = x.shape[0], scales.shape[1], qweight_k.shape[1] * 8
-    assert x.shape[1] == (2 * K if silu_mul else K), "x [M, K] ([M, 2 K] with silu_mul)"
+    M, K = x.shape
+    N = scales.shape[1]
     C = k_chunk(group_size)
     assert qweight_k.shape == (N, K // 8) and scales.shape == (K // group_size, N), "shapes"
     assert qzeros.shape == (K // group_size, N // 8) and K % group_size == 0 and C % 32 == 0, "shapes"
     assert qweight_k.stride(1) == 1 and qzeros.stride(1) == 1 and scales.stride(1) == 1, "row-major weights"
     if x.stride(1) != 1:
         x = x.contiguous()
-    cfg = default_config(M, N, K, group_size)
-    cfg.update(config or {})
-    if silu_mul and (M > FUSED_MAX_M or cfg["kernel"] == "gemv"):
-        x, silu_mul = silu_and_mul(x), False
     if M > FUSED_MAX_M:
         out = x @ awq_dequantize_k(qweight_k, qzeros, scales, group_size, x.dtype).t()
         return out if bias is None else out + bias
+    cfg = default_config(M, N, K, group_size)
+    cfg.update(config or {})
     gemv = cfg["kernel"] == "gemv"
     block_m = triton.next_power_of_2(M) if gemv else cfg["BLOCK_M"]
     block_n = cfg["BLOCK_N"]
@@ -479,8 +451,7 @@ def awq_linear_k(x: torch.Tensor, qweight_k, qzeros, scales, group_size: int, bi
     awq_mma_kernel[(m_tiles, triton.cdiv(N, block_n), split)](
         *args, **common, SWAP_AB=cfg["SWAP_AB"], FOLD=fold, SPLIT_DOTS=split_dots, DENORM=denorm,
         USE_ASM=use_asm, ASM0=asm[0], ASM1=asm[1], ASM2=asm[2], ASM3=asm[3], Q_POS=q_pos, MAGIC=magic,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH_W=cfg.get("PREFETCH_W", False),
-        SILU_MUL=silu_mul, **launch_options(x))
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **launch_options(x))
     return out
 
 

@@ -60,17 +60,15 @@ class AWQLinear(nn.Module):
         self.k_packed = True
 
     def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
-        """silu_mul: x is [..., 2 * in_features] = [gate | up] and the input is silu(gate) * up (fused into the
-        W4A16 kernel on the GPU)."""
+        """silu_mul: x is [..., 2 * in_features] = [gate | up] and the input is silu(gate) * up. Here the activation
+        stays a kernel of its own: inside the W4A16 kernel it measured slower (H200, Llama-2-7B, batch-1 step
+        without attention: 2.07 vs 1.74 ms, benchmarks/bench_gemv.py)."""
+        if silu_mul:
+            x = ops.silu_and_mul(x)
         if self.k_packed and x.is_cuda and os.environ.get("ENGINE_KERNELS", "auto") != "reference":
             from engine.kernels.awq_gemm import awq_linear_k
 
-            x2d = x.reshape(-1, x.shape[-1])
-            out = awq_linear_k(x2d, self.qweight, self.qzeros, self.scales, self.group_size, self.bias,
-                               silu_mul=silu_mul)
-            return out.view(*x.shape[:-1], self.out_features)
-        if silu_mul:
-            x = ops.silu_and_mul(x)
+            return awq_linear_k(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
         if not self.k_packed:
             return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
         return reference.awq_linear_k(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)

@@ -82,18 +82,6 @@ def test_kernels_match_reference_small(variant, M, group_size):
     assert rel_err(got, ref) < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["default", "mma-join-fold", "mma-split-dequant", "gemv"])
-@pytest.mark.parametrize("M", [1, 33])
-def test_fused_silu_mul_input(variant, M):
-    # the down projection reads [gate | up] and applies silu(gate) * up itself (gemv: a separate activation)
-    K, N, G = 256, 64, 64
-    qweight, qzeros, scales = random_awq(K, N, G, torch.float32, DEVICE)
-    gate_up = torch.randn(M, 2 * K, device=DEVICE)
-    ref = reference.awq_linear(reference.silu_and_mul(gate_up), qweight, qzeros, scales, G)
-    got = awq_linear_k(gate_up, awq_repack(qweight, G), qzeros, scales, G, config=VARIANTS[variant], silu_mul=True)
-    assert got.shape == (M, N) and rel_err(got, ref) < 1e-4
-
-
 @pytest.mark.parametrize("group_size", [32, 128])
 def test_checkpoint_layout_entry_point(group_size):
     K, N = 256, 64

@@ -52,6 +52,19 @@ def _check(num_tokens, num_q_heads, num_kv_heads, head_dim, block_size, num_bloc
            slots=None, v_token_minor=True, against_reference=True):
     qkv, q, k, v = _qkv(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, device)
     cos, sin = _cos_sin(num_tokens, head_dim, device)
+    # bit for bit, except fp32 compiled for a GPU: there the compiler may contract the rotation's multiply-adds
+    # into FMAs differently in the two kernels, and fp32 results are not rounded to a narrower dtype afterwards
+    exact = not (dtype == torch.float32 and torch.device(device).type == "cuda")
+
+    def same(got, expected, codes_of_policy=0):
+        if exact:
+            assert torch.equal(got.nan_to_num(123.0), expected.nan_to_num(123.0))
+        elif codes_of_policy:
+            diff = (_codes(got, codes_of_policy) - _codes(expected, codes_of_policy)).abs()
+            assert diff.max() <= 1 and (diff > 0).float().mean() <= 2e-2
+        else:
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, equal_nan=True)
+
     if slots is None:  # scattered slots, some of them padding
         slots = torch.randperm(num_blocks * block_size, device=device)[:num_tokens]
         slots[torch.rand(num_tokens, device=device) < 0.2] = -1
@@ -71,11 +84,11 @@ def _check(num_tokens, num_q_heads, num_kv_heads, head_dim, block_size, num_bloc
 
     assert out.data_ptr() == q.data_ptr()  # q is rotated in place and returned
     q_size = num_q_heads * head_dim
-    assert torch.equal(qkv[:, :q_size], qkv_two[:, :q_size])  # q as apply_rotary leaves it
+    same(qkv[:, :q_size], qkv_two[:, :q_size])  # q as apply_rotary leaves it
     assert torch.equal(qkv[:, q_size:], qkv_before[:, q_size:])  # k and v untouched
-    for g, e in zip(fused, two):  # caches and (scale, min) pairs: the same bytes
+    for i, (g, e) in enumerate(zip(fused, two)):  # caches and (scale, min) pairs: the same bytes
         if e is not None:
-            assert torch.equal(g.nan_to_num(123.0), e.nan_to_num(123.0))
+            same(g, e, quant_policy if i < 2 else 0)
 
     if not against_reference:
         return
@@ -84,11 +97,11 @@ def _check(num_tokens, num_q_heads, num_kv_heads, head_dim, block_size, num_bloc
     expected = _clone(caches)
     reference.rotary_store_kv(q_ref, k_ref, v_ref, cos, sin, *expected[:2], slots, *expected[2:], quant_policy)
     assert torch.equal(k_ref, k)  # the reference leaves k alone too
-    assert torch.equal(q, q_ref)
+    same(q, q_ref)
     max_diff, max_fraction = CODE_TOLERANCE[quant_policy]
     for g, e in zip(fused[:2], expected[:2]):
         if quant_policy == 0:
-            assert torch.equal(g.nan_to_num(123.0), e.nan_to_num(123.0))
+            same(g, e)
         else:
             diff = (_codes(g, quant_policy) - _codes(e, quant_policy)).abs()
             assert diff.max() <= max_diff and (diff > 0).float().mean() <= max_fraction
