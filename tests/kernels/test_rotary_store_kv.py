@@ -1,11 +1,12 @@
 """store_kv.rotary_store_kv (RoPE fused into the KV-cache write) against reference.rotary_store_kv and against the
 two ops it replaces, rotary.apply_rotary then store_kv.
 
-q, k and v are views into one fused qkv projection output, as the attention layer passes them. The fused kernel
-must leave exactly what the two Triton ops leave (q rotated in place, the same cache bytes and (scale, min)
-pairs), so that comparison is bit for bit; against the torch reference the fp results are exact too (under the
-interpreter: no FMA contraction) and quantized codes get test_store_kv's tolerance (the kernels quantize through
-a reciprocal, see store_kv.py).
+q, k and v are views into one fused qkv projection output, as the attention layer passes them. Under the interpreter
+the fused kernel must leave exactly what the two Triton ops leave (q rotated in place, the same cache bytes and
+(scale, min) pairs), and the fp results match the torch reference exactly too (no FMA contraction there);
+quantized codes get test_store_kv's tolerance against the reference (the kernels quantize through a reciprocal,
+see store_kv.py). Compiled for a GPU the two kernels may contract the rotation's multiply-adds differently:
+there results agree to about two ulps (a quantized code to 1).
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ def _check(num_tokens, num_q_heads, num_kv_heads, head_dim, block_size, num_bloc
            slots=None, v_token_minor=True, against_reference=True):
     qkv, q, k, v = _qkv(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, device)
     cos, sin = _cos_sin(num_tokens, head_dim, device)
-    # bit for bit, except fp32 compiled for a GPU: there the compiler may contract the rotation's multiply-adds
-    # into FMAs differently in the two kernels, and fp32 results are not rounded to a narrower dtype afterwards
-    exact = not (dtype == torch.float32 and torch.device(device).type == "cuda")
+    # bit for bit under the interpreter; compiled for a GPU the compiler may contract the rotation's multiply-adds
+    # into FMAs differently in the two kernels, so results may differ in the last bit (and a quantized code by 1)
+    exact = torch.device(device).type != "cuda"
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]  # about two ulps
 
     def same(got, expected, codes_of_policy=0):
         if exact:
@@ -63,7 +65,7 @@ def _check(num_tokens, num_q_heads, num_kv_heads, head_dim, block_size, num_bloc
             diff = (_codes(got, codes_of_policy) - _codes(expected, codes_of_policy)).abs()
             assert diff.max() <= 1 and (diff > 0).float().mean() <= 2e-2
         else:
-            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, equal_nan=True)
+            torch.testing.assert_close(got, expected, atol=tol, rtol=tol, equal_nan=True)
 
     if slots is None:  # scattered slots, some of them padding
         slots = torch.randperm(num_blocks * block_size, device=device)[:num_tokens]
@@ -159,8 +161,8 @@ def test_registered_with_reference_signature():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("num_kv_heads", [32, 8])
 def test_rotary_store_kv_gpu(num_kv_heads, dtype, quant_policy):
-    """Llama-2-7B heads (and a GQA variant): decode batches and a prompt, bit for bit the two ops' results. (Not
-    against the torch reference: compiled, the rotation's fp32 products may be contracted into FMAs.)"""
+    """Llama-2-7B heads (and a GQA variant): decode batches and a prompt, the two ops' results to about two ulps
+    (compiled, the rotation's fp32 products may be contracted into FMAs differently in the two kernels)."""
     for num_tokens in (1, 4):
         _check(num_tokens=num_tokens, num_q_heads=32, num_kv_heads=num_kv_heads, head_dim=128, block_size=64,
                num_blocks=100, quant_policy=quant_policy, dtype=dtype, device="cuda", against_reference=False)
