@@ -28,7 +28,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import copy_bandwidth_bytes_per_s, graph_us, markdown_table, save  # noqa: E402
+from benchmarks.common import SHAPES, copy_bandwidth_bytes_per_s, graph_us, markdown_table, save  # noqa: E402
 
 LINEARS = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096),
            "lm_head": (4096, 32000)}  # K, N
@@ -125,15 +125,25 @@ def sweep_configs(M: int) -> list[dict]:
     return out
 
 
-def sweep(ms, copy_bw, deadline, rows, errors) -> None:
+def shape_linears(shape: str) -> dict:
+    """(K, N) of a model shape's linears (benchmarks/common.SHAPES)."""
+    c = SHAPES[shape]
+    h, i, heads = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
+    d = h // heads
+    qkv = (heads + 2 * c["num_key_value_heads"]) * d
+    return {"qkv": (h, qkv), "o": (heads * d, h), "gate_up": (h, 2 * i), "down": (i, h),
+            "lm_head": (h, c["vocab_size"])}
+
+
+def sweep(ms, copy_bw, deadline, rows, errors, linears=LINEARS, shape="llama2-7b", dtype=DTYPE) -> None:
     from engine.kernels.gemv import default_config, gemv
 
-    for name, (K, N) in LINEARS.items():
-        w0 = torch.randn(N, K, device="cuda", dtype=DTYPE) * 0.02
+    for name, (K, N) in linears.items():
+        w0 = torch.randn(N, K, device="cuda", dtype=dtype) * 0.02
         ws = [w0] + [w0.clone() for _ in range(max(1, ROTATE_BYTES // (N * K * 2)))]
         nbytes = N * K * 2
         for M in ms:
-            x = torch.randn(M, K, device="cuda", dtype=DTYPE)
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
             ref = x.float() @ w0.float().t()
 
             def t_of(fn, ws=ws, x=x):
@@ -141,7 +151,7 @@ def sweep(ms, copy_bw, deadline, rows, errors) -> None:
 
             cublas = t_of(torch.nn.functional.linear)
             default = t_of(gemv)
-            r = {"linear": name, "M": M, "cublas_us": cublas, "gemv_us": default,
+            r = {"shape": shape, "linear": name, "M": M, "cublas_us": cublas, "gemv_us": default,
                  "cublas_frac_bw": nbytes / cublas * 1e6 / copy_bw, "gemv_frac_bw": nbytes / default * 1e6 / copy_bw,
                  "config": json.dumps(default_config(M, N, K))}
             best = None
@@ -173,6 +183,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-ms", default="1,2,4,8")
     parser.add_argument("--deadline", type=float, default=200.0, help="seconds; the sweep stops there")
+    parser.add_argument("--sweep-shapes", default="llama2-7b", help="model shapes (benchmarks/common.SHAPES)")
+    parser.add_argument("--no-chain", action="store_true")
     args = parser.parse_args()
     t0 = time.time()
     copy_bw = copy_bandwidth_bytes_per_s()
@@ -188,7 +200,7 @@ def main() -> None:
         ("W4A16", True, None, True, dict(ENGINE_PDL="0")),
         ("W4A16 + PDL", True, None, True, dict(ENGINE_PDL="1")),
     ]
-    for label, awq, cfg, fuse_silu, variables in variants:
+    for label, awq, cfg, fuse_silu, variables in [] if args.no_chain else variants:
         try:
             with env(**variables):
                 us, nbytes = chain(awq, cfg, fuse_silu)
@@ -206,7 +218,7 @@ def main() -> None:
               "## Decode step without attention, one CUDA graph", "",
               markdown_table(chains, ["variant", "step_us", "weights_MB", "frac_bw", "tok_s_bound"])]
         if rows:
-            cols = ["linear", "M", "cublas_us", "cublas_frac_bw", "gemv_us", "gemv_frac_bw", "best_us",
+            cols = ["shape", "linear", "M", "cublas_us", "cublas_frac_bw", "gemv_us", "gemv_frac_bw", "best_us",
                     "best_frac_bw", "best_config"]
             md += ["", "## Per linear", "", markdown_table(rows, cols)]
         if errors:
@@ -215,8 +227,11 @@ def main() -> None:
 
     report()
     if args.sweep:
-        with env(ENGINE_PDL="1"):
-            sweep([int(m) for m in args.sweep_ms.split(",")], copy_bw, t0 + args.deadline, rows, errors)
+        for shape in args.sweep_shapes.split(","):
+            dtype = torch.float16 if SHAPES[shape]["torch_dtype"] == "float16" else torch.bfloat16
+            with env(ENGINE_PDL="1"):
+                sweep([int(m) for m in args.sweep_ms.split(",")], copy_bw, t0 + args.deadline, rows, errors,
+                      shape_linears(shape), shape, dtype)
         report()
     print(f"total {time.time() - t0:.0f} s", flush=True)
 
