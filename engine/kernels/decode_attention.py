@@ -2,19 +2,21 @@
 
 Flash-decoding in one launch, grid (batch, kv_heads, splits). A program takes every query head of one kv head (GQA:
 K/V are loaded once per group, the group's heads are the rows of a tl.dot, padded to 16) and one contiguous slice of
-the context, and runs an online softmax over it. With a single split (large batch x kv_heads already fills the GPU)
-it writes the output directly. With several, it writes the slice's normalized fp32 partial output and log-sum-exp
-(base 2) to a workspace, and the last program of its (sequence, kv head) to arrive merges all splits' partials by
-their log-sum-exp and writes the output: the split-K scheme of split_k.py. Arrival is counted in a persistent
-per-device int32 buffer (one counter per (sequence, kv head), zero between launches: the merging program resets
-its own). Each program's stores are made visible by a CTA barrier and the counter's acq_rel atomic; the merging
-program reads the partials through L2 (.cg), in split order whichever program arrives last, so the result is
-deterministic. The split count is a runtime argument (one compiled kernel serves a single split, one every count
-from 2 to MERGE_CHUNK, one each further MERGE_CHUNK) picked from shapes alone, so a launch needs no device sync and
-can be captured in a CUDA graph; the workspace comes from torch.empty, and the counters are allocated before
-capture. The kernel takes part in programmatic dependent launch (pdl.py): it waits for the previous kernel before
-its first load or store (the counters too: the previous launch's merging programs reset them) and lets the next
-kernel launch at once.
+the context, and runs an online softmax over it. Splits are as long as the sequence's own context needs (a whole
+number of tiles); the programs of splits past its end leave at once (CUDA graphs size the split count for the
+longest context, so at short contexts most are empty), and a context that fits one split is written directly. With a
+single split (large batch x kv_heads already fills the GPU) it writes the output directly. With several, it writes
+the slice's normalized fp32 partial output and log-sum-exp (base 2) to a workspace, and the last program of its
+(sequence, kv head) to arrive merges all splits' partials by their log-sum-exp and writes the output: the split-K
+scheme of split_k.py. Arrival is counted in a persistent per-device int32 buffer (one counter per (sequence, kv
+head), zero between launches: the merging program resets its own). Each program's stores are made visible by a CTA
+barrier and the counter's acq_rel atomic; the merging program reads the partials through L2 (.cg), in split order
+whichever program arrives last, so the result is deterministic. The split count is a runtime argument (one compiled
+kernel serves a single split, one every count from 2 to MERGE_CHUNK, one each further MERGE_CHUNK) picked from
+shapes alone, so a launch needs no device sync and can be captured in a CUDA graph; the workspace comes from
+torch.empty, and the counters are allocated before capture. The kernel takes part in programmatic dependent launch
+(pdl.py): it waits for the previous kernel before its first load or store (the counters too: the previous launch's
+merging programs reset them) and lets the next kernel launch at once.
 
 Head vectors are handled as two halves (d < D/2, d >= D/2), the int4 packing of reference.py, so one code path
 serves all cache formats: q.k = q_lo.k_lo + q_hi.k_hi.
@@ -289,8 +291,14 @@ def _decode_kernel(
 
     kv_len = tl.load(kv_lens_ptr + batch).to(tl.int32)
     split_len = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N  # a whole number of tiles
+    # splits that hold tokens: with a short context (CUDA graphs size num_splits for the longest) the tail splits
+    # are empty, and their programs leave at once: no partials, no arrival, nothing for the merge to read
+    live = tl.cdiv(kv_len, tl.maximum(split_len, 1))
+    live = tl.maximum(live, 1)  # kv_len 0: split 0 alone writes the (zero) output
+    if split >= live:
+        return
     start = split * split_len
-    end = tl.minimum(start + split_len, kv_len)  # empty (start >= end) for the tail splits of short contexts
+    end = tl.minimum(start + split_len, kv_len)
 
     offs_h = tl.arange(0, BLOCK_H)
     heads = kv_head * GROUP + offs_h  # [BLOCK_H] query heads of this kv head
@@ -386,7 +394,7 @@ def _decode_kernel(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # an empty split leaves l = 0: its output is 0, its lse -inf
     acc_lo = acc_lo / l_safe[:, None]
     acc_hi = acc_hi / l_safe[:, None]
-    if not SPLIT:
+    if not SPLIT or live == 1:  # one split holds the whole context: its output is final
         out_ptrs = out_ptr + batch * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptrs, acc_lo.to(out_ptr.dtype.element_ty), mask=mask_hd)
         tl.store(out_ptrs + HALF_D, acc_hi.to(out_ptr.dtype.element_ty), mask=mask_hd)
@@ -404,8 +412,8 @@ def _decode_kernel(
         tl.debug_barrier()
         counter = arrivals_ptr + batch * tl.num_programs(1) + kv_head
         count = tl.atomic_add(counter, 1, sem="acq_rel")
-        if count == num_splits - 1:
-            _merge_splits(partial_ptr, lse_ptr, out_ptr + batch * stride_ob, kv_head * GROUP, num_splits, stride_ph,
+        if count == live - 1:
+            _merge_splits(partial_ptr, lse_ptr, out_ptr + batch * stride_ob, kv_head * GROUP, live, stride_ph,
                           stride_ps, stride_lseh, stride_oh, GROUP, HALF_D, BLOCK_DH, MERGE_CHUNK, MERGE_STEPS)
             tl.store(counter, 0)  # ready for the next launch (and the next CUDA graph replay)
 
