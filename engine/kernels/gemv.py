@@ -88,17 +88,19 @@ def gemv_kernel(
 
 
 def default_config(M: int, N: int, K: int) -> dict:
-    """Tile shape and launch parameters of gemv, from CUDA-graph-timed sweeps on an H200 at the Llama-2-7B shapes
-    (benchmarks/bench_gemv.py --sweep, PDL on; fractions of the 4.25 TB/s copy rate). One token: FMA over thin,
-    long tiles, many programs per SM (qkv 0.97, o 0.81, gate_up 1.01, down 0.93, lm_head 1.04; cuBLAS 0.84,
-    0.61, 0.92, 0.81, 0.96). 2-8 tokens: MMA tiles, about even with cuBLAS except for N <= 8192 (o, down:
-    5-10% faster), where linear() uses it."""
+    """Tile shape and launch parameters of gemv, from CUDA-graph-timed sweeps on an H200 (benchmarks/bench_gemv.py
+    --sweep, PDL on; fractions of the 4.25 TB/s copy rate). One token: FMA over thin, long tiles, many programs
+    per SM (Llama-2-7B qkv 0.97, o 0.81, gate_up 1.01, down 0.93, lm_head 1.04; cuBLAS 0.84, 0.61, 0.92, 0.81,
+    0.96; Llama-3-8B and InternLM2-1.8B shapes in BENCHMARKS.md). 2-8 tokens: MMA tiles, about even with cuBLAS
+    except for N <= 8192 (o, down: 5-10% faster), where linear() uses it."""
     if M == 1:
         if K >= 8192:  # down-like: long rows
-            return dict(DOT=False, BLOCK_N=8, BLOCK_K=512, num_warps=8, programs_per_sm=4, max_split=32)
+            if N >= 4096:
+                return dict(DOT=False, BLOCK_N=8, BLOCK_K=512, num_warps=8, programs_per_sm=4, max_split=32)
+            return dict(DOT=False, BLOCK_N=4, BLOCK_K=1024, num_warps=8, programs_per_sm=4, max_split=32)
         if N <= 4096:  # o-like: a small matrix, few bytes per program
             return dict(DOT=False, BLOCK_N=2, BLOCK_K=512, num_warps=4, programs_per_sm=4, max_split=32)
-        if 16384 <= N <= 30000:  # gate_up-like
+        if 20000 <= N <= 24576:  # Llama-2-7B's gate_up (22016)
             return dict(DOT=False, BLOCK_N=4, BLOCK_K=2048, num_warps=4, programs_per_sm=8, max_split=32)
         return dict(DOT=False, BLOCK_N=2, BLOCK_K=1024, num_warps=4, programs_per_sm=12, max_split=32)
     return dict(DOT=True, BLOCK_N=64, BLOCK_K=256, num_warps=4, programs_per_sm=2, max_split=32)
