@@ -24,9 +24,9 @@ class CudaGraphDecoder:
         self.device = device
         self.batch_sizes = batch_size_ladder(max_batch_size)
         n = max(self.batch_sizes)
-        self.io = torch.zeros(3, n, dtype=torch.int64, device=device)  # input ids, positions, slots: one copy in
-        self.input_ids, self.positions, self.slot_mapping = self.io[0], self.io[1], self.io[2]
-        self.slot_mapping.fill_(-1)
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.kv_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -58,14 +58,14 @@ class CudaGraphDecoder:
         return batch_size <= self.batch_sizes[-1] and num_blocks <= self.block_tables.shape[1]
 
     @torch.inference_mode()
-    def run(self, io: torch.Tensor, kv_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """io [3, b]: input ids, positions, cache slots; kv_lens [b]; block_tables [b, w] (w <= the buffer's
-        width; any integer dtype: the copies convert) -> logits [b, vocab]. Three copies, then one graph launch."""
-        b = io.shape[1]
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        b = input_ids.shape[0]
         bs = next(s for s in self.batch_sizes if s >= b)
-        self.io[:, :b].copy_(io)
-        self.kv_lens[:b].copy_(kv_lens)
-        self.block_tables[:b, : block_tables.shape[1]].copy_(block_tables)
+        self.input_ids[:b].copy_(input_ids)
+        self.positions[:b].copy_(positions)
+        self.slot_mapping[:b].copy_(meta.slot_mapping)
+        self.kv_lens[:b].copy_(meta.kv_lens)
+        self.block_tables[:b, : meta.block_tables.shape[1]].copy_(meta.block_tables)
         if bs > b:
             self.slot_mapping[b:bs].fill_(-1)
             self.kv_lens[b:bs].fill_(1)

@@ -126,8 +126,9 @@ class ModelRunner:
         return torch.tensor(data, dtype=dtype, pin_memory=pinned).to(self.device, non_blocking=True)
 
     def prepare(self, batch: ScheduledBatch):
-        """Host lists -> device tensors: input ids, positions, metadata, and which rows get logits (prefill; decode
-        steps go through _prepare_decode)."""
+        """Host lists -> device tensors: input ids, positions, metadata, and which rows get logits."""
+        if not batch.is_prefill:
+            return self._prepare_decode(batch.seqs)
         input_ids, positions, slots, kv_lens, cu_seqlens, sample_rows = [], [], [], [], [0], []
         bs = self.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -153,26 +154,28 @@ class ModelRunner:
         return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta, sample_rows
 
     def _prepare_decode(self, seqs: list[Sequence]):
-        """One token per sequence: its last. Everything goes to the device in one copy, laid out field by field
-        (ids, positions, slots, kv lengths, then the block table rows) so that each field is a contiguous view:
-        -> (io [3, n] int64 = ids / positions / slots, kv_lens [n] int64, block_tables [n, w] int64)."""
+        """One token per sequence: its last. Everything goes to the device in one copy."""
         bs = self.block_size
         n = len(seqs)
         max_blocks = max(len(s.block_table) for s in seqs)
-        ids, positions, slots, lens = [], [], [], []
+        flat = []
         for s in seqs:
             pos = len(s.token_ids) - 1
-            ids.append(s.token_ids[-1])
-            positions.append(pos)
-            slots.append(s.block_table[pos // bs] * bs + pos % bs)
-            lens.append(pos + 1)
-        flat = ids + positions + slots + lens
+            flat += (s.token_ids[-1], pos, s.block_table[pos // bs] * bs + pos % bs, pos + 1)
         for s in seqs:
             flat += s.block_table
             flat += [0] * (max_blocks - len(s.block_table))
         host = torch.tensor(flat, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         dev = host.to(self.device, non_blocking=True)
-        return dev[: 3 * n].view(3, n), dev[3 * n : 4 * n], dev[4 * n :].view(n, max_blocks)
+        head = dev[: 4 * n].view(n, 4)
+        meta = AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=head[:, 2].contiguous(),
+            block_tables=dev[4 * n :].view(n, max_blocks).to(torch.int32),
+            kv_lens=head[:, 3].to(torch.int32),
+            max_seqlen_q=1,
+        )
+        return head[:, 0], head[:, 1], meta, list(range(n))
 
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         gcs = [s.sampling.gen_config for s in seqs]
@@ -220,28 +223,22 @@ class ModelRunner:
 
         Sequences whose last token is still PENDING (sampled by `prev`, not yet read back) take their input
         id straight from prev's device tensor, so step N+1 can run before step N's tokens reach the host."""
+        input_ids, positions, meta, sample_rows = self.prepare(batch)
+        if prev is not None and not batch.is_prefill:
+            rows = [s.pending_row if s.token_ids[-1] == PENDING else -1 for s in batch.seqs]
+            if any(r >= 0 for r in rows):
+                src = self._tensor(rows, torch.int64)
+                input_ids = torch.where(src >= 0, prev.tokens[src.clamp_min(0)], input_ids)
         sampled_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
-        if batch.is_prefill:
-            input_ids, positions, meta, sample_rows = self.prepare(batch)
+        if not batch.is_prefill and self.graphs is not None and self.graphs.can_run(
+                len(batch.seqs), meta.block_tables.shape[1]):
+            logits = self.graphs.run(input_ids, positions, meta)
+        else:
             hidden = self.model(input_ids, positions, meta)
             if not sampled_seqs:
                 return StepHandle(batch, [], None, None, None, None)
-            logits = self.model.compute_logits(hidden[self._tensor(sample_rows, torch.int64)])
-        else:
-            io, kv_lens, block_tables = self._prepare_decode(batch.seqs)
-            if prev is not None and prev.tokens is not None:
-                rows = [s.pending_row if s.token_ids[-1] == PENDING else -1 for s in batch.seqs]
-                if rows == list(range(prev.tokens.shape[0])):  # the same sequences in the same order, all pending
-                    io[0].copy_(prev.tokens)
-                elif any(r >= 0 for r in rows):
-                    src = self._tensor(rows, torch.int64)
-                    io[0] = torch.where(src >= 0, prev.tokens[src.clamp_min(0)], io[0])
-            if self.graphs is not None and self.graphs.can_run(len(batch.seqs), block_tables.shape[1]):
-                logits = self.graphs.run(io, kv_lens, block_tables)
-            else:
-                meta = AttentionMetadata(is_prefill=False, slot_mapping=io[2], max_seqlen_q=1,
-                                         block_tables=block_tables.to(torch.int32), kv_lens=kv_lens.to(torch.int32))
-                logits = self.model.compute_logits(self.model(io[0], io[1], meta))
+            rows = hidden[self._tensor(sample_rows, torch.int64)] if batch.is_prefill else hidden
+            logits = self.model.compute_logits(rows)
         tokens, logprob_info = sample(logits, self.sampling_batch(sampled_seqs))
         host, event = None, None
         if tokens.is_cuda:
