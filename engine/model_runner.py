@@ -180,8 +180,13 @@ class ModelRunner:
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         gcs = [s.sampling.gen_config for s in seqs]
         temps = [0.0 if g.is_greedy else g.temperature for g in gcs]
-        if not any(temps) and all(g.needs_only_logits for g in gcs) and all(
-                s.num_generated_tokens >= s.sampling.gen_config.min_new_tokens for s in seqs):
+        # min_new_tokens: the ids that would end a sequence (EOS unless ignore_eos, stop ids) are forbidden until then
+        banned = [
+            sorted(s.sampling.eos_token_ids | set(s.sampling.gen_config.stop_token_ids))
+            if s.num_generated_tokens < s.sampling.gen_config.min_new_tokens else []
+            for s in seqs
+        ]
+        if not any(temps) and all(g.needs_only_logits for g in gcs) and not any(banned):
             return SamplingBatch(*([None] * 6), all_greedy=True)  # argmax only: no per-row tensors needed
         f32, i64 = torch.float32, torch.int64
         b = SamplingBatch(
@@ -202,11 +207,6 @@ class ModelRunner:
             b.presence_penalties = self._tensor([g.presence_penalty for g in gcs], f32)
             b.frequency_penalties = self._tensor([g.frequency_penalty for g in gcs], f32)
             b.generated_ids = self._padded([s.generated_token_ids for s in seqs])
-        banned = [
-            sorted(s.sampling.eos_token_ids | set(s.sampling.gen_config.stop_token_ids))
-            if s.num_generated_tokens < s.sampling.gen_config.min_new_tokens else []
-            for s in seqs
-        ]
         if any(banned):
             b.banned_ids = self._padded(banned)
         wanted = [g.logprobs for g in gcs if g.logprobs is not None]

@@ -287,3 +287,22 @@ def test_unencodable_prompt_is_a_value_error(make_pipe, demo_model_path):
     pipe = make_pipe(demo_model_path)
     with pytest.raises(ValueError):
         pipe("bad \ud800 surrogate", greedy(4))
+
+
+def test_min_new_tokens_bans_only_ids_that_would_end_the_sequence(make_pipe, demo_model_path):
+    # greedy with min_new_tokens and ignore_eos (what benchmarks send) needs no per-row sampling tensors: EOS cannot
+    # end such a sequence, so nothing is banned and the argmax-only fast path runs; without ignore_eos EOS is banned
+    from engine.sequence import SamplingState, Sequence
+
+    runner = make_pipe(demo_model_path).engine.runner
+
+    def batch(eos, **kw):
+        gc = GenerationConfig(max_new_tokens=8, min_new_tokens=8, **kw)
+        return runner.sampling_batch([Sequence([5, 6], SamplingState(gc, 0, frozenset(eos)), 64, 16)])
+
+    fast = batch([], ignore_eos=True)
+    assert fast.all_greedy and fast.temperatures is None and fast.banned_ids is None
+    held = batch([2])
+    assert held.banned_ids is not None and held.banned_ids.tolist() == [[2]]
+    stop = batch([], ignore_eos=True, stop_token_ids=[7])
+    assert stop.banned_ids.tolist() == [[7]]
