@@ -14,9 +14,9 @@ from tests.engine.conftest import PROMPTS, engine_prompt_logits, hf_greedy, hf_m
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _run(path, kernels: str, **cfg):
-    old = os.environ.get("ENGINE_KERNELS")
-    os.environ["ENGINE_KERNELS"] = kernels
+def _run(path, kernels: str, pdl: str = "1", **cfg):
+    old = os.environ.get("ENGINE_KERNELS"), os.environ.get("ENGINE_PDL")
+    os.environ["ENGINE_KERNELS"], os.environ["ENGINE_PDL"] = kernels, pdl
     try:
         pipe = pipeline(path, EngineConfig(cache_block_seq_len=16, num_gpu_blocks=256, max_prefill_token_num=64,
                                            use_cuda_graph=kernels != "reference", **cfg))
@@ -25,10 +25,11 @@ def _run(path, kernels: str, **cfg):
         pipe.close()
         return [o.token_ids for o in outs], logits
     finally:
-        if old is None:
-            os.environ.pop("ENGINE_KERNELS", None)
-        else:
-            os.environ["ENGINE_KERNELS"] = old
+        for name, value in zip(("ENGINE_KERNELS", "ENGINE_PDL"), old):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.mark.parametrize("quant_policy", [0, 8, 4])
@@ -52,6 +53,16 @@ def test_half_precision_fast_path_tracks_reference(llama_gqa_path, dtype):
     assert rel < 2e-2, rel
     first = [o[:8] for o in fast_ids]
     assert sum(a == b for a, b in zip(first, [o[:8] for o in ref_ids])) >= len(first) * 0.8
+
+
+@pytest.mark.parametrize("quant_policy", [0, 4])
+def test_programmatic_dependent_launch_changes_no_bit(llama_gqa_path, quant_policy):
+    # PDL only lets kernels launch early; each waits for its predecessor before reading or writing anything, so
+    # the fp16 fast path (GEMV, CUDA graphs) must give the same tokens and the same logits bit for bit without it
+    off_ids, off_logits = _run(llama_gqa_path, "auto", pdl="0", dtype="float16", quant_policy=quant_policy)
+    on_ids, on_logits = _run(llama_gqa_path, "auto", pdl="1", dtype="float16", quant_policy=quant_policy)
+    assert on_ids == off_ids
+    assert torch.equal(on_logits, off_logits)
 
 
 def test_fast_path_matches_transformers_fp32(llama_gqa_path):
