@@ -64,3 +64,29 @@ def test_wrong_model_format_is_a_clear_error(awq_folder):
 
     with pytest.raises(ModelLoadError, match="model_format='hf'.*'awq'"):
         pipeline(awq_folder, EngineConfig(model_format="hf"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_awq_fp16_fast_path_on_gpu(awq_folder, monkeypatch):
+    # W4A16 kernels + CUDA graphs in fp16 track the reference ops (dequantize, matmul), and programmatic dependent
+    # launch changes no bit
+    def run(kernels, pdl):
+        monkeypatch.setenv("ENGINE_KERNELS", kernels)
+        monkeypatch.setenv("ENGINE_PDL", pdl)
+        pipe = pipeline(awq_folder, EngineConfig(dtype="float16", cache_block_seq_len=16, num_gpu_blocks=128,
+                                                 use_cuda_graph=kernels != "reference"))
+        try:
+            assert pipe.engine.model_format == "awq"
+            logits = engine_prompt_logits(pipe, pipe.encode(PROMPTS[1]))
+            ids = [o.token_ids for o in pipe(PROMPTS, greedy(16))]
+            return logits, ids
+        finally:
+            pipe.close()
+
+    ref_logits, _ = run("reference", "0")
+    off_logits, off_ids = run("auto", "0")
+    on_logits, on_ids = run("auto", "1")
+    rel = ((on_logits.float() - ref_logits.float()).norm() / ref_logits.float().norm()).item()
+    assert rel < 2e-2, rel
+    assert torch.equal(on_logits, off_logits) and on_ids == off_ids
