@@ -9,7 +9,7 @@ how close each gets to the memory bandwidth and how little time is lost between 
 - programmatic dependent launch (pdl.py): the kernel launches while the previous one finishes and loads its
   first weight tile then, so the gap between kernels is filled with weight traffic;
 - products: fp32 multiply-accumulate over [BLOCK_N, BLOCK_K] (one token, DOT=False) or a tensor-core MMA with the
-  weights on the MMA's M side and the tokens (padded to 8 or 16) on its N side (DOT=True), fp32 accumulation.
+  weights on the MMA's M side and the tokens (padded to 16) on its N side (DOT=True), fp32 accumulation.
 Tile configs: default_config (measured, see benchmarks/bench_gemv.py).
 """
 

@@ -43,6 +43,7 @@ def split_k_epilogue(acc, offs_m, offs_n, mask_m, mask_n, tile, pid_k, M, N, bia
 # ---- launcher helpers ---------------------------------------------------------------------------------------
 _NUM_SMS: dict[torch.device, int] = {}
 _LOCKS: dict[torch.device, torch.Tensor] = {}
+_RETIRED_LOCKS: list[torch.Tensor] = []
 
 
 def num_sms(device: torch.device) -> int:
@@ -54,9 +55,12 @@ def num_sms(device: torch.device) -> int:
 
 def split_locks(device: torch.device, n: int) -> torch.Tensor:
     """Per-tile arrival counters for the split-K epilogue, zero between launches (the last program resets its own).
-    Allocated once per device (the engine's warm-up runs before CUDA graph capture)."""
+    Allocated once per device (the engine's warm-up runs before CUDA graph capture); a larger request allocates a
+    larger buffer but keeps the old one alive, since captured CUDA graphs may still point at it."""
     locks = _LOCKS.get(device)
     if locks is None or locks.numel() < n:
+        if locks is not None:
+            _RETIRED_LOCKS.append(locks)
         locks = torch.zeros(max(n, 8192), dtype=torch.int32, device=device)
         _LOCKS[device] = locks
     return locks
