@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import triton
@@ -35,25 +36,6 @@ LINEARS = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "d
 HIDDEN, INTER, LAYERS, VOCAB, GROUP = 4096, 11008, 32, 32000, 128
 DTYPE = torch.float16
 ROTATE_BYTES = 200 * 2**20
-
-
-class env:
-    """Set environment variables for a block (the kernels read ENGINE_GEMV / ENGINE_PDL at launch)."""
-
-    def __init__(self, **values):
-        self.values, self.saved = values, {}
-
-    def __enter__(self):
-        for k, v in self.values.items():
-            self.saved[k] = os.environ.get(k)
-            os.environ[k] = v
-
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def random_awq(K, N, gen):
@@ -202,7 +184,7 @@ def main() -> None:
     ]
     for label, awq, cfg, fuse_silu, variables in [] if args.no_chain else variants:
         try:
-            with env(**variables):
+            with mock.patch.dict(os.environ, variables):  # the kernels read these at launch
                 us, nbytes = chain(awq, cfg, fuse_silu)
         except Exception as exc:  # noqa: BLE001
             errors.append(f"chain {label}: {type(exc).__name__}: {str(exc)[:300]}")
@@ -229,7 +211,7 @@ def main() -> None:
     if args.sweep:
         for shape in args.sweep_shapes.split(","):
             dtype = torch.float16 if SHAPES[shape]["torch_dtype"] == "float16" else torch.bfloat16
-            with env(ENGINE_PDL="1"):
+            with mock.patch.dict(os.environ, {"ENGINE_PDL": "1"}):
                 sweep([int(m) for m in args.sweep_ms.split(",")], copy_bw, t0 + args.deadline, rows, errors,
                       shape_linears(shape), shape, dtype)
         report()

@@ -80,12 +80,18 @@ def bench_engine(folder: Path, shape: str, config: str, ceilings: dict, quick: b
                 "itl_p90_ms": r["itl_p90_ms"], "itl_p99_ms": r["itl_p99_ms"]})
     bytes_step = decode_bytes_per_step(pipe, n_new // 2)
     res["decode_fraction_of_bw"] = bytes_step / mean_step / ceilings["copy_bw"]
-    if decode_only:
-        pipe.close()
-        del pipe, eng, timer
-        gc.collect()
-        torch.cuda.empty_cache()
-        return res
+    if not decode_only:
+        _bench_latency_and_throughput(res, pipe, timer, rng, ceilings, quick, concurrencies, fixed_requests)
+    pipe.close()
+    del pipe, eng, timer
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def _bench_latency_and_throughput(res, pipe, timer, rng, ceilings, quick, concurrencies, fixed_requests) -> None:
+    """8k-context decode, first-token latency, random-length throughput and the fixed256 workload, into res."""
+    spec = pipe.engine.spec
     # batch-1 decode at an 8k context
     if not quick:
         r8 = timer.run([(random_ids(rng, 8192, spec.vocab_size), 129)], 1)
@@ -110,11 +116,6 @@ def bench_engine(folder: Path, shape: str, config: str, ceilings: dict, quick: b
     r = timer.run(reqs, fixed_requests)
     res["fixed256_output_tok_s"] = r["output_tokens_per_s"]
     res["fixed256"] = r
-    pipe.close()
-    del pipe, eng, timer
-    gc.collect()
-    torch.cuda.empty_cache()
-    return res
 
 
 @torch.inference_mode()

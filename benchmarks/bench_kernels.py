@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import graph_us
+from benchmarks.common import graph_us, markdown_table
 
 MODELS = {  # name -> hidden, intermediate, q heads, kv heads, head_dim
     "llama2-7b": {"hidden": 4096, "inter": 11008, "hq": 32, "hk": 32, "d": 128},
@@ -339,17 +339,6 @@ def emit(r: dict) -> None:
     if _EMIT_PATH is not None:
         with open(_EMIT_PATH, "a") as f:
             f.write(json.dumps(r) + "\n")
-
-
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1e3 else f"{v:,.0f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def run(device="cuda", do_sweep=True, only="all", baseline=False, deadline_s=SWEEP_DEADLINE_S) -> dict:

@@ -136,17 +136,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return out
 
 
-def _use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _gemv_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """x's row count when this kernel should run (see linear), else 0."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     fits = rows == 1 or (rows <= GEMV_MAX_M and weight.shape[0] <= 8192)
-    return (rows > 0 and fits and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16)
-            and os.environ.get("ENGINE_GEMV", "1") != "0")
+    use = (fits and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16)
+           and os.environ.get("ENGINE_GEMV", "1") != "0")
+    return rows if use else 0
 
 
 def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """ops.silu_mul_linear on CUDA: linear(silu_and_mul(x)) with the activation inside the GEMV when it runs."""
-    if _use_gemv(x, weight):
-        rows = x.numel() // x.shape[-1]
+    rows = _gemv_rows(x, weight)
+    if rows:
         return gemv(x.reshape(rows, x.shape[-1]), weight, bias, silu_mul=True).view(*x.shape[:-1], weight.shape[0])
     return F.linear(silu_and_mul(x), weight, bias)
 
@@ -154,7 +156,7 @@ def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """ops.linear on CUDA: this kernel for one token, and for up to GEMV_MAX_M tokens when N <= 8192 (where it
     measured faster than cuBLAS), fp16/bf16; cuBLAS otherwise (ENGINE_GEMV=0: always cuBLAS, for A/B runs)."""
-    if _use_gemv(x, weight):
-        rows = x.numel() // x.shape[-1]
+    rows = _gemv_rows(x, weight)
+    if rows:
         return gemv(x.reshape(rows, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)

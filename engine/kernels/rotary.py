@@ -15,13 +15,14 @@ import triton.language as tl
 
 @triton.jit
 def rotate_half(x1, x2, cos, sin):
-    """The rotation itself, on fp32 halves (cos/sin broadcastable to them): shared with store_kv.py's fused
-    rotary_store_kv, so both round the same fp32 expression and agree bit for bit."""
+    """The rotation itself, on fp32 halves (cos/sin broadcastable to them), shared with store_kv.py's fused
+    rotary_store_kv (bit for bit the same under the interpreter; compiled, the two kernels may contract the
+    multiply-adds into FMAs differently, a last-bit difference)."""
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
 @triton.jit
-def _rotate_heads(
+def rotate_heads(
     x_ptr,
     stride_xn,
     stride_xh,
@@ -69,8 +70,8 @@ def _apply_rotary_kernel(
     mask_d = offs_d < HALF_D
     cos = tl.load(cos_ptr + token * stride_cosn + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # [BLOCK_DH]
     sin = tl.load(sin_ptr + token * stride_sinn + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr, stride_qn, stride_qh, token, num_q_heads, cos, sin, offs_d, mask_d, HALF_D, BLOCK_HQ)
-    _rotate_heads(k_ptr, stride_kn, stride_kh, token, num_kv_heads, cos, sin, offs_d, mask_d, HALF_D, BLOCK_HK)
+    rotate_heads(q_ptr, stride_qn, stride_qh, token, num_q_heads, cos, sin, offs_d, mask_d, HALF_D, BLOCK_HQ)
+    rotate_heads(k_ptr, stride_kn, stride_kh, token, num_kv_heads, cos, sin, offs_d, mask_d, HALF_D, BLOCK_HK)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

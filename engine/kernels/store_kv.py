@@ -9,16 +9,16 @@ stored as [num_blocks, Hk, block_size, 2]. Caches are addressed through all four
 quantized V layout (head_dim stride = block_size) needs no special case. Head vectors are handled as two halves
 throughout, which is exactly the int4 packing, and slot -1 is skipped.
 
-rotary_store_kv is rotary.apply_rotary followed by store_kv in one launch (ROPE=True), one kernel fewer per
-decoder layer. Rotate-half RoPE works on the same two halves, so it slots in between the loads and the stores:
-the key programs rotate in fp32 (rotary.rotate_half, the very expression apply_rotary rounds), round to the
-model dtype as apply_rotary's in-place write would, and only then store or quantize, so the cache holds bit for
-bit what the two ops write. k itself is not written back (nothing reads it after the cache). The grid's second
-axis gets a third index whose programs rotate q in place for the attention kernel that follows: every token,
-padding slots included, as apply_rotary does. Queries need no slot, so these programs run beside the key and
-value ones instead of lengthening them: fp caches, one program per token rotates all its q heads
-(rotary._rotate_heads, apply_rotary's own code); quantized caches, one program per token tile and kv head
-rotates the q heads of that head's GQA group, tiled like the key and value programs.
+rotary_store_kv is rotary.apply_rotary followed by store_kv in one launch (ROPE=True), one kernel fewer per decoder
+layer. Rotate-half RoPE works on the same two halves, so it slots in between the loads and the stores: the key
+programs rotate in fp32 (rotary.rotate_half, the very expression apply_rotary rounds), round to the model dtype as
+apply_rotary's in-place write would, and only then store or quantize, so the cache holds what the two ops write (bit
+for bit under the interpreter; compiled, FMA contraction may differ in the last bit). k itself is not written back
+(nothing reads it after the cache). The grid's second axis gets a third index whose programs rotate q in place for
+the attention kernel that follows: every token, padding slots included, as apply_rotary does. Queries need no slot,
+so these programs run beside the key and value ones instead of lengthening them: fp caches, one program per token
+rotates all its q heads (rotary.rotate_heads, apply_rotary's own code); quantized caches, one program per token tile
+and kv head rotates the q heads of that head's GQA group, tiled like the key and value programs.
 
 Both kernels take part in programmatic dependent launch (pdl.py): everything they read (q, k, v: the qkv
 projection's output) comes from the previous kernel, so they wait for it first thing and release the next one.
@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.pdl import launch_options, release_next, wait_for_previous
-from engine.kernels.rotary import _rotate_heads, rotate_half
+from engine.kernels.rotary import rotate_half, rotate_heads
 
 
 @triton.jit
@@ -278,7 +278,7 @@ def _store_kv_kernel(
             mask_d = offs_d < HALF_D
             cos = tl.load(cos_ptr + token * stride_cosn + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             sin = tl.load(sin_ptr + token * stride_sinn + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            _rotate_heads(q_ptr, stride_qn, stride_qh, token, num_q_heads, cos, sin, offs_d, mask_d, HALF_D,
+            rotate_heads(q_ptr, stride_qn, stride_qh, token, num_q_heads, cos, sin, offs_d, mask_d, HALF_D,
                           BLOCK_HQ)
     else:
         slot = tl.load(slot_ptr + token).to(tl.int64)

@@ -40,17 +40,13 @@ class PagedAttention(nn.Module):
         self.kv_cache: KVCache | None = None  # bound by the model runner after it allocates the cache
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
-                cos_sin: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim], not yet rotated;
         cos_sin: the step's RotaryEmbedding.lookup, applied here, fused into the cache write (one kernel: q is
-        rotated in place, the rotated k goes straight to the cache), or None for q and k that need no rotation."""
+        rotated in place, the rotated k goes straight to the cache)."""
         cache = self.kv_cache
-        if cos_sin is None:
-            ops.store_kv(k, v, cache.k, cache.v, meta.slot_mapping, cache.k_scale_zero, cache.v_scale_zero,
-                         cache.quant_policy)
-        else:
-            q = ops.rotary_store_kv(q, k, v, *cos_sin, cache.k, cache.v, meta.slot_mapping, cache.k_scale_zero,
-                                    cache.v_scale_zero, cache.quant_policy)
+        q = ops.rotary_store_kv(q, k, v, *cos_sin, cache.k, cache.v, meta.slot_mapping, cache.k_scale_zero,
+                                cache.v_scale_zero, cache.quant_policy)
         if meta.is_prefill:
             return ops.paged_prefill_attention(q, cache.k, cache.v, meta.block_tables, meta.cu_seqlens_q,
                                                meta.kv_lens, self.scale, cache.k_scale_zero, cache.v_scale_zero,

@@ -87,3 +87,17 @@ def test_gemv_llama_shapes_gpu(dtype, M, K, N):
         gate_up = torch.randn(M, 2 * K, device="cuda", generator=g).to(dtype)
         ref = reference.silu_mul_linear(gate_up.float(), w.float())
         assert rel_err(silu_mul_linear(gate_up, w), ref) < 5e-3
+
+
+def test_linear_routes_few_half_precision_rows_to_the_kernel():
+    # the entry points the model calls: fp16 rows up to GEMV_MAX_M take the kernel (shape kept), results as F.linear
+    from engine.kernels.gemv import _gemv_rows
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 3, 64, generator=g).half().to(DEVICE)
+    w = (torch.randn(48, 64, generator=g) * 0.1).half().to(DEVICE)
+    assert _gemv_rows(x, w) == 3 and _gemv_rows(x.float(), w.float()) == 0
+    out = linear(x, w)
+    assert out.shape == (1, 3, 48) and rel_err(out, reference.linear(x.float(), w.float())) < 5e-3
+    gate_up = torch.randn(2, 128, generator=g).half().to(DEVICE)
+    assert rel_err(silu_mul_linear(gate_up, w), reference.silu_mul_linear(gate_up.float(), w.float())) < 5e-3
