@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.models.internlm2 import INTERNLM2_TO_LLAMA
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -209,16 +211,7 @@ def resolve_dtype(requested: str, cfg: dict, device: torch.device) -> torch.dtyp
 
 # ----------------------------------------------------------------------------- InternLM2 <-> Llama layout
 
-_INTERNLM2_TO_LLAMA = (
-    ("model.tok_embeddings.", "model.embed_tokens."),
-    ("output.", "lm_head."),
-    (".attention.wo.", ".self_attn.o_proj."),
-    (".feed_forward.w1.", ".mlp.gate_proj."),
-    (".feed_forward.w3.", ".mlp.up_proj."),
-    (".feed_forward.w2.", ".mlp.down_proj."),
-    (".attention_norm.", ".input_layernorm."),
-    (".ffn_norm.", ".post_attention_layernorm."),
-)
+_INTERNLM2_TO_LLAMA = (("output.", "lm_head."), *INTERNLM2_TO_LLAMA)  # the engine's renames + the lm_head
 
 
 def internlm2_llama_config(cfg: dict):

@@ -12,7 +12,7 @@ import torch
 
 from engine.models.spec import ModelSpec
 
-_RENAMES = (
+INTERNLM2_TO_LLAMA = (  # checkpoint name piece -> Llama name piece (quant/arch.py uses it too)
     ("model.tok_embeddings.", "model.embed_tokens."),
     (".attention.wo.", ".self_attn.o_proj."),
     (".feed_forward.w1.", ".mlp.gate_proj."),
@@ -48,7 +48,7 @@ def convert_tensor(name: str, t: torch.Tensor, spec: ModelSpec) -> list[tuple[st
         q, k, v = split_wqkv(t, spec, out_dim, pack)
         base = name.replace(".attention.wqkv.", ".self_attn.{}.")
         return [(base.format("q_proj"), q), (base.format("k_proj"), k), (base.format("v_proj"), v)]
-    for old, new in _RENAMES:
+    for old, new in INTERNLM2_TO_LLAMA:
         if old in name:
             return [(name.replace(old, new), t)]
     return [(name, t)]
