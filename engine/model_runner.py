@@ -257,11 +257,6 @@ class ModelRunner:
             return handle.host.tolist()
         return handle.tokens.tolist()
 
-    def run(self, batch: ScheduledBatch):
-        """Forward + sample, waiting for the result: (token ids, sampled sequences, logprob info)."""
-        handle = self.launch(batch)
-        return self.resolve(handle), handle.sampled_seqs, handle.logprob_info
-
     @torch.inference_mode()
     def prompt_logits(self, seq: Sequence) -> torch.Tensor:
         """Logits at every position of one prompt whose blocks are allocated (tests compare with transformers)."""

@@ -76,5 +76,3 @@ class Sequence:
     def block_tokens(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size : (i + 1) * self.block_size]
 
-    def append_token(self, token_id: int) -> None:
-        self.token_ids.append(token_id)

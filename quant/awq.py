@@ -4,15 +4,17 @@ Per decoder layer, with only that layer and its calibration activations on the d
 1. run the layer over all calibration samples (in chunks), capturing each scale group's input: the mean |x| per
    channel over every token, and the full inputs of the first `search_tokens` worth of samples; the layer's fp
    outputs become the next layer's inputs (as in AutoAWQ / llm-awq);
-2. per scale group (q/k/v after input_layernorm, o_proj after v_proj when v_proj's width equals o_proj's (MHA),
+2. with `compare_rtn`, measure the round-to-nearest error of the untouched layer on the first `report_tokens`
+   worth of samples (the baseline the layer's AWQ error is reported against);
+3. per scale group (q/k/v after input_layernorm, o_proj after v_proj when v_proj's width equals o_proj's (MHA),
    gate/up after post_attention_layernorm, down_proj after up_proj), grid-search `n_grid` ratios of
    s = x_mean**ratio (normalised to sqrt(max * min) = 1), minimising the MSE of the group's module output
    (self_attn / mlp / the linear) under fake quantization of W * s; fold s into the previous norm or linear;
    with `search_scale` the grid also covers LMDeploy's weight-aware form s = x_mean**r / w_mean**(1 - r);
-3. per linear (not q/k), search a max-abs clipping threshold per (row, group) over 512 sampled tokens;
-4. quantize (asymmetric, group-wise, zero point), keep the fake-quantized weights in the in-memory model, and
+4. per linear (not q/k), search a max-abs clipping threshold per (row, group) over 512 sampled tokens;
+5. quantize (asymmetric, group-wise, zero point), keep the fake-quantized weights in the in-memory model, and
    hand the integer tensors to `on_layer` (the exporter packs them).
-`method="rtn"` skips 1-3: plain round-to-nearest, no calibration data.
+`method="rtn"` skips 1-4: plain round-to-nearest, no calibration data.
 
 Progress goes through one interface (`ProgressCallback.on_progress(stage, done, total, message)`), with a tqdm
 adapter for the terminal; a `threading.Event` cancels between layers (and between a layer's steps) by raising
@@ -33,8 +35,6 @@ from torch import nn
 
 from quant.arch import ArchSpec, ScaleGroup, find_layers
 from quant.primitives import PACK_FACTOR, dequantize, fake_quantize, quantize, resolve_group_size
-
-STAGES = ("load", "calibration", "quantize", "export")
 
 
 class QuantizationCancelled(RuntimeError):

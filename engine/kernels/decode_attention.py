@@ -445,9 +445,8 @@ def pick_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: in
     """Split the context until batch x kv_heads x splits programs fill the GPU (about PROGRAMS_PER_SM per
     multiprocessor, rounding down so a launch does not spill a small second wave), keeping every split at least
     MIN_SPLIT_TILES tiles long. Uses shapes only (no device sync), so it is CUDA-graph safe; `max_context` is an
-    upper bound (the block table's width in tokens). Measured on an H200 at ctx 8k (CUDA-graph timing, with the
-    merge still a separate kernel): B=1 is fastest at 16 splits with 32 kv heads and 64 with 8, B=16 at 1 and 4,
-    for fp16 and quantized caches alike."""
+    upper bound (the block table's width in tokens). Measured on an H200 at ctx 8k (CUDA-graph timing): B=1 is
+    fastest at 16 splits with 32 kv heads and 64 with 8, B=16 at 1 and 4, for fp16 and quantized caches alike."""
     wanted = PROGRAMS_PER_SM * _sm_count(device) // max(batch * num_kv_heads, 1)
     return max(1, min(wanted, triton.cdiv(max_context, MIN_SPLIT_TILES * block_n), MAX_SPLITS))
 
