@@ -51,9 +51,9 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.paged_kv import LOG2E, as_pairs, check_attention_inputs, split_pairs
 from engine.kernels.pdl import launch_options, release_next, wait_for_previous
 
-LOG2E = 1.4426950408889634
 DEFAULT_SM_COUNT = 4  # stands in for the multiprocessor count off-GPU (TRITON_INTERPRET): keeps CPU grids small
 PROGRAMS_PER_SM = 4  # programs to aim for per multiprocessor: enough loads in flight to saturate HBM
 MIN_SPLIT_TILES = 2  # ... but no split shorter than this many tiles
@@ -172,19 +172,6 @@ def _load_codes(ptrs, hi_offset, QUANT_POLICY: tl.constexpr, DOT_DTYPE: tl.const
         lo = _codes_to_dot(tl.load(ptrs), DOT_DTYPE, CVT, KEEP_OFFSET)
         hi = _codes_to_dot(tl.load(ptrs + hi_offset), DOT_DTYPE, CVT, KEEP_OFFSET)
     return lo, hi
-
-
-@triton.jit
-def _split_pairs(pairs):
-    """(scale, min) pairs stored as (fp16, fp16) / (fp32, fp32) and loaded as one int32 / int64 each -> two fp32
-    tensors (little-endian: the scale is the low half)."""
-    if pairs.dtype == tl.int32:
-        scale = (pairs & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
-        mn = (pairs >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
-    else:
-        scale = (pairs & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-        mn = (pairs >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
-    return scale.to(tl.float32), mn.to(tl.float32)
 
 
 @triton.jit
@@ -361,8 +348,8 @@ def _decode_kernel(
             k_lo, k_hi = _load_codes(k_t_ptrs, HALF_D, QUANT_POLICY, DOT_DTYPE, CVT, True)  # [BLOCK_DH, BLOCK_N]
             v_lo, v_hi = _load_codes(v_ptrs, HALF_D * stride_vcd, QUANT_POLICY, DOT_DTYPE, CVT, False)
             # (scale, min) pairs, contiguous inside a block, each read as one integer twice their width: [BLOCK_N]
-            k_scale, k_min = _split_pairs(tl.load(k_sz_ptr + block_ids * stride_kszb + tok))
-            v_scale, v_min = _split_pairs(tl.load(v_sz_ptr + block_ids * stride_vszb + tok))
+            k_scale, k_min = split_pairs(tl.load(k_sz_ptr + block_ids * stride_kszb + tok))
+            v_scale, v_min = split_pairs(tl.load(v_sz_ptr + block_ids * stride_vszb + tok))
             s = tl.dot(q_lo, k_lo, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]: q . (K_OFFSET + code)
             s = tl.dot(q_hi, k_hi, s, input_precision=DOT_PRECISION)
             k_scale = k_scale * qk_scale
@@ -451,40 +438,6 @@ def pick_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: in
     return max(1, min(wanted, triton.cdiv(max_context, MIN_SPLIT_TILES * block_n), MAX_SPLITS))
 
 
-def check_attention_inputs(q, k_cache, v_cache, k_scale_zero, v_scale_zero, block_tables, kv_lens, quant_policy):
-    """The launcher asserts decode and prefill share (q: [tokens or B, Hq, D]; one kv_lens entry per sequence)."""
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k_cache.shape[2]
-    batch = kv_lens.shape[0]
-    assert quant_policy in (0, 4, 8), f"quant_policy must be 0, 4 or 8, got {quant_policy}"
-    assert num_q_heads % num_kv_heads == 0, "Hq must be a multiple of Hk"
-    assert head_dim % 2 == 0 and q.stride(-1) == 1, "q: [N, Hq, D] with even, contiguous D"
-    _check_cache(k_cache, k_scale_zero, num_kv_heads, head_dim, quant_policy)
-    _check_cache(v_cache, v_scale_zero, num_kv_heads, head_dim, quant_policy, is_v=True)
-    assert block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.stride(1) == 1
-    assert kv_lens.dim() == 1 and kv_lens.is_contiguous(), "kv_lens must be a contiguous [B]"
-    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {q.dtype}"
-
-
-def _check_cache(cache, scale_zero, num_kv_heads, head_dim, quant_policy, is_v=False):
-    stored_dim = head_dim // 2 if quant_policy == 4 else head_dim
-    assert cache.dim() == 4 and cache.shape[2:] == (num_kv_heads, stored_dim), f"bad cache shape {tuple(cache.shape)}"
-    token_minor = is_v and quant_policy and cache.stride(1) == 1  # reference.py: the engine's quantized V layout
-    assert cache.stride(-1) == 1 or token_minor, "cache head_dim must be contiguous (quantized V: or token-minor)"
-    if quant_policy:
-        assert cache.dtype == torch.uint8, "quantized caches are uint8"
-        nb, bs, hk = cache.shape[:3]
-        assert scale_zero is not None and scale_zero.shape == (nb, hk, bs, 2), "scale_zero: [nb, Hk, block_size, 2]"
-        assert scale_zero.stride(-1) == 1, "scale_zero last dim must be contiguous"
-
-
-def _as_pairs(scale_zero: torch.Tensor) -> torch.Tensor:
-    """[nb, Hk, bs, 2] fp16 / fp32 -> the same bytes as [nb, Hk, bs] int32 / int64, one (scale, min) pair each."""
-    pairs = scale_zero.view(torch.int32 if scale_zero.element_size() == 2 else torch.int64)[..., 0]
-    assert pairs.stride(2) == 1, "scale_zero: a block's pairs for one head must be contiguous"
-    return pairs
-
-
 def _dot_types(q: torch.Tensor, quant_policy: int):
     """(DOT_DTYPE, CVT, DOT_PRECISION) for the query's dtype and device and the cache format."""
     if q.dtype == torch.float32:
@@ -526,7 +479,7 @@ def decode_attention_launch(
     check_attention_inputs(q, k_cache, v_cache, k_scale_zero, v_scale_zero, block_tables, kv_lens, quant_policy)
     assert num_splits >= 1
     if quant_policy:
-        k_pairs, v_pairs = _as_pairs(k_scale_zero), _as_pairs(v_scale_zero)  # [nb, Hk, block_size] int32 / int64
+        k_pairs, v_pairs = as_pairs(k_scale_zero), as_pairs(v_scale_zero)  # [nb, Hk, block_size] int32 / int64
     else:
         k_pairs, v_pairs = k_cache, v_cache  # unused placeholders (QUANT_POLICY=0)
 

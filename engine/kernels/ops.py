@@ -1,8 +1,9 @@
 """The one ops interface the model code calls. Each op runs its Triton kernel on CUDA tensors and the torch
 reference elsewhere (CPU). ENGINE_KERNELS=reference forces the reference everywhere (for A/B checks on GPU).
 
-Signatures and layouts are those of reference.py; a Triton module registers itself in TRITON_OPS under the
-same name, so adding a kernel never touches model code.
+Signatures and layouts are those of reference.py. The Triton side exports its kernels as one table,
+triton_ops.TRITON_OPS, under the same names; ops reads it on first CUDA use (imports go one way: ops -> triton_ops),
+so adding a kernel never touches model code.
 """
 
 from __future__ import annotations
@@ -13,21 +14,29 @@ import torch
 
 from engine.kernels import reference
 
-TRITON_OPS: dict[str, object] = {}
+_triton_table: dict | None = None  # triton_ops.TRITON_OPS once read ({} where triton is missing)
 
 
-def _load_triton_ops() -> None:
-    try:
-        from engine.kernels import triton_ops  # noqa: F401  (registers into TRITON_OPS)
-    except ImportError:
-        pass
+def _load_triton_ops() -> dict:
+    global _triton_table
+    if _triton_table is None:
+        try:
+            from engine.kernels.triton_ops import TRITON_OPS
+        except ImportError:
+            TRITON_OPS = {}
+        _triton_table = TRITON_OPS
+    return _triton_table
+
+
+def __getattr__(name: str):
+    if name == "TRITON_OPS":  # ops.TRITON_OPS: the Triton table as ops picks from it
+        return _load_triton_ops()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _pick(name: str, x: torch.Tensor):
     if x.is_cuda and os.environ.get("ENGINE_KERNELS", "auto") != "reference":
-        if not TRITON_OPS:
-            _load_triton_ops()
-        fn = TRITON_OPS.get(name)
+        fn = (_triton_table if _triton_table is not None else _load_triton_ops()).get(name)
         if fn is not None:
             return fn
     return getattr(reference, name)
@@ -81,3 +90,13 @@ def silu_mul_linear(x, weight, bias=None):
 
 def awq_linear(x, qweight, qzeros, scales, group_size, bias=None):
     return _pick("awq_linear", x)(x, qweight, qzeros, scales, group_size, bias)
+
+
+def awq_linear_k(x, qweight_k, qzeros, scales, group_size, bias=None):
+    """awq_linear on the K-packed qweight that AWQLinear.post_load makes (GPU only)."""
+    return _pick("awq_linear_k", x)(x, qweight_k, qzeros, scales, group_size, bias)
+
+
+def awq_repack(qweight, group_size):
+    """AutoAWQ qweight -> the K-packed layout the Triton W4A16 kernels stream (CUDA only: the reference needs none)."""
+    return _load_triton_ops()["awq_repack"](qweight, group_size)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.decode_attention import LOG2E, _as_pairs, _split_pairs, check_attention_inputs
+from engine.kernels.paged_kv import LOG2E, as_pairs, check_attention_inputs, split_pairs
 
 
 @triton.jit
@@ -98,9 +98,9 @@ def _load_v_token_minor(
     else:
         lo = tl.load(ptrs, mask=mask_d, other=0)
         hi = tl.load(ptrs + HALF_D * stride_cd, mask=mask_d, other=0)
-    # (scale, min) pairs read as one int32 / int64 each (decode_attention._split_pairs), unmasked like the codes
+    # (scale, min) pairs read as one int32 / int64 each (paged_kv.split_pairs), unmasked like the codes
     pairs = tl.load(pairs_ptr + ids * stride_pb + kv_head * stride_ph + block_offs)  # [BLOCK_N]
-    scale, mn = _split_pairs(pairs)
+    scale, mn = split_pairs(pairs)
     scale = tl.where(mask_n, scale, 0.0)
     mn = tl.where(mask_n, mn, 0.0)
     lo = lo.to(tl.float32) * scale[None, :] + mn[None, :]
@@ -139,7 +139,7 @@ def _prefill_kernel(
     stride_btb,
     stride_ot,
     stride_oh,
-    v_pairs_ptr,  # V_TOKEN_MINOR: v_sz as pairs (_as_pairs); else a placeholder
+    v_pairs_ptr,  # V_TOKEN_MINOR: v_sz as pairs (as_pairs); else a placeholder
     stride_vpb,
     stride_vph,
     GROUP: tl.constexpr,
@@ -255,7 +255,7 @@ def prefill_attention_launch(
         return out
     half_d = head_dim // 2
     v_token_minor = bool(quant_policy) and v_cache.stride(1) == 1 and v_cache.stride(-1) != 1
-    v_pairs = _as_pairs(v_scale_zero) if v_token_minor else v_cache  # else an unused placeholder
+    v_pairs = as_pairs(v_scale_zero) if v_token_minor else v_cache  # else an unused placeholder
     grid = (triton.cdiv(max_seqlen_q, block_m), num_q_heads, batch)
     _prefill_kernel[grid](
         q,

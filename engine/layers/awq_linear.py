@@ -12,12 +12,10 @@ Modules listed in `modules_to_not_convert` stay plain Linear layers.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
-from engine.kernels import ops, reference
+from engine.kernels import ops
 from engine.layers.linear import Linear
 
 
@@ -53,9 +51,7 @@ class AWQLinear(nn.Module):
         """Repack qweight into the kernels' K-packed layout (GPU only; groups of 32, 64 or a multiple of 128)."""
         if self.k_packed or not self.qweight.is_cuda:
             return
-        from engine.kernels.awq_gemm import awq_repack
-
-        packed = awq_repack(self.qweight.data, self.group_size)
+        packed = ops.awq_repack(self.qweight.data, self.group_size)
         self.qweight = nn.Parameter(packed, requires_grad=False)
         self.k_packed = True
 
@@ -65,13 +61,9 @@ class AWQLinear(nn.Module):
         without attention: 2.07 vs 1.74 ms, benchmarks/bench_gemv.py)."""
         if silu_mul:
             x = ops.silu_and_mul(x)
-        if self.k_packed and x.is_cuda and os.environ.get("ENGINE_KERNELS", "auto") != "reference":
-            from engine.kernels.awq_gemm import awq_linear_k
-
-            return awq_linear_k(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
-        if not self.k_packed:
-            return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
-        return reference.awq_linear_k(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
+        if self.k_packed:
+            return ops.awq_linear_k(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
+        return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
 
 
 def awq_linear_factory(quantization_config: dict, dtype: torch.dtype):
