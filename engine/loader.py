@@ -1,82 +1,46 @@
-"""Checkpoint folder -> model with weights: local folders or hub ids, safetensors (sharded or not) or *.bin,
-plain Hugging Face weights or AWQ (GEMM layout) ones.
+"""Checkpoint folder -> paged model with weights: the architecture's module from the registry (engine/models), its
+linears plain or AWQ (GEMM layout), its weights read through engine/checkpoint.py (local folders or hub ids,
+safetensors, sharded or not, or *.bin).
 
 Every way a folder can be wrong ends in a ModelLoadError that names the path and what was found there.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from engine import checkpoint
+from engine.checkpoint import (  # noqa: F401  (re-exported: older imports read them from the loader)
+    DTYPES,
+    ModelLoadError,
+    check_weights_present,
+    iter_checkpoint,
+    resolve_model_path,
+)
 from engine.layers.linear import load_shard
-from engine.models import internlm2
-from engine.models.llama import LlamaForCausalLM, plain_linear
-from engine.models.spec import ModelSpec, UnsupportedModelError, parse_model_spec
+from engine.models import entry_for, parse_model_spec
+from engine.models.llama import plain_linear
+from engine.models.spec import ModelSpec, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-class ModelLoadError(ValueError):
-    pass
-
-
-def resolve_model_path(model: str | Path) -> Path:
-    """A local folder as is; a hub id ("org/name") downloaded through huggingface_hub when online."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"{path} is a file, not a model folder (expected a folder with config.json)")
-        if not (path / "config.json").is_file():
-            found = sorted(p.name for p in path.iterdir())[:10]
-            raise ModelLoadError(
-                f"{path} is not a model folder: it has no config.json (found: {', '.join(found) or 'nothing'})"
-            )
-        return path
-    if not _HUB_ID.match(str(model)):
-        raise ModelLoadError(f"model path {str(model)!r} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(
-            str(model),
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.tiktoken", "*.jinja"],
-        )
-    except Exception as e:  # offline, unknown repo, gated ...
-        raise ModelLoadError(
-            f"{model!r} is not a local folder, and fetching it from the model hub failed ({type(e).__name__}: {e}). "
-            "Pass the path of a downloaded checkpoint folder."
-        ) from e
-    return resolve_model_path(local)
-
 
 def read_model_spec(path: Path) -> ModelSpec:
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON: {e}") from e
-    gen_cfg_path = path / "generation_config.json"
+    cfg = checkpoint.read_config(path)
     try:
         spec = parse_model_spec(cfg, str(path / "config.json"))
     except UnsupportedModelError:
         raise
     except KeyError as e:
         raise ModelLoadError(f"{path / 'config.json'} lacks {e.args[0]!r}: is this a causal LM checkpoint?") from e
-    if gen_cfg_path.is_file():
-        gen = json.loads(gen_cfg_path.read_text())
-        eos = gen.get("eos_token_id")
-        for t in eos if isinstance(eos, list) else [eos] if eos is not None else []:
-            if int(t) not in spec.eos_token_ids:
-                spec.eos_token_ids.append(int(t))
+    for t in checkpoint.generation_eos_ids(path):
+        if t not in spec.eos_token_ids:
+            spec.eos_token_ids.append(t)
     return spec
 
 
@@ -93,47 +57,15 @@ def detect_model_format(spec: ModelSpec, requested: str) -> str:
 
 
 def resolve_dtype(requested: str, spec: ModelSpec, device: torch.device, model_format: str) -> torch.dtype:
-    if requested != "auto":
-        return DTYPES[requested]
-    if device.type == "cpu":
-        return torch.float32
-    if model_format == "awq":
-        return torch.float16
-    return DTYPES.get(spec.torch_dtype, torch.float16) if spec.torch_dtype != "float32" else torch.float16
-
-
-def check_weights_present(path: Path) -> None:
-    if not any(path.glob("*.safetensors")) and not any(p.name != "training_args.bin" for p in path.glob("*.bin")):
-        raise ModelLoadError(f"{path} has a config.json but no weights (*.safetensors or *.bin)")
-
-
-def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor, safetensors preferred over *.bin; shards in index order."""
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        from safetensors import safe_open
-
-        for f in files:
-            with safe_open(str(f), framework="pt") as fh:
-                for name in fh.keys():
-                    yield name, fh.get_tensor(name)
-        return
-    bins = sorted(p for p in path.glob("*.bin") if p.name != "training_args.bin")
-    if not bins:
-        raise ModelLoadError(f"{path} has a config.json but no weights (*.safetensors or *.bin)")
-    for f in bins:
-        for name, t in torch.load(f, map_location="cpu", weights_only=True).items():
-            yield name, t
+    return checkpoint.resolve_dtype(requested, spec.torch_dtype, device, model_format)
 
 
 def _checkpoint_tensors(path: Path, spec: ModelSpec) -> Iterator[tuple[str, torch.Tensor]]:
+    convert = entry_for(spec.architecture).convert_tensor
     for name, t in iter_checkpoint(path):
         if name.startswith("language_model."):
             name = name[len("language_model.") :]
-        if spec.family == "internlm2":
-            yield from internlm2.convert_tensor(name, t, spec)
-        else:
-            yield name, t
+        yield from convert(name, t, spec)
 
 
 def build_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, model_format: str) -> nn.Module:
@@ -143,7 +75,7 @@ def build_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, model
 
         make_linear = awq_linear_factory(spec.quantization_config or {}, dtype)
     with torch.device(device):
-        return LlamaForCausalLM(spec, dtype, make_linear)
+        return entry_for(spec.architecture).build(spec, dtype, make_linear)
 
 
 def load_weights(model: nn.Module, path: Path, spec: ModelSpec) -> None:
@@ -151,6 +83,7 @@ def load_weights(model: nn.Module, path: Path, spec: ModelSpec) -> None:
     modules = dict(model.named_modules())
     loaded: set[str] = set()
     packed = getattr(model, "packed_modules_mapping", {})
+    ignored = entry_for(spec.architecture).ignored_prefixes
     for name, tensor in _checkpoint_tensors(path, spec):
         if "rotary_emb" in name:
             continue
@@ -161,7 +94,7 @@ def load_weights(model: nn.Module, path: Path, spec: ModelSpec) -> None:
                 break
         param = params.get(target)
         if param is None:
-            if name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision")):
+            if name.startswith(ignored):
                 continue
             raise ModelLoadError(f"{path}: checkpoint tensor {name!r} has no place in the {spec.architecture} model")
         tensor = tensor.to(device=param.device, dtype=param.dtype if param.is_floating_point() else tensor.dtype)

@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from quant.arch import DTYPES
+from engine.checkpoint import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from quant.arch import LoadedModel, linear_widths, load_model, read_config
+from quant.arch import linear_widths
 from quant.awq import AWQConfig, as_progress, check_cancel, quantize_layers
 from quant.calib_data import check_calib_source, load_calib_samples
 from quant.export import (
@@ -27,6 +27,7 @@ from quant.export import (
     write_safetensors,
 )
 from quant.primitives import PACK_BITS
+from quant.source_model import SourceModel, load_source_model, read_config
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def quantize_model(
 
     t0 = time.perf_counter()
     prog.on_progress("load", 0, 1, f"loading {src.name}")
-    loaded = load_model(src, dtype, device=str(dev))
+    loaded = load_source_model(src, dtype, device=str(dev))
     prog.on_progress("load", 1, 1, f"{loaded.source_format} model, {loaded.dtype}")
     load_s = time.perf_counter() - t0
     check_cancel(cancel_event, "after loading the model")
@@ -154,7 +155,7 @@ def quantize_model(
 
 
 def quantize_loaded(
-    loaded: LoadedModel,
+    loaded: SourceModel,
     work_dir: str | Path,
     cfg: AWQConfig,
     *,
@@ -245,7 +246,7 @@ def quantize_loaded(
 
 
 def build_report(
-    loaded: LoadedModel,
+    loaded: SourceModel,
     cfg: AWQConfig,
     calib_dataset: str | None,
     samples: torch.Tensor | None,

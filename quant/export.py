@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
-from quant.arch import LoadedModel, checkpoint_files, llama_to_internlm2_name, merge_wqkv
+from engine.checkpoint import checkpoint_files
+from engine.models.internlm2 import llama_to_internlm2_name, merge_wqkv
 from quant.awq import QuantizedLinear
 from quant.primitives import pack_awq
+from quant.source_model import SourceModel
 
 OUT_DTYPE = torch.float16  # the AutoAWQ GEMM format computes in fp16
 DEFAULT_SHARD_BYTES = 4 * 1024**3
@@ -37,7 +39,7 @@ class AWQStateCollector:
     """Receives each layer's integer tensors as soon as the layer is done, packs them (on the layer's device,
     then to CPU), and at the end adds the non-quantized weights; names follow the source checkpoint's layout."""
 
-    def __init__(self, loaded: LoadedModel, w_bits: int):
+    def __init__(self, loaded: SourceModel, w_bits: int):
         self.loaded = loaded
         self.w_bits = w_bits
         self.tensors: dict[str, torch.Tensor] = {}

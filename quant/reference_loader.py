@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quant.arch import internlm2_llama_config, internlm2_to_llama_tensors, iter_checkpoint
+from engine.checkpoint import iter_checkpoint
 from quant.primitives import dequantize_awq
+from quant.source_model import internlm2_llama_config, internlm2_to_llama_tensors
 
 
 def dequantized_state_dict(path: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from engine.layers.attention import AttentionMetadata, PagedAttention
 from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
-from engine.models.spec import ModelSpec
+from engine.models.spec import ModelEntry, ModelSpec, parse_decoder_spec
 
 LinearFactory = Callable[..., nn.Module]  # (in_features, out_features, bias, dtype, shard_sizes=None, prefix="")
 
@@ -127,3 +127,11 @@ class LlamaForCausalLM(nn.Module):
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
+
+
+def keep_tensor_name(name: str, tensor: torch.Tensor, spec: ModelSpec) -> list[tuple[str, torch.Tensor]]:
+    """Llama-family checkpoints already use this module's names (q/k/v and gate/up load into fused shards)."""
+    return [(name, tensor)]
+
+
+ENTRY = ModelEntry("llama", parse_decoder_spec, LlamaForCausalLM, keep_tensor_name)

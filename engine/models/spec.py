@@ -6,14 +6,8 @@ transformers does not know, such as InternLM2's custom-code checkpoints, load wi
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "llama",
-    "InternLM2ForCausalLM": "internlm2",
-}
 
 
 class UnsupportedModelError(ValueError):
@@ -42,11 +36,8 @@ class ModelSpec:
     eos_token_ids: list[int] = field(default_factory=list)
     quantization_config: dict | None = None
     sliding_window: int | None = None
-    raw: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def family(self) -> str:
-        return SUPPORTED_ARCHITECTURES[self.architecture]
+    raw: dict = field(default_factory=dict, repr=False)  # the whole config.json (vision part included)
+    family: str = "llama"  # the registry entry's family: which module and weight names (engine/models/__init__.py)
 
     @property
     def num_params(self) -> int:
@@ -64,20 +55,21 @@ def _as_list(x) -> list[int]:
     return [int(v) for v in (x if isinstance(x, list) else [x])]
 
 
-def parse_model_spec(cfg: dict, source: str = "config.json") -> ModelSpec:
-    """Build a ModelSpec from a config.json dict; unsupported architectures get an error naming what was found."""
-    if "text_config" in cfg and "hidden_size" not in cfg:
-        raise UnsupportedModelError(
-            f"{source}: architecture {cfg.get('architectures')} (a vision-language model) is not supported yet; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    archs = cfg.get("architectures") or []
-    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-    if arch is None:
-        raise UnsupportedModelError(
-            f"{source}: architecture {archs or cfg.get('model_type')!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered architecture (engine/models/__init__.py's MODELS): how to read its config, build its module
+    and map its checkpoint's tensor names onto the module's."""
+
+    family: str  # ModelSpec.family: "llama", "internlm2", ...
+    parse_spec: Callable[[dict, str], ModelSpec]  # (language-model config, architecture) -> spec
+    build: Callable[..., object]  # (spec, dtype, make_linear) -> nn.Module with load-time name mapping
+    convert_tensor: Callable[[str, object, ModelSpec], Iterable[tuple[str, object]]]  # ckpt tensor -> model's
+    ignored_prefixes: tuple[str, ...] = ("vision_tower.", "multi_modal_projector.", "model.vision")  # not loaded
+
+
+def parse_decoder_spec(cfg: dict, arch: str, family: str = "llama") -> ModelSpec:
+    """A Llama-style decoder's spec from its (text) config dict; `arch` is the registered architecture name.
+    Missing required keys raise KeyError (the loader names the key)."""
     num_heads = cfg["num_attention_heads"]
     hidden = cfg["hidden_size"]
     # transformers >= 5 writes rope settings as rope_parameters; older checkpoints use rope_theta/rope_scaling
@@ -119,4 +111,5 @@ def parse_model_spec(cfg: dict, source: str = "config.json") -> ModelSpec:
         quantization_config=cfg.get("quantization_config"),
         sliding_window=sliding_window,
         raw=cfg,
+        family=family,
     )

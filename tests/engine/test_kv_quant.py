@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.model_runner import kv_bytes_per_token
-from engine.models.spec import parse_model_spec
+from engine.models import parse_model_spec
 from tests.engine.conftest import PROMPTS, engine_prompt_logits, greedy
 
 REL_ERROR_BOUND = {8: 0.015, 4: 0.15}
