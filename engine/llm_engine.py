@@ -1,9 +1,11 @@
-"""The engine: loads a model, accepts requests from any thread, and runs the step loop
-(schedule -> run -> sample -> detokenize -> stream) on one background thread.
+"""The engine: accepts requests from any thread and runs the step loop (schedule -> run -> sample -> stream) on one
+background thread.
 
-Requests and aborts are handed to the loop through a queue, so callers never touch scheduler state.
-Each request's updates go to its own callback. A step that fails ends only the requests in that step
-(finish_reason "error"); the engine keeps serving the rest.
+Requests, aborts and calls are handed to the loop as small command objects on a queue, so callers never touch
+scheduler state. Each request's updates go to its own callback (engine/output_processor.py turns tokens into them).
+A step that fails ends only the requests in that step (finish_reason "error"); the engine keeps serving the rest.
+`build_engine_parts` assembles what the loop runs on (checkpoint, tokenizer, model runner, block manager,
+scheduler).
 """
 
 from __future__ import annotations
@@ -17,15 +19,19 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from engine import loader
+from engine import output_processor as outputs
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, GenerationConfig
 from engine.model_runner import ModelRunner
+from engine.models.spec import ModelSpec
+from engine.output_processor import RequestOutput, RequestState
 from engine.scheduler import Scheduler
 from engine.sequence import PENDING, SamplingState, Sequence, SequenceStatus
 from engine.tokenizer import IncrementalDetokenizer, chat_template_for, load_tokenizer, stop_token_ids_for
@@ -34,6 +40,9 @@ log = logging.getLogger(__name__)
 
 SWITCH_INTERVAL_S = 0.0005
 
+__all__ = ["EngineStats", "EngineStoppedError", "LLMEngine", "PromptTooLongError", "RequestOutput",
+           "build_engine_parts"]
+
 
 class PromptTooLongError(ValueError):
     pass
@@ -41,35 +50,6 @@ class PromptTooLongError(ValueError):
 
 class EngineStoppedError(RuntimeError):
     pass
-
-
-@dataclass
-class RequestOutput:
-    """One streaming update of one request: the new text and tokens since the previous update."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finished: bool
-    finish_reason: str | None  # stop | length | abort | error
-    num_prompt_tokens: int
-    num_generated_tokens: int
-    num_cached_tokens: int = 0
-    logprobs: list[dict] = field(default_factory=list)
-    error: str | None = None
-
-
-@dataclass
-class _Request:
-    request_id: str
-    seq: Sequence
-    detokenizer: IncrementalDetokenizer
-    callback: Callable[[RequestOutput], None]
-    stop_words: list[str]
-    sent_chars: int = 0
-    sent_tokens: int = 0
-    sent_logprobs: int = 0
-    arrival_time: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -83,37 +63,91 @@ class EngineStats:
     num_steps: int = 0
 
 
+# ---- commands: what other threads hand to the loop ------------------------------------------------------------
+@dataclass
+class AddRequest:
+    request: RequestState
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
+
+
+@dataclass
+class CallOnEngine:
+    fn: Callable[[], Any]
+    done: queue.SimpleQueue  # gets (True, result) or (False, exception)
+
+
+@dataclass
+class StopEngine:
+    pass
+
+
+# ---- assembly -------------------------------------------------------------------------------------------------
+@dataclass
+class EngineParts:
+    """Everything the loop runs on, built from a checkpoint folder and an EngineConfig."""
+
+    model_path: Path
+    spec: ModelSpec
+    model_format: str
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: Any
+    chat_template: str | None
+    eos_token_ids: frozenset[int]
+    runner: ModelRunner
+    block_manager: BlockManager
+    scheduler: Scheduler
+    session_len: int
+
+
+def build_engine_parts(model_path: str | Path, config: EngineConfig) -> EngineParts:
+    """Resolve and check the checkpoint, load tokenizer and model, size the KV cache, make block manager and
+    scheduler. Cheap checks (path, config, architecture, format, weights present) come before anything heavy."""
+    path = loader.resolve_model_path(model_path)
+    spec = loader.read_model_spec(path)
+    model_format = loader.detect_model_format(spec, config.model_format)
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+    dtype = loader.resolve_dtype(config.dtype, spec, device, model_format)
+    if config.load_format != "dummy":
+        loader.check_weights_present(path)
+    tokenizer = load_tokenizer(path, spec, config.trust_remote_code)
+    chat_template = chat_template_for(tokenizer, spec)
+    eos_token_ids = stop_token_ids_for(tokenizer, spec)
+    model = loader.load_model(path, spec, dtype, device, model_format, config.load_format)
+    runner = ModelRunner(model, spec, config, device, dtype)
+    block_manager = BlockManager(runner.num_blocks, config.cache_block_seq_len, config.enable_prefix_caching)
+    scheduler = Scheduler(block_manager, config.max_batch_size, config.max_prefill_token_num)
+    max_len = spec.max_position_embeddings
+    if spec.sliding_window:
+        max_len = min(max_len, spec.sliding_window)
+    session_len = min(config.session_len or max_len, max_len)
+    return EngineParts(path, spec, model_format, device, dtype, tokenizer, chat_template, eos_token_ids, runner,
+                       block_manager, scheduler, session_len)
+
+
 class LLMEngine:
     def __init__(self, model_path: str | Path, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
-        self.model_path = loader.resolve_model_path(model_path)
-        self.spec = loader.read_model_spec(self.model_path)
-        self.model_format = loader.detect_model_format(self.spec, config.model_format)
-        if config.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(config.device)
-        self.dtype = loader.resolve_dtype(config.dtype, self.spec, self.device, self.model_format)
-        if config.load_format != "dummy":
-            loader.check_weights_present(self.model_path)
-        self.tokenizer = load_tokenizer(self.model_path, self.spec, config.trust_remote_code)
-        self.chat_template = chat_template_for(self.tokenizer, self.spec)
-        self.eos_token_ids = stop_token_ids_for(self.tokenizer, self.spec)
-        model = loader.load_model(self.model_path, self.spec, self.dtype, self.device, self.model_format,
-                                  config.load_format)
-        self.runner = ModelRunner(model, self.spec, config, self.device, self.dtype)
+        parts = build_engine_parts(model_path, config)
+        self.model_path, self.spec, self.model_format = parts.model_path, parts.spec, parts.model_format
+        self.device, self.dtype = parts.device, parts.dtype
+        self.tokenizer, self.chat_template = parts.tokenizer, parts.chat_template
+        self.eos_token_ids = parts.eos_token_ids
+        self.runner, self.block_manager, self.scheduler = parts.runner, parts.block_manager, parts.scheduler
         self.block_size = config.cache_block_seq_len
-        self.block_manager = BlockManager(self.runner.num_blocks, self.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_batch_size, config.max_prefill_token_num)
-        max_len = self.spec.max_position_embeddings
-        if self.spec.sliding_window:
-            max_len = min(max_len, self.spec.sliding_window)
-        self.session_len = min(config.session_len or max_len, max_len)
+        self.session_len = parts.session_len
         self.capacity_tokens = self.runner.num_blocks * self.block_size
         self.stats = EngineStats()
         self._seed_rng = random.Random(config.seed)
         self._ids = itertools.count()
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, RequestState] = {}
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopped = False
@@ -164,19 +198,19 @@ class LLMEngine:
         max_tokens = min(self.session_len, len(prompt_token_ids) + gen_config.max_new_tokens, self.capacity_tokens)
         seq = Sequence(prompt_token_ids, SamplingState(gen_config, seed, eos), max_tokens, self.block_size)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, gen_config.skip_special_tokens)
-        request = _Request(request_id, seq, detok, callback, list(gen_config.stop_words))
-        self._commands.put(("add", request))
+        request = RequestState(request_id, seq, detok, callback, list(gen_config.stop_words))
+        self._commands.put(AddRequest(request))
         self._wakeup.set()
         return request_id
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks are freed before the next step runs."""
-        self._commands.put(("abort", request_id))
+        self._commands.put(AbortRequest(request_id))
         self._wakeup.set()
 
     def shutdown(self) -> None:
         self._stopped = True
-        self._commands.put(("stop", None))
+        self._commands.put(StopEngine())
         self._wakeup.set()
         self._thread.join(timeout=30)
 
@@ -199,49 +233,47 @@ class LLMEngine:
             else:
                 self._resolve_pending()
         self._resolve_pending()
-        while True:  # requests queued while shutting down: end them instead of leaving callers waiting
-            try:
-                kind, payload = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "add":
-                self._requests[payload.request_id] = payload
-                payload.seq.request = payload
-            elif kind == "call":
-                payload[1].put((False, EngineStoppedError("the engine is shut down")))
+        self._drain_commands(stopping=True)  # requests queued while shutting down: end them instead of leaving callers
         for request in list(self._requests.values()):
             self._finish(request, "abort")
 
-    def _drain_commands(self) -> bool:
+    def _drain_commands(self, stopping: bool = False) -> bool:
+        """Run the queued commands; False once a StopEngine is met. While stopping, requests are kept only to be
+        aborted and calls fail."""
         while True:
             try:
-                kind, payload = self._commands.get_nowait()
+                cmd = self._commands.get_nowait()
             except queue.Empty:
                 return True
-            if kind == "stop":
-                return False
-            if kind == "add":
-                self._requests[payload.request_id] = payload
-                payload.seq.request = payload
-                self.scheduler.add(payload.seq)
-                self.stats.num_requests += 1
-                self.stats.num_prompt_tokens += payload.seq.num_prompt_tokens
-            elif kind == "abort":
-                request = self._requests.get(payload)
-                if request is not None:
+            if isinstance(cmd, StopEngine):
+                if not stopping:
+                    return False
+            elif isinstance(cmd, AddRequest):
+                request = cmd.request
+                self._requests[request.request_id] = request
+                request.seq.request = request
+                if not stopping:
+                    self.scheduler.add(request.seq)
+                    self.stats.num_requests += 1
+                    self.stats.num_prompt_tokens += request.seq.num_prompt_tokens
+            elif isinstance(cmd, AbortRequest):
+                request = self._requests.get(cmd.request_id)
+                if request is not None and not stopping:
                     self.stats.num_aborted += 1
                     self._finish(request, "abort")
-            elif kind == "call":
-                fn, done = payload
+            elif isinstance(cmd, CallOnEngine):
+                if stopping:
+                    cmd.done.put((False, EngineStoppedError("the engine is shut down")))
+                    continue
                 try:
-                    done.put((True, fn()))
+                    cmd.done.put((True, cmd.fn()))
                 except Exception as e:  # noqa: BLE001 - handed back to the caller
-                    done.put((False, e))
+                    cmd.done.put((False, e))
 
     def run_on_engine_thread(self, fn):
         """Run fn between steps on the engine thread (for state that only the loop may touch)."""
         done: queue.SimpleQueue = queue.SimpleQueue()
-        self._commands.put(("call", (fn, done)))
+        self._commands.put(CallOnEngine(fn, done))
         self._wakeup.set()
         ok, value = done.get()
         if not ok:
@@ -303,7 +335,7 @@ class LLMEngine:
             index = len(ids) - 2 if len(ids) >= 2 and ids[-2] == PENDING else len(ids) - 1
             ids[index] = token
             if info is not None and seq.sampling.gen_config.logprobs is not None:
-                seq.logprobs.append(self._logprob_entry(info, i, token, seq.sampling.gen_config.logprobs))
+                seq.logprobs.append(outputs.logprob_entry(info, i, token, seq.sampling.gen_config.logprobs))
             self._on_token(request, token, index + 1)
 
     def _fail(self, seqs, e: Exception) -> None:
@@ -312,78 +344,27 @@ class LLMEngine:
                 self.stats.num_errors += 1
                 self._finish(seq.request, "error", error=f"{type(e).__name__}: {e}")
 
-    def _logprob_entry(self, info, row: int, token: int, k: int) -> dict:
-        chosen, top_vals, top_ids = info
-        entry = {"token_id": token, "logprob": float(chosen[row])}
-        entry["top"] = [] if k == 0 else list(zip(top_ids[row, :k].tolist(), top_vals[row, :k].tolist()))
-        return entry
-
-    def _on_token(self, request: _Request, token: int, length: int) -> None:
+    def _on_token(self, request: RequestState, token: int, length: int) -> None:
         """A sampled token is in place; `length` is the sequence's length up to and including it."""
-        seq, gc = request.seq, request.seq.sampling.gen_config
-        num_generated = length - seq.num_prompt_tokens
         self.stats.num_generated_tokens += 1
-        finish_reason = None
-        is_stop_token = token in seq.sampling.eos_token_ids or token in gc.stop_token_ids
-        if is_stop_token and num_generated >= gc.min_new_tokens:
-            finish_reason = "stop"
-            request.detokenizer.flush()
-        else:
-            request.detokenizer.add([token])
-            if request.stop_words:
-                text = request.detokenizer.text
-                window = max(len(s) for s in request.stop_words) + 8
-                start = max(0, request.sent_chars - window)
-                hits = [(text.find(s, start), s) for s in request.stop_words]
-                hits = [(i, s) for i, s in hits if i >= 0]
-                if hits and num_generated >= gc.min_new_tokens:
-                    cut = min(i for i, _ in hits)
-                    request.detokenizer.text = text[:cut]
-                    finish_reason = "stop"
-        if finish_reason is None and (length >= seq.max_tokens or num_generated >= gc.max_new_tokens):
-            finish_reason = "length"
+        finish_reason = outputs.process_token(request, token, length)
         if finish_reason is not None:
             self._finish(request, finish_reason)
         else:
-            self._emit(request, finished=False)
+            outputs.emit(request, finished=False)
 
-    def _emit(self, request: _Request, finished: bool, finish_reason: str | None = None, error: str | None = None):
-        seq = request.seq
-        text = request.detokenizer.text
-        end = len(text)
-        if not finished and request.stop_words:
-            end = max(request.sent_chars, end - (max(len(s) for s in request.stop_words) - 1))
-        delta_text = text[request.sent_chars : end]
-        delta_ids = seq.token_ids[seq.num_prompt_tokens + request.sent_tokens :]
-        while delta_ids and delta_ids[-1] == PENDING:
-            delta_ids.pop()
-        num_generated = request.sent_tokens + len(delta_ids)
-        delta_logprobs = seq.logprobs[request.sent_logprobs :] if seq.logprobs else []
-        if not (delta_text or delta_ids or finished):
-            return
-        request.sent_chars, request.sent_logprobs = end, len(seq.logprobs)
-        request.sent_tokens = num_generated
-        out = RequestOutput(request.request_id, delta_text, delta_ids, finished, finish_reason,
-                            seq.num_prompt_tokens, num_generated, seq.num_cached_tokens,
-                            delta_logprobs, error)
-        try:
-            request.callback(out)
-        except Exception:  # noqa: BLE001 - a broken consumer must not stop the loop
-            log.exception("request %s: output callback failed", request.request_id)
-
-    def _finish(self, request: _Request, reason: str, error: str | None = None) -> None:
+    def _finish(self, request: RequestState, reason: str, error: str | None = None) -> None:
         seq = request.seq
         self.scheduler.remove(seq)
         while seq.token_ids and seq.token_ids[-1] == PENDING:  # a step launched before we knew it had ended
             seq.token_ids.pop()
-        if reason == "length" or reason == "abort":
-            request.detokenizer.flush()  # a character cut in half by the end is emitted as U+FFFD, not lost
+        outputs.end_text(request, reason)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self._requests.pop(request.request_id, None)
         if reason in ("stop", "length"):
             self.stats.num_finished += 1
-        self._emit(request, finished=True, finish_reason=reason, error=error)
+        outputs.emit(request, finished=True, finish_reason=reason, error=error)
 
     # ---- introspection --------------------------------------------------------------------------------
     @property
