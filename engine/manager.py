@@ -1,7 +1,10 @@
-"""The one model a studio process serves: load, swap and unload it while the UI and the API keep running.
+"""The models a studio process serves: load, swap and unload them while the UI and the API keep running.
 
-Both front ends hold the same ModelManager and ask it for the current pipeline per request, so a model
-loaded from the UI's Model tab is the one the API serves, and their requests share one engine.
+A ModelManager holds named slots (ModelSlot), each serving at most one model through one pipeline. The "main"
+slot is the one both front ends serve: the chat tab and the API hold it and ask it for the current pipeline per
+request, so a model loaded from the UI's Model tab is the one the API serves, and their requests share one engine.
+Another slot (the Compare tab's runs, say) loads and unloads without touching it. The manager's own load / unload
+/ pipeline / current act on the main slot.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from pathlib import Path
 
 from engine.config import EngineConfig
 from engine.pipeline import Pipeline
+
+MAIN_SLOT = "main"
 
 
 class NoModelLoadedError(RuntimeError):
@@ -31,8 +36,11 @@ class LoadedModel:
 
 
 @dataclass
-class ModelManager:
-    recent: list[str] = field(default_factory=list)  # most recent first
+class ModelSlot:
+    """One served model and its pipeline: the handle a tab or a route holds."""
+
+    name: str = MAIN_SLOT
+    recent: list[str] = field(default_factory=list)  # what this slot loaded, most recent first
     _current: LoadedModel | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -95,3 +103,48 @@ class ModelManager:
                 torch.cuda.empty_cache()
         except Exception:  # noqa: BLE001
             pass
+
+
+@dataclass
+class ModelManager:
+    """Named model slots; the main one is what the UI's chat and the API serve."""
+
+    slots: dict[str, ModelSlot] = field(default_factory=lambda: {MAIN_SLOT: ModelSlot(MAIN_SLOT)})
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def slot(self, name: str = MAIN_SLOT) -> ModelSlot:
+        """The slot of that name, made empty on first use."""
+        with self._lock:
+            if name not in self.slots:
+                self.slots[name] = ModelSlot(name)
+            return self.slots[name]
+
+    @property
+    def main(self) -> ModelSlot:
+        return self.slot(MAIN_SLOT)
+
+    # ---- the main slot ----------------------------------------------------------------------------------------
+    @property
+    def recent(self) -> list[str]:
+        return self.main.recent
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self.main.current
+
+    def pipeline(self) -> Pipeline:
+        return self.main.pipeline()
+
+    check = staticmethod(ModelSlot.check)
+
+    def load(self, model: str | Path, config: EngineConfig | None = None, *, name: str | None = None,
+             is_demo: bool = False) -> LoadedModel:
+        return self.main.load(model, config, name=name, is_demo=is_demo)
+
+    def unload(self) -> None:
+        self.main.unload()
+
+    def close(self) -> None:
+        """Unload every slot's model (the main one included)."""
+        for slot in list(self.slots.values()):
+            slot.unload()

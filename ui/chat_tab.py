@@ -20,6 +20,7 @@ from pathlib import Path
 import gradio as gr
 
 from engine.config import GenerationConfig
+from engine.manager import ModelSlot
 from ui.common import friendly_error
 from ui.state import StudioState
 
@@ -118,13 +119,14 @@ async def _next_or_stop(stream, stop: asyncio.Event):
 
 
 async def stream_reply(state: StudioState, history: list[dict], system: str, params: tuple,
-                       stop: asyncio.Event | None = None):
+                       stop: asyncio.Event | None = None, models: ModelSlot | None = None):
     """Yield (history, stats html, ok) as the assistant's reply to `history` streams in. The reply message is
     appended to a copy of history; on failure the last yield carries history without the reply and an error.
     Setting `stop` ends the reply where it is (the engine request is aborted) and keeps what was generated."""
+    models = models or state.manager.main  # the slot this chat serves from (the API's too)
     try:
-        pipe = state.manager.pipeline()
-        loaded = state.manager.current
+        pipe = models.pipeline()
+        loaded = models.current
         config = gen_config(*params)
         messages = to_engine_messages(system, history)
     except Exception as e:  # noqa: BLE001
@@ -203,7 +205,9 @@ def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "default"
 
 
-def build_chat_tab(state: StudioState) -> ChatTab:
+def build_chat_tab(state: StudioState, models: ModelSlot | None = None) -> ChatTab:
+    """`models`: the model slot the chat serves from (default: the manager's main slot, the one the API serves)."""
+    models = models or state.manager.main
     history = gr.State([])
     with gr.Row(equal_height=False):
         with gr.Column(scale=4):
@@ -251,7 +255,7 @@ def build_chat_tab(state: StudioState) -> ChatTab:
         yield to_display(hist), hist, EMPTY_INPUT, gr.skip()
         stop_event = switch.new(request)
         try:  # aclosing: a cancelled event closes the reply stream (and aborts the request) at once, not at GC
-            async with contextlib.aclosing(stream_reply(state, hist, system_prompt, p, stop_event)) as replies:
+            async with contextlib.aclosing(stream_reply(state, hist, system_prompt, p, stop_event, models)) as replies:
                 async for new_hist, stats_value, ok in replies:
                     if not ok and new_hist is hist:  # nothing generated: give the message back to edit or retry
                         hist = hist[:-1]
@@ -273,7 +277,7 @@ def build_chat_tab(state: StudioState) -> ChatTab:
         yield to_display(hist), hist, gr.skip()
         stop_event = switch.new(request)
         try:
-            async with contextlib.aclosing(stream_reply(state, hist, system_prompt, p, stop_event)) as replies:
+            async with contextlib.aclosing(stream_reply(state, hist, system_prompt, p, stop_event, models)) as replies:
                 async for new_hist, stats_value, _ok in replies:
                     yield to_display(new_hist), new_hist, stats_value
         finally:
