@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.errors import ModelLoadError  # noqa: F401 - re-exported
 from engine.layers.linear import load_shard
 from engine.models import internlm2
 from engine.models.llama import LlamaForCausalLM, plain_linear
@@ -23,11 +24,9 @@ from engine.models.spec import ModelSpec, UnsupportedModelError, parse_model_spe
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# what an error says instead of listing a folder's entries (which would show any folder's contents to a caller)
+MODEL_FOLDER_NEEDS = "a model folder holds config.json, tokenizer files and *.safetensors or *.bin weights"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-class ModelLoadError(ValueError):
-    pass
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -37,10 +36,7 @@ def resolve_model_path(model: str | Path) -> Path:
         if not path.is_dir():
             raise ModelLoadError(f"{path} is a file, not a model folder (expected a folder with config.json)")
         if not (path / "config.json").is_file():
-            found = sorted(p.name for p in path.iterdir())[:10]
-            raise ModelLoadError(
-                f"{path} is not a model folder: it has no config.json (found: {', '.join(found) or 'nothing'})"
-            )
+            raise ModelLoadError(f"{path} is not a model folder: it has no config.json ({MODEL_FOLDER_NEEDS})")
         return path
     if not _HUB_ID.match(str(model)):
         raise ModelLoadError(f"model path {str(model)!r} does not exist")

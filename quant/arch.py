@@ -144,8 +144,8 @@ def read_config(model_path: str | Path) -> tuple[Path, dict]:
         raise ModelPathError(f"model path {str(path)!r} is a file; expected a folder with config.json and weights")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
-        raise ModelPathError(f"{path} is not a model folder: it has no config.json (found: {found})")
+        raise ModelPathError(f"{path} is not a model folder: it has no config.json (a model folder holds "
+                             "config.json, tokenizer files and *.safetensors or *.bin weights)")
     try:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:

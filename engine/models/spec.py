@@ -8,16 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.errors import UnsupportedModelError  # noqa: F401 - re-exported
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "llama",
     "InternLM2ForCausalLM": "internlm2",
 }
-
-
-class UnsupportedModelError(ValueError):
-    pass
 
 
 @dataclass
