@@ -23,7 +23,10 @@ class BackgroundServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
-        options = {"log_level": log_level, "lifespan": "off", "timeout_graceful_shutdown": 5, **uvicorn_options}
+        from api.server import uvicorn_options as hardened
+
+        options = {"log_level": log_level, "lifespan": "off", "timeout_graceful_shutdown": 5, **hardened(),
+                   **uvicorn_options}
         config = uvicorn.Config(app, **options)
         self.server = uvicorn.Server(config)
         self.startup_timeout_s = startup_timeout_s

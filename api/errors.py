@@ -15,8 +15,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.schemas import ErrorInfo, ErrorResponse
+from engine.errors import (
+    BadInputError,
+    EngineUnavailableError,
+    ImageInputError,
+    ModelLoadError,
+    PromptTooLongError,
+)
 
 log = logging.getLogger(__name__)
+
+UNLOADED_MESSAGE = "the request was aborted: the model was unloaded or replaced, or the server is stopping; retry"
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -36,6 +45,30 @@ class APIError(Exception):
                  headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def from_engine_error(e: Exception) -> APIError:
+    """An exception from running a request as the APIError the client gets: the engine's user-facing errors
+    (engine.errors) by class, anything else as a 500 (a bug in this server, logged)."""
+    from api.serving import ClientDisconnected, ModelUnloaded, ServerStopping
+
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, PromptTooLongError):
+        return APIError(400, str(e), code="context_length_exceeded")
+    if isinstance(e, ImageInputError):
+        return APIError(400, str(e), code="image_input_not_supported")
+    if isinstance(e, ServerStopping):
+        return APIError(503, "the server is shutting down: this request was ended; retry later",
+                        code="server_shutting_down")
+    if isinstance(e, EngineUnavailableError | ModelUnloaded | ClientDisconnected):
+        return APIError(503, UNLOADED_MESSAGE, code="model_unloaded")
+    if isinstance(e, ModelLoadError):
+        return APIError(400, str(e), code="model_load_error")
+    if isinstance(e, BadInputError | ValueError):
+        return APIError(400, str(e))
+    log.error("request failed in the engine", exc_info=e)
+    return APIError(500, f"the engine failed on this request ({type(e).__name__}: {e})", code="engine_error")
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:

@@ -93,16 +93,21 @@ class ModelUnloaded(Exception):
     pass
 
 
+class ServerStopping(Exception):
+    """The server is shutting down: running requests end now, with an error the client can see."""
+
+
 async def stream_choices(pipe, jobs: list[Job], is_disconnected: Callable[[], Awaitable[bool]] | None = None,
-                         is_current: Callable[[], bool] | None = None,
-                         poll_s: float = DISCONNECT_POLL_S) -> AsyncIterator[tuple[Job, RequestOutput]]:
+                         is_current: Callable[[], bool] | None = None, poll_s: float = DISCONNECT_POLL_S,
+                         is_stopping: Callable[[], bool] | None = None) -> AsyncIterator[tuple[Job, RequestOutput]]:
     """Run every job as an engine request; yield (job, delta) in arrival order until all have finished.
 
     An exception from the engine (e.g. it shut down) is raised here. `is_disconnected` is asked at least every
     `poll_s` seconds, also while nothing arrives (a request still queued, a long prefill); when it says True,
     ClientDisconnected is raised. Closing the iterator, or that, aborts every request still running.
     `is_current` (is `pipe` still the loaded model?) is asked when nothing arrived for `poll_s`: a request the
-    engine dropped while shutting down for a model swap then ends with ModelUnloaded instead of waiting forever."""
+    engine dropped while shutting down for a model swap then ends with ModelUnloaded instead of waiting forever.
+    `is_stopping` (is the server shutting down?) is asked at least every `poll_s`: then ServerStopping is raised."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def drive(job: Job) -> None:
@@ -126,9 +131,11 @@ async def stream_choices(pipe, jobs: list[Job], is_disconnected: Callable[[], Aw
                 job, out = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), poll_s)
             except asyncio.TimeoutError:
                 job = out = None
-            if is_disconnected is not None and (out is None or loop.time() - last_check >= poll_s):
+            if out is None or loop.time() - last_check >= poll_s:
                 last_check = loop.time()
-                if await is_disconnected():
+                if is_stopping is not None and is_stopping():
+                    raise ServerStopping()
+                if is_disconnected is not None and await is_disconnected():
                     raise ClientDisconnected()
             if out is None:
                 if is_current is not None and queue.empty() and not is_current():
@@ -145,6 +152,20 @@ async def stream_choices(pipe, jobs: list[Job], is_disconnected: Callable[[], Aw
             await asyncio.gather(*tasks, return_exceptions=True)
         except BaseException:  # noqa: BLE001 - we are being cancelled ourselves; the drivers still unwind
             pass
+
+
+def prompt_chars(prompt) -> int:
+    """The characters of a prompt's text (a string, or messages' string / text-part contents)."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    total = 0
+    for message in prompt or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(part.get("text") or "") for part in content if isinstance(part, dict))
+    return total
 
 
 # ---- logprobs -----------------------------------------------------------------------------------------------
@@ -174,6 +195,17 @@ class TokenTexts:
         self.is_byte_level = backend is not None and "ByteLevel" in str(getattr(backend, "decoder", ""))
         self.special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
         self._cache: dict[int, tuple[str, bytes]] = {}
+        self._max_token_chars: int | None = None
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for: the longest vocabulary entry. A piece is never shorter
+        than the text it decodes to (byte-level pieces are a character per byte, "\u2581" a space, "<0x41>" one
+        byte), so a text of C characters has at least C / max_token_chars tokens."""
+        if self._max_token_chars is None:
+            vocab = self.tokenizer.get_vocab()
+            self._max_token_chars = max([len(piece) for piece in vocab] or [1]) or 1
+        return self._max_token_chars
 
     def __call__(self, token_id: int) -> tuple[str, bytes]:
         hit = self._cache.get(token_id)

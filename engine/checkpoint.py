@@ -2,7 +2,7 @@
 generation_config.json as plain JSON, the weight files and their tensors, and the compute dtype.
 
 The engine's loader and the quantizer (quant/) both read checkpoints through this module. Every way a folder can be
-wrong ends in a ModelLoadError that names the path and what was found there.
+wrong ends in a ModelLoadError that names the path and what a model folder needs (never the folder's entries).
 """
 
 from __future__ import annotations
@@ -14,14 +14,16 @@ from pathlib import Path
 
 import torch
 
+from engine.errors import ModelLoadError  # noqa: F401 - re-exported: older imports read it from here
+
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.tiktoken", "*.jinja"]  # what a hub
 # download fetches: config, weights, tokenizer and custom code (no *.bin: folders with safetensors need none)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
-class ModelLoadError(ValueError):
-    """The model folder is missing, is not a Hugging Face model folder, or its files do not fit its config."""
+# what an error says instead of listing a folder's entries (which would show any folder's contents to a caller)
+MODEL_FOLDER_NEEDS = "a model folder holds config.json, tokenizer files and *.safetensors or *.bin weights"
 
 
 def is_hub_id(model: str | Path) -> bool:
@@ -38,10 +40,7 @@ def resolve_model_path(model: str | Path, offline_reason: Callable[[], str | Non
         if not path.is_dir():
             raise ModelLoadError(f"{path} is a file, not a model folder (expected a folder with config.json)")
         if not (path / "config.json").is_file():
-            found = sorted(p.name for p in path.iterdir())[:10]
-            raise ModelLoadError(
-                f"{path} is not a model folder: it has no config.json (found: {', '.join(found) or 'nothing'})"
-            )
+            raise ModelLoadError(f"{path} is not a model folder: it has no config.json ({MODEL_FOLDER_NEEDS})")
         return path
     if not is_hub_id(model):
         raise ModelLoadError(f"model path {str(model)!r} does not exist")

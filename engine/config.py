@@ -6,11 +6,38 @@ scripts written for it read naturally here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from engine.errors import BadInputError
 
 VALID_QUANT_POLICIES = (0, 4, 8)
 VALID_MODEL_FORMATS = ("auto", "hf", "awq")
 VALID_DTYPES = ("auto", "float16", "bfloat16", "float32")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # per-request numbers become int64 tensors: nothing past these
+MAX_LOGPROBS = 20
+_INT_FIELDS = ("max_new_tokens", "min_new_tokens", "top_k")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_int(name: str, value, lo: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadInputError(f"{name} must be an integer, got {_short(value)}")
+    if not lo <= value <= INT64_MAX:
+        low = "-2**63" if lo == INT64_MIN else lo
+        raise BadInputError(f"{name} must be in [{low}, 2**63 - 1], got {_short(value)}")
+
+
+def _check_float(name: str, value) -> None:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**53:
+        return
+    if not isinstance(value, float) or not math.isfinite(value):
+        raise BadInputError(f"{name} must be a finite number, got {_short(value)}")
 
 
 @dataclass
@@ -82,28 +109,56 @@ class GenerationConfig:
     logprobs: int | None = None  # None: none; k >= 0: chosen token's logprob plus the top k
 
     def __post_init__(self):
+        """Every value is checked for type and range here, so nothing a caller sends can overflow a tensor or index
+        past the vocabulary later; what depends on the model (token ids vs. the vocabulary) is `check_for_model`."""
+        for name in _INT_FIELDS:
+            _check_int(name, getattr(self, name))
+        for name in _FLOAT_FIELDS:
+            _check_float(name, getattr(self, name))
+        for name in ("do_sample", "ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise BadInputError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+            raise BadInputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+            raise BadInputError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise BadInputError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise BadInputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise BadInputError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise BadInputError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise BadInputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if not -2.0 <= self.presence_penalty <= 2.0 or not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+            raise BadInputError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if self.seed is not None:
+            _check_int("seed", self.seed, INT64_MIN)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs)
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise BadInputError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if isinstance(self.stop_words, str):
             self.stop_words = [self.stop_words]
+        if not isinstance(self.stop_words, list | tuple) or not all(isinstance(s, str) for s in self.stop_words):
+            raise BadInputError("stop_words must be a list of strings")
         if any(not s for s in self.stop_words):
-            raise ValueError("stop strings must not be empty")
+            raise BadInputError("stop strings must not be empty")
+        self.stop_words = list(self.stop_words)
+        if not isinstance(self.stop_token_ids, list | tuple):
+            raise BadInputError("stop_token_ids must be a list of token ids")
+        for token_id in self.stop_token_ids:
+            _check_int("stop_token_ids", token_id)
+        self.stop_token_ids = list(self.stop_token_ids)
+
+    def check_for_model(self, vocab_size: int) -> None:
+        """Refuse what the model cannot take: token ids outside its vocabulary (a sampler index past the logits'
+        width fails the whole step, and on CUDA poisons the device for the process)."""
+        bad = [t for t in self.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise BadInputError(f"stop_token_ids must be in [0, {vocab_size}) for this model, got {bad[:4]}")
 
     @property
     def needs_only_logits(self) -> bool:

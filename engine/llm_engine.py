@@ -29,10 +29,11 @@ from engine import loader
 from engine import output_processor as outputs
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, GenerationConfig
+from engine.errors import EngineStoppedError, PromptTooLongError  # noqa: F401 - re-exported
 from engine.model_runner import ModelRunner
 from engine.models.spec import ModelSpec
 from engine.output_processor import RequestOutput, RequestState
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import PENDING, SamplingState, Sequence, SequenceStatus
 from engine.tokenizer import IncrementalDetokenizer, chat_template_for, load_tokenizer, stop_token_ids_for
 
@@ -42,14 +43,6 @@ SWITCH_INTERVAL_S = 0.0005
 
 __all__ = ["EngineStats", "EngineStoppedError", "LLMEngine", "PromptTooLongError", "RequestOutput",
            "build_engine_parts"]
-
-
-class PromptTooLongError(ValueError):
-    pass
-
-
-class EngineStoppedError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -192,6 +185,7 @@ class LLMEngine:
         if self._stopped:
             raise EngineStoppedError("the engine is shut down")
         self.check_prompt_ids(prompt_token_ids)
+        gen_config.check_for_model(self.spec.vocab_size)
         request_id = request_id or self.new_request_id()
         seed = gen_config.seed if gen_config.seed is not None else self._seed_rng.getrandbits(63)
         eos = frozenset() if gen_config.ignore_eos else self.eos_token_ids
@@ -294,10 +288,10 @@ class LLMEngine:
             self._resolve_pending()
         try:
             handle = self.runner.launch(batch, self._pending)
-        except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving
+        except Exception as e:  # noqa: BLE001 - fail only the requests that fail alone, keep serving
             log.error("engine step failed:\n%s", traceback.format_exc())
             self._resolve_pending()
-            self._fail(batch.seqs, e)
+            self._retry_alone(batch, e)
             return
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
@@ -309,6 +303,26 @@ class LLMEngine:
             self._resolve(previous)
         if not overlap:
             self._resolve_pending()
+
+    def _retry_alone(self, batch: ScheduledBatch, e: Exception) -> None:
+        """A step that failed is run again one sequence at a time, so one bad request (a value that slipped past
+        validation) ends with finish_reason "error" and the others in its step carry on."""
+        if len(batch.seqs) == 1:
+            self._fail(batch.seqs, e)
+            return
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.request is None or seq.is_finished:
+                continue
+            try:
+                handle = self.runner.launch(ScheduledBatch([seq], [n], batch.is_prefill), None)
+            except Exception as alone:  # noqa: BLE001
+                self._fail([seq], alone)
+                continue
+            seq.num_computed_tokens += n
+            for row, sampled in enumerate(handle.sampled_seqs):
+                sampled.token_ids.append(PENDING)
+                sampled.pending_row = row
+            self._resolve(handle)
 
     def _resolve_pending(self) -> None:
         if self._pending is not None:

@@ -16,13 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.config import EngineConfig
+from engine.errors import NoModelLoadedError  # noqa: F401 - re-exported
 from engine.pipeline import Pipeline
 
 MAIN_SLOT = "main"
-
-
-class NoModelLoadedError(RuntimeError):
-    pass
 
 
 @dataclass

@@ -19,13 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.config import EngineConfig, GenerationConfig
+from engine.errors import ImageInputError  # noqa: F401 - re-exported
 from engine.llm_engine import LLMEngine, RequestOutput
 
 Prompt = str | list[dict]
-
-
-class ImageInputError(ValueError):
-    pass
 
 
 @dataclass
@@ -86,9 +83,12 @@ class Pipeline:
         except TypeError as e:  # e.g. lone surrogates, which the Rust tokenizer cannot take
             raise ValueError(f"the prompt could not be tokenized: {e}") from e
 
-    def check_prompt(self, input_ids: list[int]) -> None:
-        """Raise ValueError / PromptTooLongError now for ids the engine cannot serve (before streaming starts)."""
+    def check_prompt(self, input_ids: list[int], gen_config: GenerationConfig | None = None) -> None:
+        """Raise BadInputError / PromptTooLongError now for ids (and settings) the engine cannot serve, before
+        anything is submitted or a stream starts."""
         self.engine.check_prompt_ids(input_ids)
+        if gen_config is not None:
+            gen_config.check_for_model(self.engine.spec.vocab_size)
 
     def _encode(self, prompt: Prompt, apply_chat_template: bool) -> list[int]:
         if isinstance(prompt, str) and apply_chat_template:
@@ -112,11 +112,21 @@ class Pipeline:
             isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
         )
         batch = [prompts] if single else list(prompts)
+        gen_config = gen_config or GenerationConfig()
+        # the whole batch is checked before any of it is submitted: a bad prompt raises with nothing left running
+        batch_ids = [self.encode(prompt, apply_chat_template) for prompt in batch]
+        for ids in batch_ids:
+            self.check_prompt(ids, gen_config)
         outputs: queue.SimpleQueue = queue.SimpleQueue()
-        ids = []
-        for i, prompt in enumerate(batch):
-            ids.append(self._submit(prompt, gen_config, lambda out, i=i: outputs.put((i, out)), None,
-                                    apply_chat_template, None))
+        submitted = []
+        try:
+            for i, ids in enumerate(batch_ids):
+                submitted.append(self._submit(None, gen_config, lambda out, i=i: outputs.put((i, out)), None,
+                                              apply_chat_template, ids))
+        except BaseException:
+            for rid in submitted:
+                self.engine.abort(rid)
+            raise
         responses = [Response("", [], None, index=i) for i in range(len(batch))]
         remaining = len(batch)
         while remaining:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from engine.errors import TokenizerLoadError  # noqa: F401 - re-exported
 from engine.models.spec import ModelSpec
 
 CHATML_TEMPLATE = (
@@ -25,10 +26,6 @@ LLAMA2_TEMPLATE = (
     "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
-
-
-class TokenizerLoadError(ValueError):
-    pass
 
 
 def load_tokenizer(path: Path, spec: ModelSpec, trust_remote_code: bool = False):

@@ -5,10 +5,13 @@ from __future__ import annotations
 import html
 import logging
 
+from engine.errors import EngineError
 from engine.manager import LoadedModel
 
 log = logging.getLogger("ui")
 
+# engine errors, and quant's (ValueError subclasses: bad path, calibration data, architecture) and file errors
+USER_ERRORS = (EngineError, ValueError, FileExistsError, FileNotFoundError)
 KV_POLICY_LABELS = {0: "off (model dtype)", 8: "int8", 4: "int4"}
 
 
@@ -111,10 +114,7 @@ def ok_html(title: str, message: str = "") -> str:
 def friendly_error(e: BaseException) -> str:
     """An exception as one readable line (the traceback goes to the server log, never to the page)."""
     msg = str(e).strip() or type(e).__name__
-    known = ("ModelLoadError", "UnsupportedModelError", "TokenizerLoadError", "PromptTooLongError",
-             "ImageInputError", "NoModelLoadedError", "CalibDataError", "QuantizationCancelled", "ValueError",
-             "FileExistsError", "FileNotFoundError", "UnsupportedArchitectureError", "ModelPathError")
-    if type(e).__name__ in known:
+    if isinstance(e, USER_ERRORS) or type(e).__name__ == "QuantizationCancelled":  # messages written for the user
         return msg
     if isinstance(e, MemoryError):
         return f"out of memory: {msg}"

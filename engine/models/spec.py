@@ -9,9 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-
-class UnsupportedModelError(ValueError):
-    pass
+from engine.errors import UnsupportedModelError  # noqa: F401 - re-exported
 
 
 @dataclass

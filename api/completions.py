@@ -1,0 +1,97 @@
+"""POST /v1/completions: raw text or token-id prompts (one or a batch) -> n continuations each, as one JSON
+response or an SSE stream of text_completion events; `echo` prepends the prompt."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+
+from api.errors import APIError
+from api.schemas import (
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
+from api.service import Endpoint, Service, finish_reason
+from api.serving import ChoiceResult, Job, TokenTexts, completion_logprobs
+
+
+class CompletionEndpoint(Endpoint):
+    def __init__(self, request_id: str, model: str, logprobs: int | None, texts: TokenTexts, include_usage: bool,
+                 jobs: list[Job], echo_texts: list[str]):
+        self.request_id, self.model, self.logprobs, self.texts = request_id, model, logprobs, texts
+        self.include_usage, self.created, self.jobs, self.echo_texts = include_usage, int(time.time()), jobs, echo_texts
+        self.offsets = [len(echo_texts[job.prompt_index]) for job in jobs]  # each choice's text length so far
+
+    def _chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+        data = CompletionChunk(id=self.request_id, created=self.created, model=self.model, choices=choices,
+                               usage=usage)
+        return f"data: {data.model_dump_json(exclude=None if self.include_usage else {'usage'})}\n\n"
+
+    def head(self, jobs: list[Job]) -> list[str]:
+        lp = CompletionLogprobs() if self.logprobs is not None else None
+        return [self._chunk([CompletionChoice(index=job.index, text=self.echo_texts[job.prompt_index], logprobs=lp)])
+                for job in jobs if self.echo_texts[job.prompt_index]]
+
+    def delta(self, job: Job, out) -> str | None:
+        if not (out.text or out.token_ids or (self.logprobs is not None and out.logprobs)):
+            return None
+        lp = None
+        if self.logprobs is not None:
+            lp = completion_logprobs(out.logprobs, self.texts, self.offsets[job.index])
+            self.offsets[job.index] += sum(len(t) for t in lp.tokens)
+        return self._chunk([CompletionChoice(index=job.index, text=out.text, logprobs=lp)])
+
+    def finish(self, job: Job, reason: str) -> str:
+        return self._chunk([CompletionChoice(index=job.index, text="", finish_reason=finish_reason(reason))])
+
+    def usage_chunk(self, usage: UsageInfo) -> str:
+        return self._chunk([], usage)
+
+    def response(self, results: list[ChoiceResult], usage: UsageInfo) -> CompletionResponse:
+        choices = []
+        for job, r in zip(self.jobs, results):
+            echo = self.echo_texts[job.prompt_index]
+            lp = completion_logprobs(r.logprobs, self.texts, len(echo)) if self.logprobs is not None else None
+            choices.append(CompletionChoice(index=job.index, text=echo + r.text, logprobs=lp,
+                                            finish_reason=finish_reason(r.finish_reason)))
+        return CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
+                                  usage=usage)
+
+
+def add_completion_routes(service: Service, router: APIRouter) -> None:
+    @router.post("/completions", response_model=CompletionResponse)
+    async def completions(body: CompletionRequest, request: Request):
+        pipe, model = service.resolve(body.model)
+        n = body.n or 1
+        if body.suffix:
+            raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
+        if body.best_of is not None and body.best_of != n:
+            raise APIError(400, "best_of must equal n: this server does not rank candidates", param="best_of")
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported (prompt logprobs are not computed)", param="echo")
+        raw = body.prompt
+        if isinstance(raw, str):
+            raw = [raw]
+        elif isinstance(raw[0], int):
+            raw = [raw]
+        service.admission.check(len(raw) * n)  # refuse oversized or untimely batches before tokenizing them
+        prompts: list[tuple[list[int], str]] = []
+        for p in raw:
+            ids = await service.encode(pipe, p, False, "prompt") if isinstance(p, str) else list(p)
+            service.check_prompt(pipe, ids, "prompt")
+            prompts.append((ids, p if isinstance(p, str) else ""))
+        echo_texts = [(text or pipe.tokenizer.decode(ids, skip_special_tokens=False)) if body.echo else ""
+                      for ids, text in prompts]
+        max_new = [service.max_new_tokens(pipe, body.max_tokens, len(ids)) for ids, _ in prompts]
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        jobs = service.make_jobs(pipe, body, [(ids, None) for ids, _ in prompts], max_new, body.logprobs, request_id)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        endpoint = CompletionEndpoint(request_id, model, body.logprobs, service.token_texts(pipe), include_usage, jobs,
+                                      echo_texts)
+        return await service.run(request, pipe, jobs, bool(body.stream), endpoint)
