@@ -37,9 +37,10 @@ def resolve_model_path(model: str | Path) -> Path:
         if not path.is_dir():
             raise ModelLoadError(f"{path} is a file, not a model folder (expected a folder with config.json)")
         if not (path / "config.json").is_file():
-            found = sorted(p.name for p in path.iterdir())[:10]
             raise ModelLoadError(
-                f"{path} is not a model folder: it has no config.json (found: {', '.join(found) or 'nothing'})"
+                f"{path} is not a model folder: it has no config.json. A Hugging Face model folder holds "
+                "config.json, the weights (*.safetensors or *.bin) and the tokenizer (tokenizer.json or "
+                "tokenizer.model); pick the folder that contains them"
             )
         return path
     if not _HUB_ID.match(str(model)):
