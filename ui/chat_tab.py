@@ -163,6 +163,9 @@ async def stream_reply(state: StudioState, history: list[dict], system: str, par
                     RuntimeError(str(out.error))
                 return
             now = time.perf_counter()
+            if out.finished:
+                log.info("chat reply from %s: %d prompt + %d generated tokens in %.2f s (%s)", loaded.name, n_prompt,
+                         n_gen, now - t_start, finish_reason)
             if out.finished or now - last_yield >= STREAM_EVERY_S:
                 last_yield = now
                 yield out_history, stats_html(n_prompt, n_gen, t_start, t_first, now, finish_reason,

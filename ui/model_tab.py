@@ -93,6 +93,8 @@ def load_model(state: StudioState, path: str, model_format: str, dtype: str, qua
             note = (f"Session length {asked_session_len:,} is more than this model allows: using its maximum, "
                     f"{loaded.pipeline.session_len:,} tokens. " + note)
         status = ok_html(f"Loaded {loaded.name} in {loaded.load_seconds:.1f} s", note)
+        log.info("loaded %s (%s) in %.1f s, KV quant_policy %d, session length %d", loaded.name, loaded.path,
+                 loaded.load_seconds, config.quant_policy, loaded.pipeline.session_len)
     except Exception as e:  # noqa: BLE001 - every failure becomes a message, the server keeps running
         log_failure(log, f"loading {path!r}", e)
         status = error_html("Could not load the model", friendly_error(e))

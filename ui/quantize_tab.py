@@ -32,7 +32,7 @@ log = logging.getLogger("ui.quantize")
 
 HUB_CALIB_SETS = ["wikitext2", "ptb", "c4", "pileval"]
 UPLOAD, LOCAL = "uploaded file", "local path"
-CALIB_CHOICES = ([("Built-in offline text (no network needed)", BUILTIN)]
+CALIB_CHOICES = ([("Built-in text (offline)", BUILTIN)]
                  + [(f"{name} (Hugging Face hub: needs network)", name) for name in HUB_CALIB_SETS]
                  + [("Upload a file", UPLOAD), ("Local file or folder", LOCAL)])
 CALIB_LABELS = {value: label for label, value in CALIB_CHOICES}
@@ -172,7 +172,7 @@ def calibration_text(settings: dict) -> str:
         return "none (round to nearest)"
     source = settings.get("calib_source") or str(settings.get("calib_dataset"))
     if str(settings.get("calib_dataset")) == BUILTIN:
-        source = CALIB_LABELS[BUILTIN].split(" (")[0] + " (Python's licence, reference docs, stdlib docstrings)"
+        source = "Built-in offline text (Python's licence, reference docs, stdlib docstrings)"
     got, seqlen = settings["calib_samples"], settings["calib_seqlen"]
     asked = settings.get("calib_samples_requested")
     short = (f" — only {got} of the {asked} samples asked for: the text ran out (give more text for all of them)"
@@ -339,6 +339,7 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
             return (error_html("Quantization failed", ui_words(friendly_error(job.error))), hidden, hidden, None,
                     gr.skip())
         report = job.report
+        log.info("quantized %s -> %s in %.1f s (%s)", model, report["work_dir"], seconds, job.calibration or "no calib")
         state.add_quantized(report["work_dir"])
         progress(1.0, desc="Done")
         return (summary_html(report, seconds), gr.update(value=error_frame(report), visible=True,
