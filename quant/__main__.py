@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from engine.checkpoint import DTYPES
@@ -21,9 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", required=True, help="output folder (written atomically at the end)")
     p.add_argument(
         "--calib-dataset",
-        default="wikitext2",
-        help="wikitext2 | ptb | c4 | pileval (Hugging Face hub) or a local .txt/.jsonl/.json/.csv/.parquet file "
-        "or save_to_disk folder (default: %(default)s)",
+        default="builtin",
+        help="builtin (offline: text this machine already has, Python's docs and docstrings) | wikitext2 | ptb | c4 "
+        "| pileval (Hugging Face hub) | a local .txt/.jsonl/.json/.csv/.parquet file or save_to_disk folder "
+        "(default: %(default)s)",
     )
     p.add_argument("--calib-samples", type=int, default=128, help="calibration blocks (default: %(default)s)")
     p.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per block (default: %(default)s)")
@@ -46,9 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_progress_bars() -> None:
+    """--quiet: no bars at all, ours nor the libraries' (transformers' "Loading weights", the hub's downloads)."""
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it for every new bar
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        quiet_progress_bars()
     from quant.api import quantize_model
     from quant.awq import NullProgress, QuantizationCancelled, TqdmProgress
     from quant.calib_data import CalibDataError
@@ -84,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             progress.close()
     sizes, summary = report["sizes"], report["error_summary"]
     print(f"wrote {report['work_dir']} in {report['timings_s']['total']:.1f} s")
+    st = report["settings"]
+    if st.get("calib_source"):
+        asked = st.get("calib_samples_requested")
+        short = f" (of {asked} asked for: the data ran out)" if asked and st["calib_samples"] < asked else ""
+        print(f"calibration: {st['calib_source']}, {st['calib_samples']} samples{short} x {st['calib_seqlen']} tokens")
     print(f"weights: {sizes['source_weight_bytes'] / 2**20:.1f} MiB -> {sizes['output_weight_bytes'] / 2**20:.1f} MiB")
     if summary.get("mean_awq_over_rtn_layer_mse") is not None:
         print(f"layer output MSE, AWQ / RTN (mean over layers): {summary['mean_awq_over_rtn_layer_mse']:.3f}")

@@ -14,7 +14,7 @@ import torch
 
 from quant.arch import linear_widths
 from quant.awq import AWQConfig, as_progress, check_cancel, quantize_layers
-from quant.calib_data import check_calib_source, load_calib_samples
+from quant.calib_data import BUILTIN, check_calib_source, describe_calib_source, load_calib_samples
 from quant.export import (
     DEFAULT_SHARD_BYTES,
     AWQStateCollector,
@@ -30,6 +30,44 @@ from quant.primitives import PACK_BITS
 from quant.source_model import SourceModel, load_source_model, read_config
 
 log = logging.getLogger(__name__)
+
+
+class WorkEta:
+    """Time left, estimated from completed work units only (layers, for the quantize stage): the mean time of the
+    units finished so far times the units left, counting down between completions. Within a unit it never grows;
+    it floors at the time the units after the current one need. None until one unit is done."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.started: float | None = None
+        self.first_done = 0
+        self.done = 0
+        self.total = 1
+        self.last_done_at: float | None = None
+
+    def update(self, done: int, total: int) -> None:
+        now = self.clock()
+        if self.started is None:
+            self.started, self.first_done, self.done = now, done, done
+        if done > self.done:
+            self.done, self.last_done_at = done, now
+        self.total = max(total, 1)
+
+    def per_unit(self) -> float | None:
+        units = self.done - self.first_done
+        if units <= 0 or self.last_done_at is None:
+            return None
+        return (self.last_done_at - self.started) / units
+
+    def seconds_left(self) -> float | None:
+        per_unit = self.per_unit()
+        if per_unit is None:
+            return None
+        left = self.total - self.done
+        if left <= 0:
+            return 0.0
+        since = self.clock() - self.last_done_at
+        return max(per_unit * (left - 1), per_unit * left - since)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -84,7 +122,7 @@ def quantize_model(
     model_path: str | Path,
     work_dir: str | Path,
     *,
-    calib_dataset: str = "wikitext2",
+    calib_dataset: str = BUILTIN,
     calib_samples: int = 128,
     calib_seqlen: int = 2048,
     w_bits: int = 4,
@@ -159,7 +197,7 @@ def quantize_loaded(
     work_dir: str | Path,
     cfg: AWQConfig,
     *,
-    calib_dataset: str = "wikitext2",
+    calib_dataset: str = BUILTIN,
     calib_samples: int = 128,
     calib_seqlen: int = 2048,
     samples: torch.Tensor | None = None,
@@ -190,7 +228,8 @@ def quantize_loaded(
         prog.on_progress("calibration", 0, 1, f"tokenizing {calib_dataset}")
         tokenizer = load_tokenizer(loaded.path, trust_remote_code)
         samples = load_calib_samples(calib_dataset, tokenizer, calib_samples, calib_seqlen)
-        prog.on_progress("calibration", 1, 1, f"{samples.shape[0]} samples x {samples.shape[1]} tokens")
+        short = f" of the {calib_samples} asked for (the data ran out)" if samples.shape[0] < calib_samples else ""
+        prog.on_progress("calibration", 1, 1, f"{samples.shape[0]} samples{short} x {samples.shape[1]} tokens")
         stage_done("calibration", t0)
         check_cancel(cancel_event, "after loading the calibration data")
     elif samples is not None:
@@ -222,6 +261,8 @@ def quantize_loaded(
         quant_cfg = quantization_config(cfg.w_bits, cfg.w_group_size, collector.modules_to_not_convert(loaded.model))
         write_config(loaded.config, out, quant_cfg)
         copied = copy_side_files(loaded.path, out)
+        if write_model_card(out, loaded.path, quant_cfg) and "README.md" not in copied:
+            copied.append("README.md")
         prog.on_progress("export", 2, 3, "writing report")
         stage_done("export", t0)
         report = build_report(
@@ -237,12 +278,32 @@ def quantize_loaded(
             files=[f.name for f in files] + copied,
             quant_cfg=quant_cfg,
             total_s=time.perf_counter() - t_start,
+            calib_requested=(calib_samples, calib_seqlen) if samples is not None else (None, None),
         )
         report["work_dir"] = str(target)
         (out / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
         check_cancel(cancel_event, "before finishing the output folder")
     prog.on_progress("export", 3, 3, f"wrote {target}")
     return report
+
+
+def write_model_card(out: Path, source: Path, quant_cfg: dict) -> bool:
+    """README.md of the quantized folder: what it is (AWQ W4A16, group size, the format) on top, then the source
+    folder's own README, if it had one, after a rule."""
+    bits, group = quant_cfg.get("bits", 4), quant_cfg.get("group_size")
+    head = (
+        f"# {source.name}: AWQ W{bits}A16 (group size {group})\n\n"
+        f"This folder is an **AWQ {bits}-bit weight quantization** of `{source.name}`, written by Quant Studio "
+        "(`python -m quant` or its Quantize tab) in the AutoAWQ GEMM layout (`quantization_config` in config.json, "
+        "`quant_report.json` for the settings and per-layer errors). Load it with the studio's engine, AutoAWQ, vLLM "
+        "or `transformers`.\n"
+    )
+    readme = out / "README.md"
+    original = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else ""
+    if original:
+        head += f"\nThe original model card of `{source.name}` follows.\n\n---\n\n{original}"
+    readme.write_text(head, encoding="utf-8")
+    return True
 
 
 def build_report(
@@ -259,6 +320,7 @@ def build_report(
     files: list[str],
     quant_cfg: dict,
     total_s: float,
+    calib_requested: tuple[int | None, int | None] = (None, None),
 ) -> dict:
     import transformers
 
@@ -277,6 +339,9 @@ def build_report(
             "calib_dataset": calib_dataset,
             "calib_samples": int(samples.shape[0]) if samples is not None else 0,
             "calib_seqlen": int(samples.shape[1]) if samples is not None else 0,
+            "calib_samples_requested": calib_requested[0],
+            "calib_seqlen_requested": calib_requested[1],
+            "calib_source": describe_calib_source(calib_dataset) if calib_dataset and samples is not None else None,
             "device": str(dev),
             "dtype": str(loaded.dtype).replace("torch.", ""),
         },

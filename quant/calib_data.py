@@ -1,21 +1,30 @@
-"""Calibration data: hub dataset names (wikitext2, ptb, c4, pileval through `datasets.load_dataset`) or local files
-(.txt, .jsonl, .json, .csv, .parquet, or a folder written by `datasets.save_to_disk`).
+"""Calibration data: the built-in offline set (`builtin`, the default), hub dataset names (wikitext2, ptb, c4,
+pileval through `datasets.load_dataset`) or local files (.txt, .jsonl, .json, .csv, .parquet, or a folder written by
+`datasets.save_to_disk`).
+
+`builtin` needs no network and no file: it is English prose every Python installation already has, read on the
+spot in a fixed order: Python's licence, the reference documentation behind `help()` (`pydoc_data.topics`), then
+the docstrings of the standard library's modules, classes and functions (about 1.3 MB of text, a few hundred
+thousand tokens; reading stops once enough tokens are there).
 
 LMDeploy style: the texts are concatenated, tokenized, and cut into `n_samples` blocks of `seqlen` tokens
 (consecutive, non-overlapping). Hub datasets are shuffled with a fixed seed first so the blocks do not all come
-from the first article; local files are read in order. Offline, a hub name fails fast with a message that says how
-to pass a local file instead: `HF_HUB_OFFLINE` / `HF_DATASETS_OFFLINE` are honoured, and otherwise the hub endpoint
-is probed with a short timeout before `datasets` gets a chance to retry for minutes.
+from the first article; local files are read in order. Offline, a hub name fails fast with a message that says what
+to use instead: `HF_HUB_OFFLINE` / `HF_DATASETS_OFFLINE` are honoured, and otherwise the hub endpoint is probed
+with a short timeout before `datasets` gets a chance to retry for minutes.
 """
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import logging
 import os
 import random
 import socket
+import sys
+import sysconfig
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -54,9 +63,12 @@ HUB_DATASETS = {
     "pileval": HubDataset("mit-han-lab/pile-val-backup", None, "validation", "text"),
 }
 
+BUILTIN = "builtin"
+BUILTIN_DESCRIPTION = "built-in offline text (Python's licence, reference docs and standard-library docstrings)"
 _LOCAL_HINT = (
-    "pass a local file instead: --calib-dataset path/to/data.txt (plain text), .jsonl / .json (records with a "
-    "'text' field), .csv / .parquet (a 'text' column), or a folder written by datasets' save_to_disk"
+    f"use the built-in offline set '{BUILTIN}' (text this machine already has), or a local file: "
+    "path/to/data.txt (plain text), .jsonl / .json (records with a 'text' field), .csv / .parquet (a 'text' "
+    "column), or a folder written by datasets' save_to_disk"
 )
 
 
@@ -121,7 +133,8 @@ def _check_hub(key: str, timeout: float) -> None:
     if reason is not None:
         raise CalibDataError(
             f"calibration dataset {key!r} comes from the Hugging Face hub ({spec.path}), which cannot be reached: "
-            f"{reason}. If it is in your local datasets cache, set HF_HUB_OFFLINE=1; otherwise {_LOCAL_HINT}."
+            f"{reason}. If it is in your local datasets cache, set HF_HUB_OFFLINE=1 before starting; otherwise "
+            f"{_LOCAL_HINT}."
         )
 
 
@@ -141,7 +154,8 @@ def _load_hub_texts(key: str, timeout: float) -> list[str]:
     except Exception as e:
         where = f"offline ({offline} is set) and it is not in the local datasets cache" if offline else "failed"
         raise CalibDataError(
-            f"loading calibration dataset {key!r} ({spec.path}) {where}: {type(e).__name__}: {e}. {_LOCAL_HINT}."
+            f"loading calibration dataset {key!r} ({spec.path}) {where}: {type(e).__name__}: {e}. Instead, "
+            f"{_LOCAL_HINT}."
         ) from e
     texts = [t for t in ds[spec.column] if isinstance(t, str) and t.strip()]
     random.Random(42).shuffle(texts)
@@ -263,6 +277,76 @@ def _iter_saved_dataset(path: Path) -> Iterator[str]:
     yield from _iter_table_rows(ds.select_columns([col]), col)
 
 
+def _stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _licence_texts() -> Iterator[str]:
+    for place in (Path(sys.base_prefix), _stdlib_dir(), Path(sys.prefix)):
+        licence = place / "LICENSE.txt"
+        if licence.is_file():
+            yield licence.read_text(encoding="utf-8", errors="replace")
+            return
+
+
+def _pydoc_topics() -> Iterator[str]:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions leave it out; the docstrings are still there
+        return
+    for key in sorted(topics):
+        yield topics[key] + "\n\n"
+
+
+def _docstrings(path: Path) -> Iterator[str]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= 80:  # one-liners are mostly "Return x."; prose is what calibrates
+                yield doc + "\n\n"
+
+
+def _stdlib_files() -> list[Path]:
+    """The standard library's .py files in a fixed order; tests, bundled third-party trees and caches left out."""
+    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "lib2to3", "__pycache__", "config-3"}
+    files = []
+    for dirpath, dirnames, filenames in os.walk(_stdlib_dir()):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("config-"))
+        files += [Path(dirpath) / f for f in filenames if f.endswith(".py")]
+    return sorted(files)
+
+
+def _stdlib_docstrings() -> Iterator[str]:
+    for f in _stdlib_files():
+        yield from _docstrings(f)
+
+
+def iter_builtin_texts() -> Iterator[str]:
+    """The built-in offline calibration text, in its fixed order (see the module docstring)."""
+    yield from _licence_texts()
+    yield from _pydoc_topics()
+    yield from _stdlib_docstrings()
+
+
+def describe_calib_source(name_or_path: str | os.PathLike) -> str:
+    """What a calibration set is, in words (for the UI and the report)."""
+    key = str(name_or_path)
+    if key.lower() == BUILTIN:
+        return BUILTIN_DESCRIPTION
+    if key.lower() in HUB_DATASETS:
+        return f"{key.lower()} from the Hugging Face hub ({HUB_DATASETS[key.lower()].path})"
+    path = Path(key).expanduser()
+    if path.is_file():
+        return f"local file {path.name}"
+    if path.is_dir():
+        return f"local dataset folder {path.name}"
+    return key
+
+
 _LOCAL_READERS = {
     ".txt": _iter_txt,
     ".jsonl": _iter_jsonl,
@@ -273,9 +357,11 @@ _LOCAL_READERS = {
 
 
 def check_calib_source(name_or_path: str | os.PathLike, hub_timeout: float = HUB_TIMEOUT_S) -> str:
-    """ "local" or "hub"; raises CalibDataError at once for an unknown name, a missing or unsupported file, or an
-    unreachable hub, so a bad --calib-dataset fails before the model is loaded."""
+    """ "builtin", "local" or "hub"; raises CalibDataError at once for an unknown name, a missing or unsupported
+    file, or an unreachable hub, so a bad calibration set fails before the model is loaded."""
     key = str(name_or_path)
+    if key.lower() == BUILTIN:
+        return BUILTIN
     path = Path(key).expanduser()
     if path.is_dir():
         return "local"
@@ -300,6 +386,8 @@ def iter_calib_texts(name_or_path: str | os.PathLike, hub_timeout: float = HUB_T
     """Texts of a calibration set, in the order they are used."""
     kind = check_calib_source(name_or_path, hub_timeout)
     path = Path(str(name_or_path)).expanduser()
+    if kind == BUILTIN:
+        return iter_builtin_texts()
     if kind == "hub":
         return iter(_load_hub_texts(str(name_or_path).lower(), hub_timeout))
     if path.is_dir():
@@ -345,7 +433,7 @@ def load_calib_samples(
     if n_blocks == 0:
         raise CalibDataError(
             f"calibration data {str(name_or_path)!r} gives {len(ids)} tokens, fewer than one block of "
-            f"{seqlen} (--calib-seqlen); pass more text or a smaller --calib-seqlen"
+            f"{seqlen} tokens; give more text or a shorter sequence length"
         )
     if n_blocks < n_samples:
         log.warning(

@@ -7,6 +7,7 @@ Theme and CSS are passed where the Blocks are served (`gr.mount_gradio_app(..., 
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import gradio as gr
@@ -27,7 +28,35 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", neutral_hue=
                        font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
 
 
+UI_PLUMBING = ("/gradio_api/", "/assets/", "/static/", "/theme.css", "/favicon.ico", "/config", "/info",
+               "/manifest.json", "/svelte/", "/custom_component/")
+
+
+class UIPlumbingFilter(logging.Filter):
+    """Drops uvicorn's access lines for the UI's plumbing (the memory panel's once-a-second poll, queue joins and
+    their event streams, static assets) when they succeed: the UI's handlers log one INFO line per user action
+    instead. API requests (/v1, /health, /metrics) and every failed request keep their line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple) or len(args) < 5:
+            return True
+        path, status = str(args[2]), args[4]
+        try:
+            ok = int(status) < 400
+        except (TypeError, ValueError):
+            return True
+        return not (ok and (path == "/" or path.startswith(UI_PLUMBING)))
+
+
+def quiet_ui_access_log() -> None:
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, UIPlumbingFilter) for f in access.filters):
+        access.addFilter(UIPlumbingFilter())
+
+
 def build_app(state: StudioState) -> gr.Blocks:
+    quiet_ui_access_log()
     with gr.Blocks(title="Quant Studio", fill_width=True) as app:
         header = gr.HTML(header_html(state.manager.current), elem_id="studio-header-box")
         build_memory_panel(state, header)

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import gradio as gr
 
+from engine import ImageInputError
 from engine.config import GenerationConfig
 from engine.manager import ModelSlot
-from ui.common import friendly_error
+from ui.common import friendly_error, log_failure
 from ui.state import StudioState
 
 log = logging.getLogger("ui.chat")
@@ -120,9 +121,10 @@ async def _next_or_stop(stream, stop: asyncio.Event):
 
 async def stream_reply(state: StudioState, history: list[dict], system: str, params: tuple,
                        stop: asyncio.Event | None = None, models: ModelSlot | None = None):
-    """Yield (history, stats html, ok) as the assistant's reply to `history` streams in. The reply message is
-    appended to a copy of history; on failure the last yield carries history without the reply and an error.
-    Setting `stop` ends the reply where it is (the engine request is aborted) and keeps what was generated."""
+    """Yield (history, stats html, failure) as the assistant's reply to `history` streams in; failure is None, or
+    the exception that ended it. The reply message is appended to a copy of history; on failure the last yield
+    carries history without the reply (when nothing was generated) and an error. Setting `stop` ends the reply
+    where it is (the engine request is aborted) and keeps what was generated."""
     models = models or state.manager.main  # the slot this chat serves from (the API's too)
     try:
         pipe = models.pipeline()
@@ -130,7 +132,8 @@ async def stream_reply(state: StudioState, history: list[dict], system: str, par
         config = gen_config(*params)
         messages = to_engine_messages(system, history)
     except Exception as e:  # noqa: BLE001
-        yield history, _error_stats(friendly_error(e)), False
+        log_failure(log, "chat request", e)
+        yield history, _error_stats(friendly_error(e)), e
         return
     stop = stop or asyncio.Event()
     reply = {"role": "assistant", "content": ""}
@@ -150,24 +153,31 @@ async def stream_reply(state: StudioState, history: list[dict], system: str, par
             if out is None:  # Stop: keep the partial reply, say so
                 await stream.aclose()  # aborts the engine request
                 yield out_history if reply["content"] else history, stats_html(
-                    n_prompt, n_gen, t_start, t_first, time.perf_counter(), "abort", loaded.name), True
+                    n_prompt, n_gen, t_start, t_first, time.perf_counter(), "abort", loaded.name), None
                 return
             if out.token_ids and t_first is None:
                 t_first = time.perf_counter()
             reply["content"] += out.text
             n_prompt, n_gen, finish_reason = out.num_prompt_tokens, out.num_generated_tokens, out.finish_reason
             if out.error:
+                log.error("chat generation failed: %s", out.error)
                 yield out_history if reply["content"] else history, _error_stats(f"generation failed: {out.error}"), \
-                    False
+                    RuntimeError(str(out.error))
                 return
             now = time.perf_counter()
+            if out.finished:
+                log.info("chat reply from %s: %d prompt + %d generated tokens in %.2f s (%s)", loaded.name, n_prompt,
+                         n_gen, now - t_start, finish_reason)
             if out.finished or now - last_yield >= STREAM_EVERY_S:
                 last_yield = now
                 yield out_history, stats_html(n_prompt, n_gen, t_start, t_first, now, finish_reason,
-                                              loaded.name), True
+                                              loaded.name), None
     except Exception as e:  # noqa: BLE001 - prompt too long, images to a text model, engine stopped ...
-        log.info("chat request failed: %s", e, exc_info=True)
-        yield out_history if reply["content"] else history, _error_stats(friendly_error(e)), False
+        log_failure(log, "chat request", e)
+        message = friendly_error(e)
+        if isinstance(e, ImageInputError):
+            message += " (the image was taken off your message: press Enter to send the text alone)"
+        yield out_history if reply["content"] else history, _error_stats(message), e
     finally:
         await stream.aclose()
 
@@ -213,7 +223,8 @@ def build_chat_tab(state: StudioState, models: ModelSlot | None = None) -> ChatT
         with gr.Column(scale=4):
             chatbot = gr.Chatbot(
                 label="Chat", show_label=False, height=460, elem_id="chatbot", buttons=["copy", "copy_all"],
-                placeholder="<b>Load a model and say hello.</b><br>Each browser tab keeps its own conversation.",
+                placeholder="<b>Say hello to the model named in the header.</b><br>Each browser tab keeps its own "
+                            "conversation. (No model yet? Load one in the Model tab.)",
             )
             textbox = gr.MultimodalTextbox(
                 placeholder="Message the model (Enter sends, Shift+Enter adds a line). Attach images for a "
@@ -256,10 +267,12 @@ def build_chat_tab(state: StudioState, models: ModelSlot | None = None) -> ChatT
         stop_event = switch.new(request)
         try:  # aclosing: a cancelled event closes the reply stream (and aborts the request) at once, not at GC
             async with contextlib.aclosing(stream_reply(state, hist, system_prompt, p, stop_event, models)) as replies:
-                async for new_hist, stats_value, ok in replies:
-                    if not ok and new_hist is hist:  # nothing generated: give the message back to edit or retry
+                async for new_hist, stats_value, failure in replies:
+                    if failure is not None and new_hist is hist:  # nothing generated: give the message back
                         hist = hist[:-1]
-                        yield to_display(hist), hist, {"text": text, "files": files}, stats_value
+                        # ... without the images when the model refused them, or they would fail every later send
+                        keep = [] if isinstance(failure, ImageInputError) else files
+                        yield to_display(hist), hist, {"text": text, "files": keep}, stats_value
                         return
                     yield to_display(new_hist), new_hist, gr.skip(), stats_value
         finally:
@@ -278,7 +291,7 @@ def build_chat_tab(state: StudioState, models: ModelSlot | None = None) -> ChatT
         stop_event = switch.new(request)
         try:
             async with contextlib.aclosing(stream_reply(state, hist, system_prompt, p, stop_event, models)) as replies:
-                async for new_hist, stats_value, _ok in replies:
+                async for new_hist, stats_value, _failure in replies:
                     yield to_display(new_hist), new_hist, stats_value
         finally:
             switch.done(request, stop_event)
@@ -294,6 +307,8 @@ def build_chat_tab(state: StudioState, models: ModelSlot | None = None) -> ChatT
 
     # Stop lets the reply end itself (it keeps the partial text and says "stopped"); Clear cancels outright.
     stop_btn.click(stop, api_name="stop_chat", queue=False)
-    clear_btn.click(lambda: ([], [], '<div class="chat-stats" id="chat-stats">&nbsp;</div>'),
-                    outputs=[chatbot, history, stats], api_name="clear_chat", queue=False, cancels=[submit, regen])
+    # Clear empties the input box too (text and attachments), so nothing of the old conversation is sent again
+    clear_btn.click(lambda: ([], [], '<div class="chat-stats" id="chat-stats">&nbsp;</div>', EMPTY_INPUT),
+                    outputs=[chatbot, history, stats, textbox], api_name="clear_chat", queue=False,
+                    cancels=[submit, regen])
     return ChatTab(chatbot, textbox, stats)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import logging
+from pathlib import Path
 
 from engine.errors import EngineError
 from engine.manager import LoadedModel
@@ -60,6 +61,24 @@ def kv_policy(loaded: LoadedModel) -> str:
     return f"{KV_POLICY_LABELS[qp]} (quant_policy {qp})"
 
 
+def checkpoint_bytes(path) -> int | None:
+    """"Weights on disk": the bytes of a folder's weight files (*.safetensors, else *.bin). The one definition the
+    Model tab and the Quantize tab's summary both use (the in-memory size depends on the compute dtype)."""
+    from quant.export import source_weight_bytes
+
+    try:
+        return source_weight_bytes(Path(path))
+    except Exception:  # noqa: BLE001 - e.g. a hub id whose files live in the hub cache
+        return None
+
+
+def weights_text(loaded: LoadedModel, weights_bytes: int) -> str:
+    dtype = str(loaded.pipeline.engine.dtype).replace("torch.", "")
+    disk = checkpoint_bytes(loaded.path)
+    on_disk = f" · {fmt_bytes(disk)} on disk" if disk else ""
+    return f"{weight_format(loaded)} · {fmt_bytes(weights_bytes)} in memory ({dtype}){on_disk}"
+
+
 def describe(loaded: LoadedModel) -> dict[str, str]:
     """The loaded model as label -> value, for the Model tab's card and the API tab."""
     engine = loaded.pipeline.engine
@@ -69,7 +88,7 @@ def describe(loaded: LoadedModel) -> dict[str, str]:
         "Path": str(loaded.path),
         "Architecture": engine.spec.architecture,
         "Parameters": fmt_params(engine.spec.num_params),
-        "Weights": f"{weight_format(loaded)} · {fmt_bytes(mem['weights_bytes'])}",
+        "Weights": weights_text(loaded, mem["weights_bytes"]),
         "KV cache": f"{kv_policy(loaded)} · {fmt_bytes(mem['kv_cache_bytes'])}",
         "KV capacity": f"{mem['kv_capacity_tokens']:,} tokens ({mem['num_kv_blocks']:,} blocks of {mem['block_size']})",
         "Session length": f"{loaded.pipeline.session_len:,} tokens",
@@ -111,10 +130,38 @@ def ok_html(title: str, message: str = "") -> str:
     return f'<div class="studio-callout studio-ok"><b>{html.escape(title)}</b>{body}</div>'
 
 
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Bad input the user can fix (a wrong path, a too-long prompt ...), as opposed to a fault in the program."""
+    return isinstance(e, USER_ERRORS) or type(e).__name__ in ("CalibDataError", "QuantizationCancelled",
+                                                              "UnsupportedArchitectureError")
+
+
+def log_failure(logger: logging.Logger, what: str, e: BaseException) -> None:
+    """One INFO line for an ordinary user error; the traceback only for a real fault."""
+    if is_user_error(e):
+        logger.info("%s failed: %s", what, friendly_error(e))
+    else:
+        logger.error("%s failed", what, exc_info=e)
+
+
+def whole_number(value, label: str, *, minimum: int, allowed: str | None = None) -> int:
+    """A number field's value as an int, or a ValueError that says in a sentence what the field takes."""
+    allowed = allowed or f"a whole number of at least {minimum}"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{label} must be {allowed}; it was left empty or is not a number.") from None
+    if number != int(number) or number < minimum:
+        raise ValueError(f"{label} must be {allowed}; got {number:g}.")
+    return int(number)
+
+
 def friendly_error(e: BaseException) -> str:
     """An exception as one readable line (the traceback goes to the server log, never to the page)."""
     msg = str(e).strip() or type(e).__name__
-    if isinstance(e, USER_ERRORS) or type(e).__name__ == "QuantizationCancelled":  # messages written for the user
+    if is_user_error(e):
         return msg
     if isinstance(e, MemoryError):
         return f"out of memory: {msg}"

@@ -20,11 +20,15 @@ from ui.state import StudioState
 
 SAMPLE_EVERY_S = 0.9
 GIB = 1024**3
-_GPU_PALETTE = ("#64748b", "#0ea5e9", "#14b8a6", "#a855f7", "#ec4899", "#84cc16", "#f97316", "#06b6d4")
-SERIES_COLORS = {  # the plot's lines in the bars' colours; GPUs get their own
-    "process RSS": "#6366f1", "KV in use": "#f59e0b", "weights": "#4f46e5",
+# Plot lines in the bars' colours (style.css), each series told apart at a glance: "this process" indigo, weights
+# emerald, KV in use amber; GPUs' "used" lines take colours none of those is close to.
+PROCESS_COLOR, WEIGHTS_COLOR, KV_USED_COLOR = "#6366f1", "#059669", "#f59e0b"
+_GPU_PALETTE = ("#64748b", "#0ea5e9", "#ec4899", "#a16207", "#a855f7", "#dc2626", "#0f766e", "#1e293b")
+SERIES_COLORS = {
+    "process RSS": PROCESS_COLOR, "KV in use": KV_USED_COLOR, "weights": WEIGHTS_COLOR,
     **{f"GPU {i} used": _GPU_PALETTE[i % len(_GPU_PALETTE)] for i in range(16)},
-    **{f"GPU {i} this process": "#6366f1" if i == 0 else _GPU_PALETTE[(i + 4) % len(_GPU_PALETTE)] for i in range(16)},
+    **{f"GPU {i} this process": PROCESS_COLOR if i == 0 else _GPU_PALETTE[(i + 4) % len(_GPU_PALETTE)]
+       for i in range(16)},
 }
 
 

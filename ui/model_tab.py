@@ -17,7 +17,7 @@ import gradio as gr
 from engine.config import VALID_DTYPES, VALID_MODEL_FORMATS, EngineConfig
 from engine.demo_model import DEMO_MODEL_NOTE, build_demo_model
 from engine.manager import ModelManager
-from ui.common import describe, error_html, friendly_error, header_html, ok_html
+from ui.common import describe, error_html, friendly_error, header_html, log_failure, ok_html, whole_number
 from ui.state import StudioState
 
 log = logging.getLogger("ui.model")
@@ -57,14 +57,18 @@ def load_model(state: StudioState, path: str, model_format: str, dtype: str, qua
         if not path:
             path = str(state.settings.demo_model_dir)
         is_demo = state.is_demo_path(path)
+        session_rule = "0 (the model's maximum) or a number of tokens of at least 2 (a prompt token and a reply)"
+        asked_session_len = whole_number(session_len, "Session length", minimum=0, allowed=session_rule)
+        if asked_session_len == 1:
+            raise ValueError(f"Session length must be {session_rule}; got 1.")
         config = dataclasses.replace(
             state.settings.engine_config,
             model_format=model_format or "auto",
             dtype=dtype or "auto",
             quant_policy=int(quant_policy),
             cache_max_entry_count=float(cache_max_entry_count),
-            session_len=int(session_len) if session_len else None,
-            max_batch_size=int(max_batch_size),
+            session_len=asked_session_len or None,
+            max_batch_size=whole_number(max_batch_size, "Max batch size", minimum=1),
             trust_remote_code=bool(trust_remote_code),
         )
         if is_demo:
@@ -84,10 +88,15 @@ def load_model(state: StudioState, path: str, model_format: str, dtype: str, qua
             state.loading = None
         if progress:
             progress(1.0, desc="Loaded")
-        status = ok_html(f"Loaded {loaded.name} in {loaded.load_seconds:.1f} s",
-                         DEMO_MODEL_NOTE if is_demo else "Go to the Chat tab, or call it from the API.")
+        note = DEMO_MODEL_NOTE if is_demo else "Go to the Chat tab, or call it from the API."
+        if asked_session_len and loaded.pipeline.session_len < asked_session_len:
+            note = (f"Session length {asked_session_len:,} is more than this model allows: using its maximum, "
+                    f"{loaded.pipeline.session_len:,} tokens. " + note)
+        status = ok_html(f"Loaded {loaded.name} in {loaded.load_seconds:.1f} s", note)
+        log.info("loaded %s (%s) in %.1f s, KV quant_policy %d, session length %d", loaded.name, loaded.path,
+                 loaded.load_seconds, config.quant_policy, loaded.pipeline.session_len)
     except Exception as e:  # noqa: BLE001 - every failure becomes a message, the server keeps running
-        log.warning("loading %r failed", path, exc_info=True)
+        log_failure(log, f"loading {path!r}", e)
         status = error_html("Could not load the model", friendly_error(e))
     return status, info_html(state), header_html(state.manager.current)
 
@@ -129,9 +138,10 @@ def build_model_tab(state: StudioState, header: gr.HTML) -> ModelTab:
             with gr.Row():
                 cache = gr.Slider(0.05, 1.0, value=cfg.cache_max_entry_count, step=0.05, label="KV cache share",
                                   info="cache_max_entry_count: fraction of free memory after weights")
-                session_len = gr.Number(value=cfg.session_len or 0, precision=0, minimum=0, label="Session length",
+                session_len = gr.Number(value=cfg.session_len or 0, precision=0, label="Session length",
+                                        elem_id="model-session-len",
                                         info="max prompt + reply tokens; 0 = model's maximum")
-                max_batch = gr.Number(value=cfg.max_batch_size, precision=0, minimum=1, label="Max batch size",
+                max_batch = gr.Number(value=cfg.max_batch_size, precision=0, label="Max batch size",
                                       info="sequences decoded together")
             trust = gr.Checkbox(value=cfg.trust_remote_code, label="Trust remote code",
                                 info="run tokenizer code shipped in the folder (InternLM2 needs it)")

@@ -3,7 +3,11 @@
 The quantizer (`quant.quantize_model`) runs in a worker thread and reports (stage, done, total, message) into a
 QuantJob; the Gradio event polls the job and turns it into gr.Progress updates (layer x of N, stage, ETA). Cancel
 sets the job's cancel event, which the quantizer checks between steps. One job runs at a time: quantizing takes the
-whole GPU. At the end: a summary (time, size before / after, per-layer error chart) and "Load this model"."""
+whole GPU. At the end: a summary (time, what calibration really got, size on disk before / after, per-layer error
+chart) and "Load this model".
+
+The default calibration set is the built-in offline text (quant.calib_data's `builtin`): it needs no network. The
+ETA is an estimate from finished layers (quant.api.WorkEta). Messages speak the tab's words, not the CLI's flags."""
 
 from __future__ import annotations
 
@@ -19,20 +23,38 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from ui.common import error_html, fmt_bytes, fmt_seconds, friendly_error
+from quant.api import WorkEta
+from quant.calib_data import BUILTIN
+from ui.common import error_html, fmt_bytes, fmt_seconds, friendly_error, log_failure, whole_number
 from ui.state import StudioState
 
 log = logging.getLogger("ui.quantize")
 
 HUB_CALIB_SETS = ["wikitext2", "ptb", "c4", "pileval"]
 UPLOAD, LOCAL = "uploaded file", "local path"
-CALIB_CHOICES = HUB_CALIB_SETS + [UPLOAD, LOCAL]
+CALIB_CHOICES = ([("Built-in text (offline)", BUILTIN)]
+                 + [(f"{name} (Hugging Face hub: needs network)", name) for name in HUB_CALIB_SETS]
+                 + [("Upload a file", UPLOAD), ("Local file or folder", LOCAL)])
+CALIB_LABELS = {value: label for label, value in CALIB_CHOICES}
 STAGE_SPAN = {"load": (0.0, 0.08), "calibration": (0.08, 0.12), "quantize": (0.12, 0.95), "export": (0.95, 1.0)}
 STAGE_LABEL = {"load": "Loading the model", "calibration": "Preparing calibration data", "quantize": "Quantizing",
                "export": "Writing the quantized folder"}
+GPU_CALIB = (128, 2048)  # samples x tokens: AutoAWQ / LMDeploy's defaults, about a minute for a 7B model on a GPU
+CPU_CALIB = (16, 512)  # without a GPU: 128 x 2048 took 4 minutes even for the 853K-parameter demo model
+# CLI wording in messages from quant/ -> the words of this tab (the longest first)
+UI_WORDS = [
+    ("pass --overwrite (overwrite=True) to replace it", "tick Overwrite to replace it, or pick another output folder"),
+    ("--work-dir must differ from the model folder", "the output folder must differ from the model folder"),
+    ("pass --trust-remote-code", "tick Trust remote code"),
+    (f"the built-in offline set '{BUILTIN}'", f"the calibration set \u201c{CALIB_LABELS[BUILTIN]}\u201d"),
+    ("--work-dir", "output folder"), ("--w-group-size", "Group size"), ("--w-bits", "Weight bits"),
+    ("--calib-seqlen", "Sequence length"), ("--calib-samples", "Samples"), ("--calib-dataset", "Calibration set"),
+    ("--trust-remote-code", "Trust remote code"), ("pass --device cpu (slow)", "quantize on a machine with a GPU"),
+]
 POLL_S = 0.2
 IDLE_HTML = ('<div class="studio-card studio-muted" id="quant-status">Not started. Progress (layer, stage, ETA) '
              "shows here.</div>")
+RUNNING_HTML = '<div class="studio-card" id="quant-status"></div>'  # blank under the progress overlay
 
 
 class QuantJob:
@@ -43,7 +65,9 @@ class QuantJob:
         self.cancel_event = threading.Event()
         self.stage, self.done, self.total, self.message = "load", 0, 1, "starting"
         self.started = time.monotonic()
-        self.quantize_started: float | None = None
+        self.eta = WorkEta()
+        self.calibration: str | None = None  # what the calibration stage really got, in words
+        self.history: list[tuple[str, int, int]] = []  # every (stage, done, total) reported, for the record
         self.report: dict | None = None
         self.error: BaseException | None = None
         self.finished = threading.Event()
@@ -54,8 +78,11 @@ class QuantJob:
         return self
 
     def on_progress(self, stage: str, done: int, total: int, message: str = "") -> None:
-        if stage == "quantize" and self.quantize_started is None:
-            self.quantize_started = time.monotonic()
+        if stage == "quantize":
+            self.eta.update(done, total)
+        if stage == "calibration" and done >= total and message:
+            self.calibration = message
+        self.history.append((stage, done, total))
         self.stage, self.done, self.total, self.message = stage, done, max(total, 1), message
 
     def _run(self) -> None:
@@ -67,7 +94,7 @@ class QuantJob:
         except BaseException as e:  # noqa: BLE001 - handed to the UI as a message
             self.error = e
             if type(e).__name__ != "QuantizationCancelled":
-                log.warning("quantization failed", exc_info=True)
+                log_failure(log, f"quantizing {self.model_path!r}", e)
         finally:
             self.finished.set()
 
@@ -77,10 +104,7 @@ class QuantJob:
         return lo + (hi - lo) * min(1.0, self.done / self.total)
 
     def eta_seconds(self) -> float | None:
-        if self.stage != "quantize" or not self.done or self.quantize_started is None:
-            return None
-        elapsed = time.monotonic() - self.quantize_started
-        return elapsed / self.done * (self.total - self.done)
+        return self.eta.seconds_left() if self.stage == "quantize" else None
 
     def describe(self) -> str:
         if self.cancel_event.is_set():
@@ -90,14 +114,40 @@ class QuantJob:
             current = min(self.done + 1, self.total)
             step = re.sub(r"^layer \d+/\d+:?\s*", "", self.message or "")
             eta = self.eta_seconds()
-            eta_text = f" · ETA {fmt_seconds(eta)}" if eta is not None else ""
+            eta_text = f" · about {fmt_seconds(eta)} left (estimate)" if eta is not None else ""
             return f"Layer {current} of {self.total} · {step or 'working'}{eta_text}"
         return f"{label} · {self.message}" if self.message else label
 
 
-def default_output_dir(state: StudioState, model_path: str, group_size: int) -> str:
-    name = Path(model_path.rstrip("/")).name or "model"
-    return str(state.settings.quant_output_root / f"{name}-awq-w4g{group_size}")
+def is_nonempty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def default_output_dir(state: StudioState, model_path: str, group_size) -> str:
+    """A fresh output folder under the output root: NAME-awq-w4gG, or NAME-awq-w4gG-2, -3 ... when that is taken."""
+    name = Path((model_path or "model").rstrip("/")).name or "model"
+    try:
+        group = int(group_size)
+    except (TypeError, ValueError):
+        group = 128
+    base = state.settings.quant_output_root / f"{name}-awq-w4g{group}"
+    candidate, n = base, 1
+    while candidate.exists() and (is_nonempty_dir(candidate) or not candidate.is_dir()):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return str(candidate)
+
+
+def ui_words(message: str) -> str:
+    for cli, ui in UI_WORDS:
+        message = message.replace(cli, ui)
+    return message
+
+
+def has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def resolve_calib(choice: str, uploaded, local_path: str) -> str:
@@ -116,6 +166,20 @@ def resolve_calib(choice: str, uploaded, local_path: str) -> str:
     return choice
 
 
+def calibration_text(settings: dict) -> str:
+    """What calibration really used, in words: the source, and samples x tokens got (and asked for, if fewer)."""
+    if not settings.get("calib_samples"):
+        return "none (round to nearest)"
+    source = settings.get("calib_source") or str(settings.get("calib_dataset"))
+    if str(settings.get("calib_dataset")) == BUILTIN:
+        source = "Built-in offline text (Python's licence, reference docs, stdlib docstrings)"
+    got, seqlen = settings["calib_samples"], settings["calib_seqlen"]
+    asked = settings.get("calib_samples_requested")
+    short = (f" — only {got} of the {asked} samples asked for: the text ran out (give more text for all of them)"
+             if asked and got < asked else "")
+    return f"{html.escape(source)}: {got} samples × {seqlen} tokens = {got * seqlen:,} tokens{html.escape(short)}"
+
+
 def summary_html(report: dict, seconds: float) -> str:
     sizes, timings, errs = report["sizes"], report["timings_s"], report["error_summary"]
     s = report["settings"]
@@ -124,10 +188,12 @@ def summary_html(report: dict, seconds: float) -> str:
         ("Output folder", html.escape(report["work_dir"])),
         ("Time", f"{fmt_seconds(seconds)} (load {fmt_seconds(timings.get('load'))}, "
                  f"layers {fmt_seconds(timings.get('quantize'))}, export {fmt_seconds(timings.get('export'))})"),
-        ("Weights size", f"{fmt_bytes(sizes['source_weight_bytes'])} → {fmt_bytes(sizes['output_weight_bytes'])}"
-                         + (f" ({sizes['compression']:.2f}x smaller)" if sizes.get("compression") else "")),
-        ("Settings", f"W{s['w_bits']} group {s['w_group_size']} · {html.escape(str(s['calib_dataset']))} "
-                     f"{s['calib_samples']} × {s['calib_seqlen']} tokens · search-scale {s['search_scale']} · "
+        ("Weights on disk", f"{fmt_bytes(sizes['source_weight_bytes'])} → {fmt_bytes(sizes['output_weight_bytes'])}"
+                            + (f" ({sizes['compression']:.2f}x smaller)" if sizes.get("compression") else "")
+                            + ' <span class="studio-muted">(weight files; in memory it depends on the compute '
+                              "dtype)</span>"),
+        ("Calibration", calibration_text(s)),
+        ("Settings", f"W{s['w_bits']} group {s['w_group_size']} · search-scale {s['search_scale']} · "
                      f"clip {s['clip']} · {s['device']}"),
         ("Layer error", f"AWQ / round-to-nearest output MSE: {ratio:.3f} on average (lower is better)"
                         if ratio is not None else "n/a"),
@@ -157,16 +223,25 @@ class QuantizeTab:
 def build_quantize_tab(state: StudioState) -> QuantizeTab:
     current = state.manager.current
     first = str(current.path) if current else str(state.settings.demo_model_dir)
+    gpu = has_gpu()
+    n_samples0, seqlen0 = GPU_CALIB if gpu else CPU_CALIB
+    size_note = ("" if gpu else
+                 f"No GPU here: smaller calibration sizes are suggested ({CPU_CALIB[0]} × {CPU_CALIB[1]} instead of "
+                 f"{GPU_CALIB[0]} × {GPU_CALIB[1]}); on a CPU, {GPU_CALIB[0]} × {GPU_CALIB[1]} takes minutes even "
+                 "for the small demo model.")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             model_path = gr.Textbox(label="Model to quantize", value=first, elem_id="quant-model",
                                     info="A Hugging Face folder (fp16 / bf16 / fp32 weights).")
             with gr.Row():
-                calib = gr.Dropdown(CALIB_CHOICES, value="wikitext2", label="Calibration set", elem_id="quant-calib",
-                                    info="Hub sets need network; offline, upload a file or give a local path.")
-                samples = gr.Number(value=128, precision=0, minimum=1, label="Samples", elem_id="quant-samples")
-                seqlen = gr.Number(value=2048, precision=0, minimum=16, label="Sequence length",
-                                   elem_id="quant-seqlen")
+                calib = gr.Dropdown(CALIB_CHOICES, value=BUILTIN, label="Calibration set", elem_id="quant-calib",
+                                    info="The built-in text works offline; hub sets need network.")
+                samples = gr.Number(value=n_samples0, precision=0, label="Samples", elem_id="quant-samples",
+                                    info="text blocks")
+                seqlen = gr.Number(value=seqlen0, precision=0, label="Sequence length", elem_id="quant-seqlen",
+                                   info="tokens per block")
+            if size_note:
+                gr.HTML(f'<div class="studio-callout studio-warn" id="quant-cpu-note">{html.escape(size_note)}</div>')
             calib_file = gr.File(label="Calibration file", file_types=[".txt", ".jsonl", ".json", ".csv", ".parquet"],
                                  visible=False, elem_id="quant-calib-file")
             calib_path = gr.Textbox(label="Calibration file or folder", visible=False, elem_id="quant-calib-path",
@@ -181,8 +256,11 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
                 clip = gr.Checkbox(value=True, label="Clip search", info="AutoAWQ's weight clipping")
                 trust = gr.Checkbox(value=state.settings.engine_config.trust_remote_code, label="Trust remote code",
                                     info="run the folder's tokenizer code (InternLM2)")
-            output = gr.Textbox(label="Output folder", value=default_output_dir(state, first, 128),
-                                elem_id="quant-output", info="Created; must not exist or be empty.")
+            with gr.Row():
+                output = gr.Textbox(label="Output folder", value=default_output_dir(state, first, 128), scale=4,
+                                    elem_id="quant-output", info="A fresh name is suggested; it must be new or empty.")
+                overwrite = gr.Checkbox(value=False, label="Overwrite", elem_id="quant-overwrite", scale=1,
+                                        info="replace a folder that is already there")
             with gr.Row():
                 start_btn = gr.Button("Start quantization", variant="primary", elem_id="quant-start")
                 cancel_btn = gr.Button("Cancel", variant="stop", elem_id="quant-cancel")
@@ -200,23 +278,39 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
     calib.change(lambda c: (gr.update(visible=c == UPLOAD), gr.update(visible=c == LOCAL)), inputs=calib,
                  outputs=[calib_file, calib_path], api_visibility="private", queue=False)
     for src in (model_path, group):
-        src.change(lambda p, g: default_output_dir(state, p or "model", int(g)), inputs=[model_path, group],
+        src.change(lambda p, g: default_output_dir(state, p or "model", g), inputs=[model_path, group],
                    outputs=output, api_visibility="private", queue=False)
 
     async def start(model, calib_choice, uploaded, local, n_samples, n_seqlen, w_bits, group_size, scale_search,
-                    clip_search, out_dir, trust_remote_code=False, progress=gr.Progress()):
+                    clip_search, out_dir, trust_remote_code=False, replace=False, progress=gr.Progress()):
         hidden = gr.update(visible=False)
         try:
             model = (model or "").strip()
             if not model:
                 raise ValueError("enter the model folder to quantize")
-            if not (out_dir or "").strip():
+            out_dir = (out_dir or "").strip()
+            if not out_dir:
                 raise ValueError("enter an output folder")
+            target = Path(out_dir).expanduser()
+            if target.exists() and not target.is_dir():
+                raise ValueError(f"the output folder {out_dir} is a file: choose another output folder")
+            if is_nonempty_dir(target) and not replace:
+                fresh = default_output_dir(state, model, group_size)
+                return (error_html("The output folder already holds files",
+                                   f"{out_dir} is not empty. Tick Overwrite to replace it, or start again with the "
+                                   f"fresh name now in Output folder: {fresh}"),
+                        hidden, hidden, None, fresh)
+            try:
+                group_int = int(group_size)
+            except (TypeError, ValueError):
+                raise ValueError(f"Group size must be a whole number such as 128, 64 or 32 (or -1 for one group "
+                                 f"per row); got {group_size!r}.") from None
             kwargs = dict(
                 calib_dataset=resolve_calib(calib_choice, uploaded, local),
-                calib_samples=int(n_samples), calib_seqlen=int(n_seqlen), w_bits=int(w_bits),
-                w_group_size=int(group_size), search_scale=bool(scale_search), clip=bool(clip_search),
-                trust_remote_code=bool(trust_remote_code),
+                calib_samples=whole_number(n_samples, "Samples", minimum=1),
+                calib_seqlen=whole_number(n_seqlen, "Sequence length", minimum=16), w_bits=int(w_bits),
+                w_group_size=group_int, search_scale=bool(scale_search), clip=bool(clip_search),
+                trust_remote_code=bool(trust_remote_code), overwrite=bool(replace),
             )
             if state.is_demo_path(model):
                 from engine.demo_model import build_demo_model
@@ -227,9 +321,9 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
                 if running is not None and not running.finished.is_set():
                     raise ValueError("a quantization is already running (maybe from another browser tab): "
                                      "wait for it or cancel it")
-                job = state.quant_job = QuantJob(model, out_dir.strip(), kwargs).start()
+                job = state.quant_job = QuantJob(model, out_dir, kwargs).start()
         except Exception as e:  # noqa: BLE001
-            return error_html("Could not start", friendly_error(e)), hidden, hidden, None
+            return error_html("Could not start", ui_words(friendly_error(e))), hidden, hidden, None, gr.skip()
         try:
             while not job.finished.is_set():
                 progress(job.fraction, desc=job.describe())
@@ -241,14 +335,16 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
         if job.error is not None:
             if type(job.error).__name__ == "QuantizationCancelled":
                 return (f'<div class="studio-callout studio-warn" id="quant-cancelled"><b>Cancelled</b> after '
-                        f"{fmt_seconds(seconds)}; nothing was written.</div>"), hidden, hidden, None
-            return error_html("Quantization failed", friendly_error(job.error)), hidden, hidden, None
+                        f"{fmt_seconds(seconds)}; nothing was written.</div>"), hidden, hidden, None, gr.skip()
+            return (error_html("Quantization failed", ui_words(friendly_error(job.error))), hidden, hidden, None,
+                    gr.skip())
         report = job.report
+        log.info("quantized %s -> %s in %.1f s (%s)", model, report["work_dir"], seconds, job.calibration or "no calib")
         state.add_quantized(report["work_dir"])
         progress(1.0, desc="Done")
         return (summary_html(report, seconds), gr.update(value=error_frame(report), visible=True,
                                                          sort=[str(d["index"]) for d in report["layers"]]),
-                gr.update(visible=True), report["work_dir"])
+                gr.update(visible=True), report["work_dir"], default_output_dir(state, model, group_size))
 
     def cancel():
         job = state.quant_job
@@ -260,13 +356,13 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
 
     def reset():
         hidden = gr.update(visible=False)
-        return IDLE_HTML.replace("Not started.", "Starting..."), hidden, hidden, ""
+        return RUNNING_HTML, hidden, hidden, ""
 
     start_inputs = [model_path, calib, calib_file, calib_path, samples, seqlen, bits, group, search_scale, clip,
-                    output, trust]
+                    output, trust, overwrite]
     start_btn.click(reset, outputs=[status, chart, load_btn, load_status], queue=False,
                     api_visibility="private").then(
-        start, inputs=start_inputs, outputs=[status, chart, load_btn, result_path], api_name="quantize",
+        start, inputs=start_inputs, outputs=[status, chart, load_btn, result_path, output], api_name="quantize",
         concurrency_limit=4, show_progress_on=[status])
     cancel_btn.click(cancel, api_name="cancel_quantize", queue=False)
     return QuantizeTab(model_path, load_btn, result_path, load_status)

@@ -8,7 +8,14 @@ import time
 import pytest
 import torch
 
-from quant.calib_data import CalibDataError, check_calib_source, load_calib_samples
+from quant.calib_data import (
+    BUILTIN,
+    CalibDataError,
+    check_calib_source,
+    describe_calib_source,
+    iter_builtin_texts,
+    load_calib_samples,
+)
 
 TEXTS = [f"Record number {i} says the quick brown fox jumps over {i % 7} lazy dogs." for i in range(200)]
 
@@ -81,7 +88,8 @@ def test_hub_name_offline_env_fails_fast(tokenizer, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
     t0 = time.perf_counter()
-    with pytest.raises(CalibDataError, match=r"offline \(HF_HUB_OFFLINE is set\).*--calib-dataset path/to/data.txt"):
+    expect = r"offline \(HF_HUB_OFFLINE is set\).*Instead, use the built-in offline set 'builtin'.*path/to/data.txt"
+    with pytest.raises(CalibDataError, match=expect):
         load_calib_samples("wikitext2", tokenizer, 4, 32)
     assert time.perf_counter() - t0 < 15
 
@@ -94,3 +102,35 @@ def test_hub_name_unreachable_fails_fast(tokenizer, monkeypatch):
     with pytest.raises(CalibDataError, match="cannot be reached.*HF_HUB_OFFLINE=1.*local file"):
         load_calib_samples("pileval", tokenizer, 4, 32, hub_timeout=2.0)
     assert time.perf_counter() - t0 < 5
+
+
+def test_builtin_set_works_offline_from_text_the_machine_has(tokenizer, monkeypatch):
+    """The default set needs no network and no file: Python's licence, pydoc topics and stdlib docstrings."""
+    import pydoc_data.topics
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("network is off in this test")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    assert check_calib_source(BUILTIN) == BUILTIN and check_calib_source("BuiltIn") == BUILTIN
+    blocks = load_calib_samples(BUILTIN, tokenizer, n_samples=32, seqlen=256)
+    assert blocks.shape == (32, 256)
+    texts = iter_builtin_texts()
+    first = [next(texts) for _ in range(3)]
+    assert "PYTHON SOFTWARE FOUNDATION LICENSE" in first[0]  # the licence first, then the reference docs
+    assert first[1].strip() == pydoc_data.topics.topics[sorted(pydoc_data.topics.topics)[0]].strip()
+    # the same text in the same order every time: the blocks are the tokenized start of that text
+    again = load_calib_samples(BUILTIN, tokenizer, n_samples=32, seqlen=256)
+    assert torch.equal(blocks, again)
+    ids = tokenizer("".join(first), add_special_tokens=False)["input_ids"]
+    n = min(len(ids), 256) - 8  # compare well inside the first block (token boundaries at text joins may differ)
+    assert blocks[0, :n].tolist() == ids[:n]
+    assert "offline" in describe_calib_source(BUILTIN)
+
+
+def test_builtin_set_is_big_enough_for_the_usual_default(tokenizer):
+    """128 x 2048 tokens (AutoAWQ's default size) come out of the built-in text in full."""
+    blocks = load_calib_samples(BUILTIN, tokenizer, n_samples=128, seqlen=2048)
+    assert blocks.shape == (128, 2048)

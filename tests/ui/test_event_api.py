@@ -75,8 +75,8 @@ def test_chat_streams_text(demo_loaded, client):
     regen, regen_stats = client.predict(**GREEDY, api_name="/regenerate")
     assert [m["role"] for m in regen] == ["user", "assistant", "user", "assistant"]
     assert assistant_text(regen) == assistant_text(chat2)  # greedy, same seed: same reply
-    cleared, _ = client.predict(api_name="/clear_chat")
-    assert cleared == []
+    cleared, _, textbox = client.predict(api_name="/clear_chat")
+    assert cleared == [] and textbox == {"text": "", "files": []}
 
 
 @pytest.mark.parametrize("kind", ["missing", "not_a_model", "unsupported"])
@@ -92,6 +92,8 @@ def test_bad_model_gives_readable_error_and_server_keeps_serving(demo_loaded, cl
     status, info, header = load(client, path)
     assert "Could not load the model" in status and expect in status, status
     assert "Traceback" not in status
+    if kind == "not_a_model":  # says what a model folder needs, not what this one happens to hold
+        assert "notes.txt" not in status and "tokenizer" in status and "safetensors" in status, status
     # the served model was not taken away, and both front ends still answer
     assert studio.manager.current is not None and studio.manager.current.path == demo_loaded.path
     assert "demo-model" in header
@@ -99,6 +101,17 @@ def test_bad_model_gives_readable_error_and_server_keeps_serving(demo_loaded, cl
     chat = client.submit({"text": "still there?", "files": []}, **GREEDY, api_name="/chat").result()[0]
     assert assistant_text(chat)
     client.predict(api_name="/clear_chat")
+
+
+def test_session_length_is_validated_with_a_sentence(demo_loaded, client, studio):
+    engine = ("auto", "auto", 0, 0.2)
+    status, _, _ = client.predict(str(demo_loaded.path), *engine, -5, 16, False, api_name="/load_model")
+    assert "Could not load the model" in status and "Session length must be 0" in status and "-5" in status, status
+    assert studio.manager.current.path == demo_loaded.path  # the served model stayed
+    status, _, _ = client.predict(str(demo_loaded.path), *engine, 10**7, 16, False, api_name="/load_model")
+    session_len = studio.manager.current.pipeline.session_len
+    assert "Loaded demo-model" in status and "more than this model allows" in status, status
+    assert f"{session_len:,} tokens" in status and session_len < 10**7
 
 
 def test_ui_and_api_share_one_engine(demo_loaded, client, studio):
@@ -182,8 +195,12 @@ def test_image_to_a_text_model_is_refused_readably(demo_loaded, client, tmp_path
     Image.new("RGB", (8, 8), "orange").save(image)
     chat, textbox, stats = client.submit({"text": "What is this?", "files": [handle_file(str(image))]}, **GREEDY,
                                          api_name="/chat").result()
-    assert chat == [] and "takes no images" in stats, stats
-    assert textbox["text"] == "What is this?" and len(textbox["files"]) == 1  # given back to retry
+    assert chat == [] and "takes no images" in stats and "image was taken off" in stats, stats
+    # the text comes back to retry, the refused image does not (it would fail every later message)
+    assert textbox["text"] == "What is this?" and textbox["files"] == []
+    chat, textbox, stats = client.submit(textbox, **GREEDY, api_name="/chat").result()
+    assert [m["role"] for m in chat] == ["user", "assistant"] and assistant_text(chat), stats
+    client.predict(api_name="/clear_chat")
 
 
 def test_unload_then_chat_says_so(client, studio):

@@ -17,10 +17,12 @@ def calib_file(tmp_path_factory):
     return path
 
 
-def quantize_args(demo_model_path, calib, output, samples=8, seqlen=64, group=128, calib_set="local path"):
+def quantize_args(demo_model_path, calib, output, samples=8, seqlen=64, group=128, calib_set="local path",
+                  overwrite=False):
     # quantize(model, calibration set, uploaded file, local path, samples, seq len, bits, group size, search scale,
-    #          clip, output folder)
-    return (str(demo_model_path), calib_set, None, str(calib), samples, seqlen, 4, group, False, True, str(output))
+    #          clip, output folder, trust remote code, overwrite)
+    return (str(demo_model_path), calib_set, None, str(calib), samples, seqlen, 4, group, False, True, str(output),
+            False, overwrite)
 
 
 def test_cancel_stops_a_running_quantization(client, studio, demo_model_path, calib_file):
@@ -59,3 +61,44 @@ def test_bad_settings_give_readable_errors(client, studio, demo_model_path, cali
     status = client.predict(*args, api_name="/quantize")[0]
     assert ("Could not start" in status or "Quantization failed" in status) and expect in status, status
     assert "Traceback" not in status
+    assert "--" not in status, status  # the tab's words, not the command line's flags
+
+
+def test_builtin_offline_calibration_by_default_and_a_fresh_name_or_overwrite(client, studio, demo_model_path,
+                                                                             monkeypatch):
+    """Offline (the hub unreachable), the default calibration set works; the summary says what it really got;
+    a second run into the same folder is refused in the tab's words and offered a fresh name, or overwrites."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from ui.quantize_tab import default_output_dir
+
+    state = studio.app.state.studio
+    output = default_output_dir(state, str(demo_model_path), 128)
+    assert output == str(studio.quant_root / f"{demo_model_path.name}-awq-w4g128")
+    args = quantize_args(demo_model_path, "", output, samples=6, seqlen=64, calib_set="builtin")
+    status, _chart, next_output = client.predict(*args, api_name="/quantize")  # (the button and State not here)
+    assert "Quantization done" in status, status
+    assert "Built-in offline text" in status and "6 samples × 64 tokens = 384 tokens" in status, status
+    assert state.quantized_models[0] == output and (studio.quant_root / output).is_dir()
+    fresh = output + "-2"
+    assert next_output == fresh  # the next run gets a fresh name
+    assert default_output_dir(state, str(demo_model_path), 128) == fresh
+
+    status, *_, suggested = client.predict(*args, api_name="/quantize")  # the same folder again, no Overwrite
+    assert "already holds files" in status and "Tick Overwrite" in status and fresh in status, status
+    assert "--" not in status and suggested == fresh
+    before = (studio.quant_root / output / "quant_report.json").stat().st_mtime_ns
+    status = client.predict(*quantize_args(demo_model_path, "", output, samples=6, seqlen=64, calib_set="builtin",
+                                           overwrite=True), api_name="/quantize")[0]
+    assert "Quantization done" in status, status
+    assert (studio.quant_root / output / "quant_report.json").stat().st_mtime_ns != before
+
+
+def test_too_little_calibration_text_is_said_in_the_summary(client, studio, demo_model_path, tmp_path):
+    from engine.demo_model import TRAINING_CORPUS
+
+    small = tmp_path / "small.txt"
+    small.write_text(TRAINING_CORPUS)
+    args = quantize_args(demo_model_path, small, tmp_path / "out", samples=500, seqlen=64)
+    status = client.predict(*args, api_name="/quantize")[0]
+    assert "Quantization done" in status, status
+    assert "of the 500 samples asked for: the text ran out" in status, status
