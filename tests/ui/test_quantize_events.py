@@ -4,6 +4,7 @@ back as readable messages. (The full run, with its progress bar and "Load this m
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -73,14 +74,16 @@ def test_builtin_offline_calibration_by_default_and_a_fresh_name_or_overwrite(cl
 
     state = studio.app.state.studio
     output = default_output_dir(state, str(demo_model_path), 128)
-    assert output == str(studio.quant_root / f"{demo_model_path.name}-awq-w4g128")
+    base = str(studio.quant_root / f"{demo_model_path.name}-awq-w4g128")  # "-2", "-3" ... once it is taken
+    assert output == base or output.startswith(base + "-"), output  # (other tests of the session may have run)
+    assert not Path(output).exists()
     args = quantize_args(demo_model_path, "", output, samples=6, seqlen=64, calib_set="builtin")
     status, _chart, next_output = client.predict(*args, api_name="/quantize")  # (the button and State not here)
     assert "Quantization done" in status, status
     assert "Built-in offline text" in status and "6 samples × 64 tokens = 384 tokens" in status, status
     assert state.quantized_models[0] == output and (studio.quant_root / output).is_dir()
-    fresh = output + "-2"
-    assert next_output == fresh  # the next run gets a fresh name
+    fresh = next_output
+    assert fresh.startswith(base + "-") and fresh != output and not Path(fresh).exists()  # a fresh name next
     assert default_output_dir(state, str(demo_model_path), 128) == fresh
 
     status, *_, suggested = client.predict(*args, api_name="/quantize")  # the same folder again, no Overwrite
