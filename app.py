@@ -9,22 +9,17 @@ It binds 127.0.0.1 by default: reach it from your laptop with `ssh -N -L 7860:12
 from __future__ import annotations
 
 import argparse
-import contextlib
 import getpass
-import hmac
 import logging
-import signal
 import socket
 import sys
-import threading
 from pathlib import Path
 
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
 
-from api import begin_shutdown, build_api, uvicorn_options
-from api.guard import HideServerInfoBeforeLogin, LoginThrottle
+from api import build_api
 from engine.cli import add_engine_args, engine_config_from_args
 from engine.demo_model import DEMO_MODEL_NOTE, build_demo_model, default_demo_model_dir
 from engine.manager import ModelManager
@@ -32,7 +27,6 @@ from ui import CSS, THEME, StudioSettings, StudioState, build_app
 
 log = logging.getLogger("studio")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-SHUTDOWN_GRACE_S = 10  # on SIGTERM / SIGINT: time the running streams get to send their last event
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,11 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-origins", nargs="+", default=None, metavar="ORIGIN", help="CORS origins for the API")
     p.add_argument("--max-concurrent-requests", type=int, default=256, help="API requests in flight at once")
     p.add_argument("--served-model-name", default=None, help="model id API clients see (default: folder name)")
-    p.add_argument("--quant-output-root", default="quantized",
-                   help="where the Quantize tab writes (beyond loopback: the only place it may write)")
-    p.add_argument("--model-dir", action="append", default=None, metavar="DIR",
-                   help="a folder of models the UI may load from (repeatable); beyond loopback the UI loads only "
-                        "from these, the quantize output root and the demo model")
+    p.add_argument("--quant-output-root", default="quantized", help="where the Quantize tab writes by default")
     p.add_argument("--demo-model-dir", default=None, help="where the demo model is built (default: user cache)")
     p.add_argument("--no-model", action="store_true", help="start with nothing loaded; load from the Model tab")
     p.add_argument("--no-ui", action="store_true", help="serve the API only")
@@ -70,44 +60,15 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def ui_login(auth: tuple[str, str] | None, api_keys: list[str] | None):
-    """What the UI's login accepts (None: no login). One rule for every route that reaches the engine or the disk:
-    with --api-keys the UI needs a login too, and any API key is a valid password (with any user name); with
-    --auth, that user and password. Compared in constant time."""
-    if not auth and not api_keys:
-        return None
-    keys = [k.encode() for k in api_keys or []]
-
-    def check(user: str, password: str) -> bool:
-        given = (password or "").encode()
-        ok = any(hmac.compare_digest(given, k) for k in keys)
-        if auth:
-            ok |= hmac.compare_digest((user or "").encode(), auth[0].encode()) & hmac.compare_digest(
-                given, auth[1].encode())
-        return bool(ok)
-
-    return check
-
-
-def is_public(host: str) -> bool:
-    return host not in LOOPBACK
-
-
 def create_app(args: argparse.Namespace) -> tuple[FastAPI, ModelManager]:
     """The FastAPI app (API routes first, Gradio mounted at "/") and its ModelManager; loads MODEL unless
     --no-model. Raises on a model that fails to load at startup (the UI reports later load errors itself)."""
     auth = parse_auth(args.auth)
     engine_config = engine_config_from_args(args)
-    demo_dir = Path(args.demo_model_dir).expanduser() if args.demo_model_dir else default_demo_model_dir()
-    output_root = Path(args.quant_output_root).expanduser().resolve()
-    model_dirs = [Path(d).expanduser().resolve() for d in args.model_dir or []]
-    restricted = is_public(args.server_name)  # beyond loopback, the UI reaches only the configured folders
     settings = StudioSettings(
         engine_config=engine_config,
-        demo_model_dir=demo_dir,
-        quant_output_root=output_root,
-        model_roots=tuple(model_dirs + [output_root, demo_dir]) if restricted else None,
-        output_roots=(output_root,) if restricted else None,
+        demo_model_dir=Path(args.demo_model_dir).expanduser() if args.demo_model_dir else default_demo_model_dir(),
+        quant_output_root=Path(args.quant_output_root).expanduser().resolve(),
         api_keys_required=bool(args.api_keys),
         served_model_name=args.served_model_name,
         root_path=args.root_path,
@@ -127,12 +88,8 @@ def create_app(args: argparse.Namespace) -> tuple[FastAPI, ModelManager]:
         app.state.studio = state  # for introspection and tests: the UI's shared state
         blocks = build_app(state)
         blocks.queue(default_concurrency_limit=8)
-        login = ui_login(auth, args.api_keys)
-        app = gr.mount_gradio_app(app, blocks, path="/", auth=login, root_path=args.root_path or None,
+        app = gr.mount_gradio_app(app, blocks, path="/", auth=auth, root_path=args.root_path or None,
                                   theme=THEME, css=CSS, ssr_mode=False, show_error=True)
-        if login is not None:
-            app.add_middleware(LoginThrottle, login_path="/login")
-            app.add_middleware(HideServerInfoBeforeLogin)
     return app, manager
 
 
@@ -160,8 +117,7 @@ def banner(args: argparse.Namespace, manager: ModelManager) -> str:
             lines.append(f"  NOTE: {DEMO_MODEL_NOTE}. Pass a model folder for real answers.")
     if public:
         bar = "!" * 78
-        ui_protected = args.auth or args.api_keys or args.no_ui
-        open_parts = [part for part, protected in (("the UI (--auth USER:PASS)", ui_protected),
+        open_parts = [part for part, protected in (("the UI (--auth USER:PASS)", args.auth or args.no_ui),
                                                     ("the API (--api-keys KEY)", args.api_keys)) if not protected]
         if open_parts:
             lines += ["", bar,
@@ -172,35 +128,11 @@ def banner(args: argparse.Namespace, manager: ModelManager) -> str:
 
 
 class StudioServer(uvicorn.Server):
-    """uvicorn.Server that prints the banner once the socket is listening, and on SIGTERM / SIGINT ends the running
-    requests cleanly (each stream gets an error event and [DONE], begin_shutdown), stops accepting, and returns
-    from run() so the caller unloads the model and exits 0 (uvicorn's own handler re-raises the signal after
-    serving, which killed the process before any cleanup ran). A second signal forces the exit."""
+    """uvicorn.Server that prints the banner once the socket is listening."""
 
-    def __init__(self, config: uvicorn.Config, on_started=None, on_exit_signal=None):
+    def __init__(self, config: uvicorn.Config, on_started=None):
         super().__init__(config)
-        self.on_started, self.on_exit_signal = on_started, on_exit_signal
-        self.exit_signal: int | None = None
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def handle_exit(self, sig: int, frame) -> None:
-        if self.exit_signal is None:
-            self.exit_signal = sig
-            log.info("%s received: ending running requests and shutting down", signal.Signals(sig).name)
-            if self.on_exit_signal is not None:
-                self.on_exit_signal()
-        super().handle_exit(sig, frame)
+        self.on_started = on_started
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -220,15 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: could not load {args.model or 'the demo model'}: {e}", file=sys.stderr)
         return 2
     config = uvicorn.Config(app, host=args.server_name, port=args.server_port, log_level=args.log_level,
-                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S, **uvicorn_options())
-    server = StudioServer(config, on_started=lambda: print(banner(args, manager), flush=True),
-                          on_exit_signal=lambda: begin_shutdown(app))
+                            timeout_graceful_shutdown=3)
+    server = StudioServer(config, on_started=lambda: print(banner(args, manager), flush=True))
     try:
         server.run()
     finally:
         manager.unload()
-    if server.exit_signal is not None:
-        print("Quant Studio stopped.", flush=True)
     return 0 if server.started else 1
 
 

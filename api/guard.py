@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import re
 import time
 from collections.abc import Callable
 
@@ -274,48 +273,3 @@ def protocol_class(header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s: f
                 self.transport.close()
 
     return DeadlineH11Protocol
-
-
-class HideServerInfoBeforeLogin:
-    """ASGI middleware for a UI behind a login: Gradio's login page embeds the UI's API description (with every
-    event's parameter defaults: model folders, output paths) even before anyone logged in. For an HTML page whose
-    config says a login is still required, that description is replaced by null, so nothing about the server shows
-    before login. Pages of logged-in users pass through untouched."""
-
-    MARKER = re.compile(rb'"auth_required":\s*true')
-    API_INFO = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.S)
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "GET":
-            await self.app(scope, receive, send)
-            return
-        start: dict = {}
-        chunks: list[bytes] = []
-
-        async def buffering_send(message) -> None:
-            if message["type"] == "http.response.start":
-                headers = dict(message.get("headers") or [])
-                if not headers.get(b"content-type", b"").startswith(b"text/html"):
-                    start["passthrough"] = True
-                    await send(message)
-                    return
-                start.update(message)
-                return
-            if start.get("passthrough") or message["type"] != "http.response.body":
-                await send(message)
-                return
-            chunks.append(message.get("body", b""))
-            if message.get("more_body"):
-                return
-            body = b"".join(chunks)
-            if self.MARKER.search(body):
-                body = self.API_INFO.sub(b"window.gradio_api_info = null;</script>", body)
-            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-            headers.append((b"content-length", str(len(body)).encode()))
-            await send({"type": "http.response.start", "status": start["status"], "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-
-        await self.app(scope, receive, buffering_send)

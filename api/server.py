@@ -42,8 +42,7 @@ def build_api(manager: ModelManager, *, api_keys: list[str] | None = None, allow
     if max_concurrent_requests < 1:
         raise ValueError(f"max_concurrent_requests must be at least 1, got {max_concurrent_requests}")
     service = Service(manager, served_model_name, max_concurrent_requests)
-    docs = {} if not api_keys else {"docs_url": None, "redoc_url": None, "openapi_url": None}  # keyed: no public docs
-    app = FastAPI(title="quant-studio OpenAI-compatible API", version="1.0", **docs)
+    app = FastAPI(title="quant-studio OpenAI-compatible API", version="1.0")
     app.state.api = service
     install_error_handlers(app)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -200,38 +199,6 @@ def source_weight_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in checkpoint_files(path))
 
 
-STAGING_NAME = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
-
-
-def is_staging_dir(path: Path) -> bool:
-    """A hidden staging (or replaced) folder of an export: never a model to list or load."""
-    return bool(STAGING_NAME.match(path.name))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_staging(parent: Path) -> list[Path]:
-    """Delete the staging folders that exports of dead processes left in `parent` (a kill during the export:
-    nothing could clean up). Folders of running processes, this one included, are left alone."""
-    removed = []
-    if not parent.is_dir():
-        return removed
-    for entry in parent.iterdir():
-        m = STAGING_NAME.match(entry.name)
-        if m and entry.is_dir() and not _pid_alive(int(m["pid"])):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-    return removed
-
-
 @contextmanager
 def staged_output_dir(work_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yields a hidden temporary sibling of work_dir to write into; on normal exit it replaces work_dir, on any
@@ -239,7 +206,6 @@ def staged_output_dir(work_dir: str | os.PathLike, overwrite: bool = False) -> I
     target = Path(work_dir).expanduser().resolve()
     check_output_dir(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(target.parent)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -249,7 +215,7 @@ def staged_output_dir(work_dir: str | os.PathLike, overwrite: bool = False) -> I
         raise
     old = None
     if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         target.rename(old)
     tmp.rename(target)
     if old is not None:

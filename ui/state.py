@@ -26,38 +26,6 @@ class StudioSettings:
     served_model_name: str | None = None
     root_path: str = ""
     server_port: int = 7860
-    # None: any folder. Else the folders the UI may read models from / write quantized folders to (app.py sets
-    # them when the server listens beyond loopback): a stranger's request cannot load or write an arbitrary path
-    model_roots: tuple[Path, ...] | None = None
-    output_roots: tuple[Path, ...] | None = None
-
-    def check_model_path(self, path: str) -> None:
-        """Refuse a local path outside model_roots (a hub id that names no local folder is allowed)."""
-        _check_under(path, self.model_roots, "model folders", "--model-dir DIR", allow_hub_id=True)
-
-    def check_output_path(self, path: str) -> None:
-        _check_under(path, self.output_roots, "quantized output folders", "--quant-output-root DIR")
-
-
-class PathNotAllowedError(ValueError):
-    """A path outside the folders this server lets its users reach."""
-
-
-def _check_under(path: str, roots: tuple[Path, ...] | None, what: str, flag: str, allow_hub_id: bool = False) -> None:
-    if roots is None:
-        return
-    from engine.checkpoint import is_hub_id
-
-    target = Path(path).expanduser()
-    if allow_hub_id and not target.exists() and is_hub_id(path):
-        return
-    try:
-        resolved = target.resolve()
-    except OSError as e:
-        raise PathNotAllowedError(f"{path} is not a usable path") from e
-    if not any(resolved == r or r in resolved.parents for r in (root.resolve() for root in roots)):
-        raise PathNotAllowedError(f"{path} is outside the {what} this server allows (the server's operator "
-                                  f"sets them with {flag})")
 
 
 @dataclass
