@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import time
 from collections.abc import Callable
 
@@ -273,3 +274,46 @@ def protocol_class(header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s: f
                 self.transport.close()
 
     return DeadlineH11Protocol
+
+
+_API_INFO = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.S)
+
+
+class PreLoginPageFilter:
+    """ASGI middleware for the UI's HTML pages: a page served to a visitor who has not logged in (its embedded
+    config says auth_required) carries no API description either. Gradio embeds one in every page, with the
+    defaults of every input: server paths such as the demo model's and the quantized folders'."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("method") not in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        start: dict | None = None
+        chunks: list[bytes] = []
+
+        async def filtering_send(message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers") or [])
+                if headers.get(b"content-type", b"").startswith(b"text/html"):
+                    start = message  # held until the body is complete
+                    return
+                await send(message)
+            elif message["type"] == "http.response.body" and start is not None:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                body = b"".join(chunks)
+                if b'"auth_required": true' in body or b'"auth_required":true' in body:
+                    body = _API_INFO.sub(b"window.gradio_api_info = null;</script>", body)
+                headers = [(k, v) for k, v in start.get("headers") or [] if k != b"content-length"]
+                headers.append((b"content-length", str(len(body)).encode()))
+                await send({**start, "headers": headers})
+                await send({"type": "http.response.body", "body": body if scope["method"] == "GET" else b""})
+            else:
+                await send(message)
+
+        await self.app(scope, receive, filtering_send)

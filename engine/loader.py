@@ -29,6 +29,10 @@ MODEL_FOLDER_NEEDS = "a model folder holds config.json, tokenizer files and *.sa
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
+def is_hub_id(model: str) -> bool:
+    return bool(_HUB_ID.match(model))
+
+
 def resolve_model_path(model: str | Path) -> Path:
     """A local folder as is; a hub id ("org/name") downloaded through huggingface_hub when online."""
     path = Path(model).expanduser()

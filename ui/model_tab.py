@@ -56,6 +56,7 @@ def load_model(state: StudioState, path: str, model_format: str, dtype: str, qua
     try:
         if not path:
             path = str(state.settings.demo_model_dir)
+        state.settings.check_model_path(path)
         is_demo = state.is_demo_path(path)
         config = dataclasses.replace(
             state.settings.engine_config,

@@ -212,6 +212,10 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
                 raise ValueError("enter the model folder to quantize")
             if not (out_dir or "").strip():
                 raise ValueError("enter an output folder")
+            state.settings.check_model_path(model)
+            state.settings.check_output_path(out_dir.strip())
+            if calib_choice == LOCAL and (local or "").strip():
+                state.settings.check_model_path(local.strip())
             kwargs = dict(
                 calib_dataset=resolve_calib(calib_choice, uploaded, local),
                 calib_samples=int(n_samples), calib_seqlen=int(n_seqlen), w_bits=int(w_bits),
