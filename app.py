@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import hmac
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
 
-from api import build_api
+from api import begin_shutdown, build_api, uvicorn_options
+from api.guard import MAX_CONNECTIONS, LoginThrottle, PreLoginPageFilter
 from engine.cli import add_engine_args, engine_config_from_args
 from engine.demo_model import DEMO_MODEL_NOTE, build_demo_model, default_demo_model_dir
 from engine.manager import ModelManager
@@ -27,6 +30,7 @@ from ui import CSS, THEME, StudioSettings, StudioState, build_app
 
 log = logging.getLogger("studio")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SHUTDOWN_GRACE_S = 5  # SIGTERM / SIGINT: running API streams end at once (error event, [DONE]); others get this long
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to bind; 127.0.0.1 (default) keeps it private to SSH port-forwards")
     p.add_argument("--server-port", type=int, default=7860)
     p.add_argument("--root-path", default="", help="URL prefix when served behind a reverse proxy")
-    p.add_argument("--auth", default=None, metavar="USER:PASS", help="password-protect the UI")
-    p.add_argument("--api-keys", nargs="+", default=None, metavar="KEY", help="Bearer keys the /v1 API requires")
+    p.add_argument("--auth", default=None, metavar="USER:PASS", help="password-protect the UI (not the /v1 API)")
+    p.add_argument("--api-keys", nargs="+", default=None, metavar="KEY",
+                   help="Bearer keys the /v1 API requires; the UI then requires a login too (any user name with a "
+                        "key as the password, or --auth's USER:PASS)")
+    p.add_argument("--model-dir", nargs="+", default=None, metavar="DIR",
+                   help="folders the UI may load or quantize models from; given, or when listening beyond loopback, "
+                        "model paths must lie inside them (or the demo model / --quant-output-root) and quantized "
+                        "output inside --quant-output-root")
+    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                   help="open connections at most; slow clients are also cut after read deadlines")
     p.add_argument("--allow-origins", nargs="+", default=None, metavar="ORIGIN", help="CORS origins for the API")
     p.add_argument("--max-concurrent-requests", type=int, default=256, help="API requests in flight at once")
     p.add_argument("--served-model-name", default=None, help="model id API clients see (default: folder name)")
@@ -60,10 +72,38 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+def ui_auth(args: argparse.Namespace) -> Callable[[str, str], bool] | None:
+    """One rule for every route that reaches the engine or the disk: with --api-keys or --auth, the UI (and its
+    Gradio API: /gradio_api/*, which can load, unload and quantize) needs a login. Accepted: --auth's USER:PASS, and
+    any user name with one of the API keys as the password."""
+    auth = parse_auth(args.auth)
+    keys = [k for k in args.api_keys or [] if k]
+    if auth is None and not keys:
+        return None
+
+    def check(username: str, password: str) -> bool:
+        ok = False
+        if auth is not None:  # both compared in full whatever the outcome: no timing hint
+            ok |= hmac.compare_digest(username.encode(), auth[0].encode()) & hmac.compare_digest(
+                password.encode(), auth[1].encode())
+        for key in keys:
+            ok |= hmac.compare_digest(password.encode(), key.encode())
+        return bool(ok)
+
+    return check
+
+
+def model_roots(args: argparse.Namespace) -> tuple[Path, ...] | None:
+    """Where model paths may point: anywhere on a loopback bind without --model-dir, else only inside the roots."""
+    if args.model_dir is None and args.server_name in LOOPBACK:
+        return None
+    return tuple(Path(d).expanduser().resolve() for d in args.model_dir or ())
+
+
 def create_app(args: argparse.Namespace) -> tuple[FastAPI, ModelManager]:
     """The FastAPI app (API routes first, Gradio mounted at "/") and its ModelManager; loads MODEL unless
     --no-model. Raises on a model that fails to load at startup (the UI reports later load errors itself)."""
-    auth = parse_auth(args.auth)
+    auth = ui_auth(args)
     engine_config = engine_config_from_args(args)
     settings = StudioSettings(
         engine_config=engine_config,
@@ -73,6 +113,7 @@ def create_app(args: argparse.Namespace) -> tuple[FastAPI, ModelManager]:
         served_model_name=args.served_model_name,
         root_path=args.root_path,
         server_port=args.server_port,
+        model_roots=model_roots(args),
     )
     manager = ModelManager()
     if not args.no_model:
@@ -90,6 +131,9 @@ def create_app(args: argparse.Namespace) -> tuple[FastAPI, ModelManager]:
         blocks.queue(default_concurrency_limit=8)
         app = gr.mount_gradio_app(app, blocks, path="/", auth=auth, root_path=args.root_path or None,
                                   theme=THEME, css=CSS, ssr_mode=False, show_error=True)
+        if auth is not None:
+            app.add_middleware(LoginThrottle)
+            app.add_middleware(PreLoginPageFilter)
     return app, manager
 
 
@@ -117,7 +161,8 @@ def banner(args: argparse.Namespace, manager: ModelManager) -> str:
             lines.append(f"  NOTE: {DEMO_MODEL_NOTE}. Pass a model folder for real answers.")
     if public:
         bar = "!" * 78
-        open_parts = [part for part, protected in (("the UI (--auth USER:PASS)", args.auth or args.no_ui),
+        open_parts = [part for part, protected in (("the UI (--auth USER:PASS)",
+                                                     args.auth or args.api_keys or args.no_ui),
                                                     ("the API (--api-keys KEY)", args.api_keys)) if not protected]
         if open_parts:
             lines += ["", bar,
@@ -128,11 +173,23 @@ def banner(args: argparse.Namespace, manager: ModelManager) -> str:
 
 
 class StudioServer(uvicorn.Server):
-    """uvicorn.Server that prints the banner once the socket is listening."""
+    """uvicorn.Server that prints the banner once the socket is listening, and on SIGTERM / SIGINT stops cleanly:
+    no new connections, every running API request ended (streams get an error event and [DONE]), then main()
+    unloads the model and exits 0. uvicorn would re-raise the signal after shutting down (status -15, no cleanup):
+    not here. A second SIGINT forces the exit."""
 
-    def __init__(self, config: uvicorn.Config, on_started=None):
+    def __init__(self, config: uvicorn.Config, on_started=None, on_stopping=None):
         super().__init__(config)
-        self.on_started = on_started
+        self.on_started, self.on_stopping = on_started, on_stopping
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.should_exit:
+            self.force_exit = True
+            return
+        log.info("signal %s: shutting down (grace period %s s)", sig, SHUTDOWN_GRACE_S)
+        if self.on_stopping is not None:
+            self.on_stopping()
+        self.should_exit = True
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -152,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: could not load {args.model or 'the demo model'}: {e}", file=sys.stderr)
         return 2
     config = uvicorn.Config(app, host=args.server_name, port=args.server_port, log_level=args.log_level,
-                            timeout_graceful_shutdown=3)
-    server = StudioServer(config, on_started=lambda: print(banner(args, manager), flush=True))
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                            **uvicorn_options(max_connections=args.max_connections))
+    server = StudioServer(config, on_started=lambda: print(banner(args, manager), flush=True),
+                          on_stopping=lambda: begin_shutdown(app))
     try:
         server.run()
     finally:

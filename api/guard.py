@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import time
 from collections.abc import Callable
 
@@ -92,6 +93,26 @@ async def read_body(receive, limit: int) -> bytes | None:
             return b"".join(chunks)
 
 
+DRAIN_BYTES = 1 << 20  # after a 413, read (and drop) up to this much more of the body so the answer arrives
+DRAIN_TIMEOUT_S = 2.0  # (closing with unread bytes makes the kernel reset the connection: the client sees no 413)
+
+
+async def drain(receive, max_bytes: int = DRAIN_BYTES, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    """Read and drop what is left of a refused request body, bounded in bytes and time."""
+    async def _drain():
+        left = max_bytes
+        while left > 0:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            left -= len(message.get("body", b""))
+
+    try:
+        await asyncio.wait_for(_drain(), timeout_s)
+    except asyncio.TimeoutError:
+        pass
+
+
 def replaying(body: bytes, receive):
     """A receive that hands the app the body already read, then the connection's own events (disconnects)."""
     sent = False
@@ -142,11 +163,21 @@ class Guard:
                         return
                     receive = replaying(body, receive)
             if rejection is not None:
+                if getattr(rejection, "status_code", 0) == 413 and scope["method"] in BODY_METHODS and \
+                        self._declared_length(scope) <= self.max_body_bytes + DRAIN_BYTES:
+                    await drain(receive)  # a body a little over the cap: read it so the 413 reaches the client
                 await rejection(scope, receive, counting_send)
             else:
                 await self.app(scope, receive, counting_send)
         finally:
             self.metrics.http_requests[(route, status_box[0] or 500)] += 1
+
+    @staticmethod
+    def _declared_length(scope) -> int:
+        try:
+            return int(dict(scope.get("headers") or []).get(b"content-length", b"0"))
+        except ValueError:
+            return 0
 
     def _too_large(self) -> Response:
         return JSONResponse(error_body(413, f"request body over {self.max_body_bytes} bytes"), status_code=413,
@@ -273,3 +304,46 @@ def protocol_class(header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s: f
                 self.transport.close()
 
     return DeadlineH11Protocol
+
+
+_API_INFO = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.S)
+
+
+class PreLoginPageFilter:
+    """ASGI middleware for the UI's HTML pages: a page served to a visitor who has not logged in (its embedded
+    config says auth_required) carries no API description either. Gradio embeds one in every page, with the
+    defaults of every input: server paths such as the demo model's and the quantized folders'."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("method") not in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        start: dict | None = None
+        chunks: list[bytes] = []
+
+        async def filtering_send(message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers") or [])
+                if headers.get(b"content-type", b"").startswith(b"text/html"):
+                    start = message  # held until the body is complete
+                    return
+                await send(message)
+            elif message["type"] == "http.response.body" and start is not None:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                body = b"".join(chunks)
+                if b'"auth_required": true' in body or b'"auth_required":true' in body:
+                    body = _API_INFO.sub(b"window.gradio_api_info = null;</script>", body)
+                headers = [(k, v) for k, v in start.get("headers") or [] if k != b"content-length"]
+                headers.append((b"content-length", str(len(body)).encode()))
+                await send({**start, "headers": headers})
+                await send({"type": "http.response.body", "body": body if scope["method"] == "GET" else b""})
+            else:
+                await send(message)
+
+        await self.app(scope, receive, filtering_send)

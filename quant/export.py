@@ -8,13 +8,15 @@ version: gemm, modules_to_not_convert}; the tokenizer, chat template, generation
 copied as they are; and `quant_report.json`.
 
 The folder is written under a hidden temporary sibling and renamed into place at the very end, so a cancelled or
-failed run never leaves a folder that looks complete.
+failed run never leaves a folder that looks complete; the staging folders of a killed run are deleted by the next
+run that writes next to them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -199,6 +201,41 @@ def source_weight_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in checkpoint_files(path))
 
 
+_STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def is_staging_dir(path: Path) -> bool:
+    """A hidden `.NAME.tmp-PID-XXXXXXXX` folder: a quantized model being written, never a model to list or load."""
+    return _STAGING.match(path.name) is not None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process (or an odd pid): not ours to judge, keep its folder
+    return True
+
+
+def clean_stale_staging(parent: Path) -> list[Path]:
+    """Delete the staging folders in `parent` whose writer process is gone (killed mid-export); returns them."""
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _STAGING.match(entry.name)
+        if m is not None and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(m.group("pid"))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 @contextmanager
 def staged_output_dir(work_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yields a hidden temporary sibling of work_dir to write into; on normal exit it replaces work_dir, on any
@@ -206,6 +243,7 @@ def staged_output_dir(work_dir: str | os.PathLike, overwrite: bool = False) -> I
     target = Path(work_dir).expanduser().resolve()
     check_output_dir(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(target.parent)  # a run killed before (SIGKILL, power loss) left its staging folder behind
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

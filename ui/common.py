@@ -12,7 +12,7 @@ from engine.manager import LoadedModel
 log = logging.getLogger("ui")
 
 # engine errors, and quant's (ValueError subclasses: bad path, calibration data, architecture) and file errors
-USER_ERRORS = (EngineError, ValueError, FileExistsError, FileNotFoundError)
+USER_ERRORS = (EngineError, ValueError, FileExistsError, FileNotFoundError, PermissionError)
 KV_POLICY_LABELS = {0: "off (model dtype)", 8: "int8", 4: "int4"}
 
 

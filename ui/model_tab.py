@@ -56,6 +56,7 @@ def load_model(state: StudioState, path: str, model_format: str, dtype: str, qua
     try:
         if not path:
             path = str(state.settings.demo_model_dir)
+        state.settings.check_model_path(path)
         is_demo = state.is_demo_path(path)
         session_rule = "0 (the model's maximum) or a number of tokens of at least 2 (a prompt token and a reply)"
         asked_session_len = whole_number(session_len, "Session length", minimum=0, allowed=session_rule)

@@ -291,6 +291,10 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
             out_dir = (out_dir or "").strip()
             if not out_dir:
                 raise ValueError("enter an output folder")
+            state.settings.check_model_path(model)
+            state.settings.check_output_path(out_dir)
+            if calib_choice == LOCAL and (local or "").strip():
+                state.settings.check_model_path(local.strip())
             target = Path(out_dir).expanduser()
             if target.exists() and not target.is_dir():
                 raise ValueError(f"the output folder {out_dir} is a file: choose another output folder")

@@ -26,6 +26,39 @@ class StudioSettings:
     served_model_name: str | None = None
     root_path: str = ""
     server_port: int = 7860
+    # None: any path. Otherwise (a server listening beyond loopback) model folders and calibration files must lie
+    # under one of these roots, and quantized output under quant_output_root: no caller can read or write elsewhere.
+    model_roots: tuple[Path, ...] | None = None
+
+    def allowed_model_roots(self) -> tuple[Path, ...]:
+        return (*(self.model_roots or ()), self.demo_model_dir, self.quant_output_root)
+
+    def check_model_path(self, path: str | Path) -> None:
+        """Refuse a model (or calibration) path outside the configured roots, before anything touches it. A hub id
+        ("org/name") that is no local path passes: it goes to the Hugging Face cache."""
+        if self.model_roots is None:
+            return
+        from engine.checkpoint import is_hub_id
+
+        if is_hub_id(str(path)) and not Path(path).expanduser().exists():
+            return
+        if not _is_under(path, self.allowed_model_roots()):
+            roots = ", ".join(str(r) for r in self.model_roots) or "none given (--model-dir)"
+            raise PermissionError(f"model paths must be inside the model folders this server allows ({roots}), "
+                                  "the demo model or the quantized output folder")
+
+    def check_output_path(self, path: str | Path) -> None:
+        if self.model_roots is not None and not _is_under(path, (self.quant_output_root,)):
+            raise PermissionError(f"quantized models are written inside {self.quant_output_root} on this server")
+
+
+def _is_under(path: str | Path, roots) -> bool:
+    try:
+        resolved = Path(path).expanduser().resolve()
+        return any(resolved == r or resolved.is_relative_to(r) for r in (Path(r).expanduser().resolve()
+                                                                           for r in roots))
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass

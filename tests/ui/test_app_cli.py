@@ -31,7 +31,7 @@ def test_banner_has_urls_and_the_ssh_line():
 @pytest.mark.parametrize("extra, open_parts", [
     ((), ("the UI", "the API")),
     (("--auth", "me:secret"), ("the API",)),
-    (("--api-keys", "k1"), ("the UI",)),
+    (("--api-keys", "k1"), ()),  # the UI then needs a login too (an API key as the password)
     (("--auth", "me:secret", "--api-keys", "k1"), ()),
 ])
 def test_public_bind_warns_about_what_is_unprotected(extra, open_parts):
