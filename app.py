@@ -197,9 +197,26 @@ class StudioServer(uvicorn.Server):
             self.on_started()
 
 
+def port_in_use_reason(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be bound, checked before the model loads (which can take minutes); None if free."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    busy = port_in_use_reason(args.server_name, args.server_port)
+    if busy is not None:
+        print(f"error: cannot listen on {args.server_name}:{args.server_port} ({busy}): is another Quant Studio "
+              f"running? Stop it or pick another --server-port.", file=sys.stderr)
+        return 2
     if args.model is None and not args.no_model:
         print(f"No MODEL given: serving the demo model ({DEMO_MODEL_NOTE}).", flush=True)
     try:

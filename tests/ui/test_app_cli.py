@@ -74,3 +74,17 @@ def test_auth_protects_the_ui_and_api_keys_the_api(demo_model_path):
 
 class _NoModel:
     current = None
+
+
+def test_busy_port_is_reported_before_any_model_loads(monkeypatch, capsys):
+    def must_not_load(args):
+        raise AssertionError("create_app ran although the port is taken")
+
+    monkeypatch.setattr(studio_app, "create_app", must_not_load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert studio_app.main(["--server-port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in err and "--server-port" in err
