@@ -515,7 +515,7 @@ def measured_columns(result: dict) -> dict:
                      other=mem["part_other_bytes"])
     else:  # CPU: RSS after load minus what the engine holds (the KV cache is committed only as it is used)
         rss = result.get("memory_after_load_bytes") or 0
-        parts.update(activations=None, cuda_graphs=0, other=max(0, rss - mem["weights_bytes"]))
+        parts.update(activations=None, cuda_graphs=0, other=max(0, rss - mem["weights_bytes"] - mem["kv_cache_bytes"]))
     row.update({f"{p}_part_GiB": (v / GIB if v is not None else None) for p, v in parts.items()})
     return row
 
@@ -656,7 +656,7 @@ def chart_png(result: dict, path: Path) -> Path:
     axes[1].set_title("tokens / s")
     axes[1].legend(fontsize=7)
     axes[2].bar(x, [r.get("perplexity") or 0 for r in rows], color="#ec4899")
-    axes[2].set_title("perplexity (held-out text)" + (" — meaningless: random weights"
+    axes[2].set_title("perplexity (held-out text)" + ("\nmeaningless: random weights"
                                                        if any(r.get("is_demo") for r in rows) else ""))
     for ax in axes:
         ax.set_xticks(x)
