@@ -394,7 +394,8 @@ def run_child(job: dict, emit: Callable[[dict], None]) -> dict:
         out["engine_memory"] = mem
         out["session_len"] = session_len
         out["max_sessions"] = mem["num_kv_blocks"] // -(-session_len // mem["block_size"])
-        out["is_demo"] = Path(job["model_path"], ".build-complete").is_file()
+        # random weights (the demo model, or a shape: folder loaded with dummy weights): quality means nothing
+        out["is_demo"] = Path(job["model_path"], ".build-complete").is_file() or job["load_format"] == "dummy"
         emit({"stage": "done", "fraction": 1.0})
     finally:
         pipe.close()
@@ -534,7 +535,7 @@ def add_quality_columns(rows: list[dict]) -> None:
         r["reference_greedy_text"] = ref.get("greedy_text")
     if any(r.get("is_demo") for r in rows):
         for r in rows:
-            r["quality_note"] = "demo model (random weights): perplexity and replies are meaningless"
+            r["quality_note"] = "random weights (demo model or shape:): perplexity and replies are meaningless"
 
 
 def iter_equal_prefix(a, b):

@@ -148,10 +148,18 @@ def cuda_graph_bytes(spec: ModelSpec, dtype: torch.dtype, max_batch_size: int, m
     return workspace_bytes(spec, dtype, max_batch_size, max_batch_size) + static
 
 
-def local_gpu_bytes() -> int | None:
+def local_gpu_bytes() -> tuple[int, int] | None:
+    """(total, used now by any process) of GPU 0 from NVML, which creates no CUDA context in this process (a
+    context would take memory from the processes being planned for); None without a GPU."""
+    from engine.memory import gpu_snapshot
+
+    snap = gpu_snapshot()
+    if snap["available"] and snap["gpus"]:
+        return int(snap["gpus"][0]["total_bytes"]), int(snap["gpus"][0]["used_bytes"])
     if not torch.cuda.is_available():
         return None
-    return int(torch.cuda.mem_get_info()[1])
+    free, total = torch.cuda.mem_get_info()
+    return int(total), int(total - free)
 
 
 def plan_memory(model_path_or_config: str | Path | dict, settings: PlanSettings | None = None) -> dict:
@@ -186,17 +194,22 @@ def plan_memory(model_path_or_config: str | Path | dict, settings: PlanSettings 
     session_len = min(s.session_len or max_len, max_len)
     rotary = rotary_bytes(spec)
     if s.device == "cuda":
-        total = int(s.gpu_memory_gb * 1e9) if s.gpu_memory_gb is not None else local_gpu_bytes()
-        if total is None:
-            raise ValueError("no local GPU: type a GPU memory size (e.g. 24, 48, 80 or 141 GB)")
+        used_by_others = 0
+        if s.gpu_memory_gb is not None:
+            total = int(s.gpu_memory_gb * 1e9)
+        else:
+            local = local_gpu_bytes()
+            if local is None:
+                raise ValueError("no local GPU: type a GPU memory size (e.g. 24, 48, 80 or 141 GB)")
+            total, used_by_others = local  # e.g. the app's own loaded model: the KV fraction is of what is free
         context = CUDA_CONTEXT_BYTES
-        free_after_weights = total - context - w["total"] - rotary
+        free_after_weights = total - used_by_others - context - w["total"] - rotary
         budget = max(0, free_after_weights) * s.cache_max_entry_count
         graph_blocks = (min(s.session_len or spec.max_position_embeddings, spec.max_position_embeddings)
                         + block - 1) // block
         graphs = cuda_graph_bytes(spec, dtype, s.max_batch_size, graph_blocks) if s.use_cuda_graph else 0
     else:
-        total, context, graphs = None, 0, 0
+        total, context, graphs, used_by_others = None, 0, 0, 0
         free_after_weights = None
         budget = s.cpu_kv_cache_bytes * s.cache_max_entry_count
     num_blocks = s.num_gpu_blocks if s.num_gpu_blocks is not None else int(budget // block_bytes)
@@ -207,7 +220,7 @@ def plan_memory(model_path_or_config: str | Path | dict, settings: PlanSettings 
     max_sessions = num_blocks // blocks_per_session if num_blocks else 0
     predicted_total = context + w["total"] + rotary + kv_bytes + workspace + graphs
     if s.device == "cuda":
-        fits = num_blocks >= 1 and predicted_total <= total
+        fits = num_blocks >= 1 and predicted_total + used_by_others <= total
         if num_blocks < 1:
             why = "the weights leave no room for a single KV block"
         elif not fits:
@@ -228,7 +241,8 @@ def plan_memory(model_path_or_config: str | Path | dict, settings: PlanSettings 
         "kv_capacity_tokens": num_blocks * block, "blocks_per_session": blocks_per_session,
         "max_sessions": max_sessions, "workspace_bytes_estimate": workspace, "cuda_graph_bytes_estimate": graphs,
         "cuda_context_bytes_estimate": context, "free_after_weights_bytes": free_after_weights,
-        "gpu_total_bytes": total, "predicted_total_bytes": predicted_total, "fits": bool(fits), "fits_note": why,
+        "gpu_total_bytes": total, "gpu_used_by_others_bytes": used_by_others,
+        "predicted_total_bytes": predicted_total, "fits": bool(fits), "fits_note": why,
         "settings": asdict(s),
     }
 

@@ -136,7 +136,7 @@ def results_outputs(store: CompareStore):
                 '<div class="studio-muted" id="compare-status">No comparison run yet.</div>')
     kind = result.get("memory_kind") or ""
     demo = any(r.get("is_demo") for r in result["rows"])
-    note = (" Demo model: random weights, so perplexity and replies are meaningless." if demo else "")
+    note = (" Random weights (demo model or shape:), so perplexity and replies are meaningless." if demo else "")
     n_ok = sum(r.get("status") == "ok" for r in result["rows"])
     status = (f'<div class="studio-callout studio-ok" id="compare-done"><b>Comparison done</b>: {n_ok} of '
               f'{len(result["rows"])} settings measured on {html.escape(result["device"])}'
