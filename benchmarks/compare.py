@@ -210,8 +210,9 @@ def predict(job: Job, spec: CompareSpec, device: str) -> dict:
     return plan_memory(job.model_path, settings)
 
 
-def predict_rows(spec: CompareSpec, device: str | None = None) -> list[dict]:
-    """Predicted rows for every job, errors in their rows; folders are not made (shapes read SHAPES directly)."""
+def predict_rows(spec: CompareSpec, device: str | None = None, quantize: bool = False) -> list[dict]:
+    """Predicted rows for every job, errors in their rows. quantize: W4A16 rows are planned from the 16-bit
+    config (group 128), as the quantizer will write them."""
     device = device or _device_name(spec.workload.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -219,8 +220,8 @@ def predict_rows(spec: CompareSpec, device: str | None = None) -> list[dict]:
             base, awq, load_format, awq_error = resolve_folders(spec, Path(tmp), quantize=False)
         except Exception as e:  # noqa: BLE001 - shown as the rows' error
             return [{"setting": s.name, "status": "error", "error": _error_text(e)} for s in spec.settings]
-        if awq is None and spec.awq_model is None and awq_error:
-            awq_error = "W4A16: the AWQ folder is made by quantizing first (or pass an AWQ folder)"
+        if awq is None and quantize:
+            awq, awq_error = base, None
         for job in make_jobs(spec, base, awq, load_format, awq_error):
             row = {"setting": job.setting.name, "session_len": job.session_len,
                    "cache_max_entry_count": job.cache_max_entry_count}

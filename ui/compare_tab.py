@@ -93,7 +93,7 @@ def _session_lens(text: str) -> list[int | None]:
 
 
 def build_spec(state: StudioState, model, awq_model, settings, session_lens, fractions, prompt_len, new_tokens,
-               concurrency, gpu_memory) -> CompareSpec:
+               concurrency, gpu_memory, quantize=False) -> CompareSpec:
     """The form's values -> a validated CompareSpec (ValueError with a sentence for anything wrong)."""
     model = (model or "").strip() or str(state.settings.demo_model_dir)
     if not settings:
@@ -113,7 +113,7 @@ def predicted_table(state: StudioState, *form) -> tuple[pd.DataFrame, str]:
             from engine.demo_model import build_demo_model
 
             build_demo_model(state.settings.demo_model_dir)
-        rows = predict_rows(spec)
+        rows = predict_rows(spec, quantize=bool(form[-1]) if len(form) > 9 else False)
         for r in rows:
             if r.get("pred_fits") is False:
                 r["error"] = r.get("pred_fits_note")
@@ -172,13 +172,15 @@ def build_compare_tab(state: StudioState):
                                        elem_id="compare-new-tokens")
                 concurrency = gr.Number(value=2 if cpu else 16, precision=0, label="Concurrency",
                                         elem_id="compare-concurrency")
+            quantize = gr.Checkbox(value=False, label="No AWQ folder: quantize first (AWQ, built-in calibration text)",
+                                   elem_id="compare-quantize")
             with gr.Row():
                 run_btn = gr.Button("Run comparison", variant="primary", elem_id="compare-run")
                 cancel_btn = gr.Button("Cancel", variant="stop", elem_id="compare-cancel")
         with gr.Column(scale=3):
             gr.Markdown("#### Predicted (memory planner, before anything loads)")
             form = [model, awq_model, settings, session_lens, fractions, prompt_len, new_tokens, concurrency,
-                    gpu_memory]
+                    gpu_memory, quantize]
             defaults = [c.value for c in form]
             predicted = gr.Dataframe(lambda: predicted_table(state, *defaults)[0], elem_id="compare-predicted",
                                      interactive=False, wrap=True)
@@ -216,12 +218,12 @@ def build_compare_tab(state: StudioState):
 
         def on_progress(index, count, label, stage, fraction):
             current.jobs[label] = (stage, fraction)
-            current.fraction = (index + fraction) / count if count else 0.0
+            current.fraction = (index + fraction) / count if count else 0.0  # count 0: quantizing first
 
         def work():
             try:
-                current.result = run_compare(spec, out_dir, on_progress=on_progress, runner=current.runner,
-                                             on_row=current.rows.append)
+                current.result = run_compare(spec, out_dir, quantize=bool(values[-1]), on_progress=on_progress,
+                                             runner=current.runner, on_row=current.rows.append)
             except BaseException as e:  # noqa: BLE001
                 current.error = e
             finally:
