@@ -142,7 +142,8 @@ class CompareSpec:
 
 # ---- folders -------------------------------------------------------------------------------------------------
 def resolve_folders(spec: CompareSpec, work_dir: Path, quantize: bool = False,
-                    on_progress: Callable[[str, float], None] | None = None) -> tuple[str, str | None, str, str | None]:
+                    on_progress: Callable[[str, float], None] | None = None,
+                    cancel_event: threading.Event | None = None) -> tuple[str, str | None, str, str | None]:
     """(16-bit folder, AWQ folder or None, load_format, why there is no AWQ folder)."""
     if spec.model.startswith(SHAPE_PREFIX):
         from benchmarks.common import SHAPES, make_shape_folder
@@ -161,7 +162,7 @@ def resolve_folders(spec: CompareSpec, work_dir: Path, quantize: bool = False,
     if not quantize:
         return spec.model, None, "auto", ("W4A16 needs an AWQ folder: pass --awq-model PATH, or --quantize to make "
                                           "one with the quant tool first")
-    return spec.model, quantize_on_the_way(spec.model, work_dir / "awq", on_progress), "auto", None
+    return spec.model, quantize_on_the_way(spec.model, work_dir / "awq", on_progress, cancel_event), "auto", None
 
 
 def quantize_on_the_way(model: str, out: Path, on_progress=None, cancel_event=None) -> str:
@@ -564,7 +565,14 @@ def run_compare(spec: CompareSpec, out_dir: Path | None = None, *, quantize: boo
             if on_progress:
                 on_progress(0, 0, "AWQ quantization", stage, fraction)
 
-        base, awq, load_format, awq_error = resolve_folders(spec, work, quantize, quant_progress)
+        try:
+            base, awq, load_format, awq_error = resolve_folders(spec, work, quantize, quant_progress,
+                                                                runner.cancel_event)
+        except Exception as e:  # noqa: BLE001 - quantizing failed or was cancelled: the W4A16 rows say so
+            if type(e).__name__ == "QuantizationCancelled":
+                result["cancelled"] = True
+                return result
+            base, awq, load_format, awq_error = spec.model, None, "auto", f"quantizing failed: {_error_text(e)}"
         jobs = make_jobs(spec, base, awq, load_format, awq_error)
         for index, job in enumerate(jobs):
             row = {"setting": job.setting.name, "session_len": job.session_len,
