@@ -87,6 +87,7 @@ def engine_memory_report(engine) -> dict:
         "kv_capacity_tokens": engine.capacity_tokens,
         "kv_usage": manager.num_used_blocks / manager.num_blocks,
         "vision_bytes": getattr(runner, "vision_bytes", 0),
+        "cuda_graph_bytes": getattr(runner, "cuda_graph_bytes", 0),
     }
     if engine.device.type == "cuda":
         allocated = torch.cuda.memory_allocated(engine.device)
@@ -96,4 +97,27 @@ def engine_memory_report(engine) -> dict:
             "torch_peak_allocated_bytes": torch.cuda.max_memory_allocated(engine.device),
             "activations_other_bytes": max(0, allocated - runner.weights_bytes - runner.kv_cache_bytes),
         })
+        report.update(memory_parts(report, gpu_snapshot()))
     return report
+
+
+def memory_parts(report: dict, gpu: dict | None = None) -> dict:
+    """The Compare tab's breakdown of this process's device memory: weights, KV cache, CUDA graphs (their pool),
+    activations / workspace (the rest of torch's reserved memory) and other (CUDA context, handles: what NVML sees
+    beyond torch's reserve). Parts a reading lacks are None."""
+    reserved = report.get("torch_reserved_bytes")
+    fixed = report["weights_bytes"] + report["kv_cache_bytes"] + report.get("vision_bytes", 0)
+    graphs = report.get("cuda_graph_bytes", 0)
+    process = None
+    if gpu and gpu.get("available"):
+        index = torch.device(report["device"]).index or 0
+        match = [g for g in gpu["gpus"] if g["index"] == index]
+        process = match[0]["process_bytes"] if match else None
+    return {
+        "part_weights_bytes": report["weights_bytes"] + report.get("vision_bytes", 0),
+        "part_kv_cache_bytes": report["kv_cache_bytes"],
+        "part_cuda_graph_bytes": graphs,
+        "part_activations_bytes": max(0, reserved - fixed - graphs) if reserved is not None else None,
+        "part_other_bytes": max(0, process - reserved) if process and reserved is not None else None,
+        "nvml_process_bytes": process,
+    }

@@ -59,13 +59,16 @@ class ModelRunner:
         for attn, cache in zip(model.attention_layers(), self.kv_caches):
             attn.kv_cache = cache
         self.graphs = None
+        self.cuda_graph_bytes = 0
         if device.type == "cuda" and config.use_cuda_graph:
             from engine.cuda_graph import CudaGraphDecoder
 
             max_len = min(config.session_len or spec.max_position_embeddings, spec.max_position_embeddings)
             max_blocks = (max_len + self.block_size - 1) // self.block_size
             self.graphs = CudaGraphDecoder(model, config.max_batch_size, max_blocks, device)
+            reserved = torch.cuda.memory_reserved(device)
             self.graphs.capture()
+            self.cuda_graph_bytes = torch.cuda.memory_reserved(device) - reserved  # the graphs' pool (+ warm-up)
 
     # ---- KV cache -------------------------------------------------------------------------------------
     def _plan_num_blocks(self) -> int:

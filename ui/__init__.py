@@ -15,6 +15,7 @@ import gradio as gr
 from ui.api_tab import build_api_tab
 from ui.chat_tab import build_chat_tab
 from ui.common import header_html
+from ui.compare_tab import build_compare_tab
 from ui.memory_panel import build_memory_panel
 from ui.model_tab import build_model_tab, load_model, picker_update, refresh_on_select
 from ui.quantize_tab import build_quantize_tab
@@ -67,6 +68,8 @@ def build_app(state: StudioState) -> gr.Blocks:
                 quant_tab = build_quantize_tab(state)
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 build_chat_tab(state)
+            with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
+                build_compare_tab(state)
             with gr.Tab("API", id="api", elem_id="tab-api") as api_tab_item:
                 refresh_api, api_outputs = build_api_tab(state)
 
