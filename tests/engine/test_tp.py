@@ -29,6 +29,7 @@ def _compare(path, **kw):
         ids = [one.encode(p) for p in PROMPTS[:3]]
         ref_logits = [engine_prompt_logits(one, i) for i in ids]
         ref_out = [o.token_ids for o in one(PROMPTS[:3], greedy(12))]
+        ref_weights = one.memory()["weights_bytes"]
     finally:
         one.close()
     two = pipeline(path, _config(2, **kw))
@@ -42,6 +43,8 @@ def _compare(path, **kw):
         mem = two.memory()
         assert mem["tp"] == 2 and [r["rank"] for r in mem["ranks"]] == [0, 1]
         assert mem["ranks"][0]["num_kv_blocks"] == mem["ranks"][1]["num_kv_blocks"] == mem["num_kv_blocks"]
+        for r in mem["ranks"]:  # each rank holds its shard only (norms are replicated, so a bit over half)
+            assert r["weights_bytes"] < 0.7 * ref_weights
     finally:
         two.close()
     assert all(p.poll() is not None for p in workers), "a worker outlived the engine"
