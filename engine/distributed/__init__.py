@@ -56,8 +56,8 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_rank(rank: int, world_size: int, device: torch.device) -> None:
-    dist.init_process_group(backend_for(device), init_method="env://", rank=rank, world_size=world_size,
+def init_rank(rank: int, world_size: int, device: torch.device, init_method: str = "env://") -> None:
+    dist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
                             device_id=device if device.type == "cuda" else None)
     header_group = dist.new_group(backend="gloo", timeout=timedelta(days=365))  # step headers (host tensors)
@@ -99,11 +99,9 @@ class TPGroup:
     def __init__(self, model_path, config, device: torch.device, dtype: torch.dtype, model_format: str):
         self.tp, self.device = config.tp, device
         os.environ.update(CHILD_ENV)
-        env = dict(os.environ)
+        env = dict(os.environ)  # the user's MASTER_ADDR / MASTER_PORT if set (torchrun style), else local ones
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            env["MASTER_PORT"] = str(_free_port())
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = env["MASTER_ADDR"], env["MASTER_PORT"]
+        env.setdefault("MASTER_PORT", str(_free_port()))
         from dataclasses import asdict
 
         args = {"model_path": str(model_path), "config": asdict(config), "device": device.type,
@@ -116,8 +114,7 @@ class TPGroup:
         self.failure: str | None = None
         self._closed = False
         try:
-            os.environ.update(RANK="0", WORLD_SIZE=str(self.tp))
-            init_rank(0, self.tp, device)
+            init_rank(0, self.tp, device, f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}")
         except Exception as e:
             self.shutdown()
             raise TPWorkerError(f"tensor parallel startup failed: {self._dead_ranks() or e}") from e
