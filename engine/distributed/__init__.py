@@ -39,7 +39,8 @@ CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "
 STARTUP_TIMEOUT_S = float(os.environ.get("ENGINE_TP_STARTUP_TIMEOUT_S", "600"))
 # a collective inside a step that waits longer than this fails (a hung rank); the step header goes over its own
 # group with no practical timeout, since idle workers wait on it for as long as the engine has no work
-COLLECTIVE_TIMEOUT_S = float(os.environ.get("ENGINE_TP_TIMEOUT_S", "30"))
+def collective_timeout_s() -> float:
+    return float(os.environ.get("ENGINE_TP_TIMEOUT_S", "30"))
 
 
 class TPWorkerError(RuntimeError):
@@ -58,7 +59,7 @@ def backend_for(device: torch.device) -> str:
 
 def init_rank(rank: int, world_size: int, device: torch.device, init_method: str = "env://") -> None:
     dist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+                            timeout=timedelta(seconds=collective_timeout_s()),
                             device_id=device if device.type == "cuda" else None)
     header_group = dist.new_group(backend="gloo", timeout=timedelta(days=365))  # step headers (host tensors)
     comm.set_group(rank, world_size, device, header_group)
@@ -141,7 +142,9 @@ class TPGroup:
             deadline = time.monotonic() + 5.0  # a peer's death is seen by the socket before its exit code
             while not self._dead_ranks() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            self.failure = self.failure or f"tensor parallel collective failed: {self._dead_ranks() or e}"
+            alive = ", ".join(f"rank {i + 1} (pid {p.pid})" for i, p in enumerate(self.procs) if p.poll() is None)
+            reason = self._dead_ranks() or f"{e} (no rank exited: one of {alive} hung or is unreachable)"
+            self.failure = self.failure or f"tensor parallel collective failed: {reason}"
             raise TPWorkerError(self.failure) from e
 
     def broadcast_step(self, input_ids, positions, meta, sample_rows) -> None:
@@ -167,7 +170,7 @@ class TPGroup:
                     pass
         for p in self.procs:
             try:
-                p.wait(timeout=10)
+                p.wait(timeout=0.1 if self.failure else 10)  # a failed group's survivors may be hung: no grace
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=10)

@@ -101,6 +101,22 @@ def test_killed_worker_fails_fast_naming_the_rank(llama_gqa_path):
         pipe.close()
 
 
+def test_hung_worker_fails_by_the_collective_timeout(llama_gqa_path, monkeypatch):
+    monkeypatch.setenv("ENGINE_TP_TIMEOUT_S", "4")
+    pipe = pipeline(llama_gqa_path, _config(2))
+    try:
+        worker = pipe.engine.runner.tp_group.procs[0]
+        os.kill(worker.pid, signal.SIGSTOP)  # alive but not answering
+        start = time.monotonic()
+        out = pipe(PROMPTS[0], greedy(8))
+        assert out.finish_reason == "error"
+        assert time.monotonic() - start < 60
+        assert "rank 1" in (pipe.engine.fatal_error or "")
+    finally:
+        pipe.close()
+    assert wait_until(lambda: worker.poll() is not None, timeout=30), "the hung worker was left behind"
+
+
 def test_unsplittable_shapes_are_refused():
     from engine.distributed.shard_loader import TPShapeError, make_plan
     from engine.models import parse_model_spec
