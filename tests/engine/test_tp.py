@@ -144,3 +144,51 @@ def test_unsplittable_checkpoint_refused_before_workers_start(llama_path, tmp_pa
     with pytest.raises(ValueError, match="--tp 3 cannot split"):
         pipeline(bad, _config(3))
     assert cfg  # the folder itself is fine at tp = 1
+
+
+def test_each_rank_reads_only_its_slices(llama_gqa_path, monkeypatch):
+    # the safetensors path slices on disk (get_slice), never get_tensor; the ranks' slices tile the full tensors
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from engine import loader
+    from engine.distributed.shard_loader import make_plan, sharded_tensors
+
+    spec = loader.read_model_spec(llama_gqa_path)
+    full = {}
+    for f in sorted(llama_gqa_path.glob("*.safetensors")):
+        full.update(load_file(str(f)))
+    import safetensors
+
+    def no_whole_reads(*a, **kw):
+        handle = safe_open(*a, **kw)
+
+        class Guard:
+            def __enter__(self):
+                self.h = handle.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return handle.__exit__(*exc)
+
+            def keys(self):
+                return self.h.keys()
+
+            def get_slice(self, name):
+                return self.h.get_slice(name)
+
+            def get_tensor(self, name):
+                raise AssertionError(f"{name} read whole")
+
+        return Guard()
+
+    monkeypatch.setattr(safetensors, "safe_open", no_whole_reads)
+    shards = [dict(sharded_tensors(llama_gqa_path, make_plan(spec, 2, r))) for r in range(2)]
+    q = "model.layers.0.self_attn.q_proj.weight"
+    o = "model.layers.0.self_attn.o_proj.weight"
+    k = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(torch.cat([s[q] for s in shards], 0), full[q])
+    assert torch.equal(torch.cat([s[o] for s in shards], 1), full[o])
+    assert torch.equal(torch.cat([s[k] for s in shards], 0), full[k])
+    norm = "model.layers.0.input_layernorm.weight"
+    assert all(torch.equal(s[norm], full[norm]) for s in shards)
