@@ -21,7 +21,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--session-len", type=int, default=None, help="max prompt + reply tokens per request")
     g.add_argument("--max-batch-size", type=int, default=128)
     g.add_argument("--max-prefill-token-num", type=int, default=8192)
-    g.add_argument("--tp", type=int, default=1, help="tensor parallel GPUs (1 only for now)")
+    g.add_argument("--tp", type=int, default=1, help="tensor parallel ranks (GPUs; gloo processes on CPU)")
     g.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--eager", action="store_true", help="no CUDA graphs")

@@ -58,7 +58,7 @@ class EngineConfig:
     overlap_scheduling: bool | None = None  # launch step N+1 before reading step N's tokens; None: on for CUDA
     load_format: str = "auto"  # dummy: random weights from config.json alone (benchmarks at real shapes)
     trust_remote_code: bool = False  # run a folder's own tokenizer code (InternLM2 ships one)
-    tp: int = 1  # tensor parallelism: one GPU only for now
+    tp: int = 1  # tensor parallelism: ranks (GPUs, or gloo processes on CPU); engine/distributed
     seed: int = 0  # seeds the per-request seeds of requests that give none
 
     def __post_init__(self):
@@ -83,8 +83,8 @@ class EngineConfig:
             )
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
-        if self.tp != 1:
-            raise ValueError("tp > 1 is not supported yet: this engine runs on one GPU")
+        if not isinstance(self.tp, int) or not 1 <= self.tp <= 64:
+            raise ValueError(f"tp must be an integer in [1, 64], got {self.tp!r}")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise ValueError(f"num_gpu_blocks must be positive, got {self.num_gpu_blocks}")
 

@@ -113,8 +113,13 @@ def build_engine_parts(model_path: str | Path, config: EngineConfig) -> EnginePa
     tokenizer = load_tokenizer(path, spec, config.trust_remote_code)
     chat_template = chat_template_for(tokenizer, spec)
     eos_token_ids = stop_token_ids_for(tokenizer, spec)
-    model = loader.load_model(path, spec, dtype, device, model_format, config.load_format)
-    runner = ModelRunner(model, spec, config, device, dtype)
+    if config.tp > 1:  # TP hook: rank 0's shard and runner here, ranks 1..N-1 in worker processes
+        from engine.distributed import start_tensor_parallel
+
+        runner = start_tensor_parallel(path, spec, config, device, dtype, model_format)
+    else:
+        model = loader.load_model(path, spec, dtype, device, model_format, config.load_format)
+        runner = ModelRunner(model, spec, config, device, dtype)
     block_manager = BlockManager(runner.num_blocks, config.cache_block_seq_len, config.enable_prefix_caching)
     scheduler = Scheduler(block_manager, config.max_batch_size, config.max_prefill_token_num)
     max_len = spec.max_position_embeddings
@@ -183,7 +188,7 @@ class LLMEngine:
                     callback: Callable[[RequestOutput], None], request_id: str | None = None) -> str:
         """Queue a request; `callback` gets its updates on the engine thread. Raises on a prompt that can't fit."""
         if self._stopped:
-            raise EngineStoppedError("the engine is shut down")
+            raise EngineStoppedError(getattr(self, "fatal_error", None) or "the engine is shut down")
         self.check_prompt_ids(prompt_token_ids)
         gen_config.check_for_model(self.spec.vocab_size)
         request_id = request_id or self.new_request_id()
@@ -207,6 +212,8 @@ class LLMEngine:
         self._commands.put(StopEngine())
         self._wakeup.set()
         self._thread.join(timeout=30)
+        if getattr(self.runner, "tp_group", None) is not None:  # TP hook: stop and reap the workers
+            self.runner.tp_group.shutdown()
 
     # ---- the loop (engine thread) ---------------------------------------------------------------------
     def _loop(self) -> None:
@@ -291,6 +298,12 @@ class LLMEngine:
         except Exception as e:  # noqa: BLE001 - fail only the requests that fail alone, keep serving
             log.error("engine step failed:\n%s", traceback.format_exc())
             self._resolve_pending()
+            if getattr(e, "is_fatal", False):  # TP hook: a rank is gone: end this step, stop, refuse new requests
+                self.fatal_error = f"the engine stopped: {e}"
+                self._stopped = True
+                self._commands.put(StopEngine())
+                self._fail(batch.seqs, e)
+                return
             self._retry_alone(batch, e)
             return
         for seq, n in zip(batch.seqs, batch.num_new_tokens):

@@ -78,13 +78,14 @@ def build_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, model
         return entry_for(spec.architecture).build(spec, dtype, make_linear)
 
 
-def load_weights(model: nn.Module, path: Path, spec: ModelSpec) -> None:
+def load_weights(model: nn.Module, path: Path, spec: ModelSpec, tensors=None) -> None:
+    # TP hook: `tensors` = this rank's slices (engine/distributed/shard_loader.py); None: the whole checkpoint
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
     loaded: set[str] = set()
     packed = getattr(model, "packed_modules_mapping", {})
     ignored = entry_for(spec.architecture).ignored_prefixes
-    for name, tensor in _checkpoint_tensors(path, spec):
+    for name, tensor in tensors if tensors is not None else _checkpoint_tensors(path, spec):
         if "rotary_emb" in name:
             continue
         target, shard_id = name, None

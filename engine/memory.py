@@ -88,7 +88,11 @@ def engine_memory_report(engine) -> dict:
         "kv_usage": manager.num_used_blocks / manager.num_blocks,
         "vision_bytes": getattr(runner, "vision_bytes", 0),
         "cuda_graph_bytes": getattr(runner, "cuda_graph_bytes", 0),
+        "tp": engine.config.tp,
     }
+    if getattr(runner, "tp_ranks", None):  # TP hook: every rank's weights / KV cache (static, from startup)
+        report["ranks"] = runner.tp_ranks
+        report["weights_bytes_all_ranks"] = sum(r["weights_bytes"] for r in runner.tp_ranks)
     if engine.device.type == "cuda":
         allocated = torch.cuda.memory_allocated(engine.device)
         report.update({

@@ -46,8 +46,10 @@ class StepHandle:
 
 
 class ModelRunner:
-    def __init__(self, model, spec: ModelSpec, config: EngineConfig, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model, spec: ModelSpec, config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                 tp_group=None):
         self.model, self.spec, self.config = model, spec, config
+        self.tp_group = tp_group  # TP hook: rank 0's engine.distributed.TPGroup (broadcasts each step); else None
         self.device, self.dtype = device, dtype
         self.block_size = config.cache_block_seq_len
         self.weights_bytes = sum(
@@ -81,7 +83,9 @@ class ModelRunner:
             budget = free * self.config.cache_max_entry_count
         else:
             budget = self.config.cpu_kv_cache_bytes * self.config.cache_max_entry_count
-        num_blocks = int(budget // block_bytes)
+        from engine.distributed import comm  # TP hook: every rank uses the smallest block count of all ranks
+
+        num_blocks = comm.min_across_ranks(int(budget // block_bytes))
         if num_blocks < 1:
             raise MemoryError(
                 f"no room for the KV cache: one block of {self.block_size} tokens needs {block_bytes / 2**20:.1f} MiB "
@@ -233,6 +237,8 @@ class ModelRunner:
                 src = self._tensor(rows, torch.int64)
                 input_ids = torch.where(src >= 0, prev.tokens[src.clamp_min(0)], input_ids)
         sampled_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
+        if self.tp_group is not None:  # TP hook: the step's inputs to every worker, once, as tensors
+            self.tp_group.broadcast_step(input_ids, positions, meta, sample_rows if sampled_seqs else [])
         if not batch.is_prefill and self.graphs is not None and self.graphs.can_run(
                 len(batch.seqs), meta.block_tables.shape[1]):
             logits = self.graphs.run(input_ids, positions, meta)
@@ -264,4 +270,6 @@ class ModelRunner:
     def prompt_logits(self, seq: Sequence) -> torch.Tensor:
         """Logits at every position of one prompt whose blocks are allocated (tests compare with transformers)."""
         input_ids, positions, meta, _ = self.prepare(ScheduledBatch([seq], [len(seq) - seq.num_computed_tokens], True))
+        if self.tp_group is not None:  # TP hook
+            self.tp_group.broadcast_step(input_ids, positions, meta, list(range(input_ids.shape[0])))
         return self.model.compute_logits(self.model(input_ids, positions, meta))

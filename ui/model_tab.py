@@ -50,7 +50,7 @@ def precheck(path: str, model_format: str) -> None:
 
 
 def load_model(state: StudioState, path: str, model_format: str, dtype: str, quant_policy, cache_max_entry_count,
-               session_len, max_batch_size, trust_remote_code: bool, progress=None) -> tuple[str, str, str]:
+               session_len, max_batch_size, trust_remote_code: bool, progress=None, tp=None) -> tuple[str, str, str]:
     """Load a model (blocking). Returns (status html, info html, header html); never raises."""
     path = (path or "").strip()
     try:
@@ -72,6 +72,8 @@ def load_model(state: StudioState, path: str, model_format: str, dtype: str, qua
             max_batch_size=whole_number(max_batch_size, "Max batch size", minimum=1),
             trust_remote_code=bool(trust_remote_code),
         )
+        if tp is not None:  # tensor parallel ranks (--tp); None keeps the app's setting
+            config = dataclasses.replace(config, tp=whole_number(tp, "Tensor parallel", minimum=1))
         if is_demo:
             if progress:
                 progress(0.05, desc="Building the demo model (first run only)")
@@ -144,6 +146,8 @@ def build_model_tab(state: StudioState, header: gr.HTML) -> ModelTab:
                                         info="max prompt + reply tokens; 0 = model's maximum")
                 max_batch = gr.Number(value=cfg.max_batch_size, precision=0, label="Max batch size",
                                       info="sequences decoded together")
+                tp = gr.Number(value=cfg.tp, precision=0, label="Tensor parallel", elem_id="model-tp",
+                               info="--tp: GPUs the model is split over")
             trust = gr.Checkbox(value=cfg.trust_remote_code, label="Trust remote code",
                                 info="run tokenizer code shipped in the folder (InternLM2 needs it)")
             with gr.Row():
@@ -157,16 +161,16 @@ def build_model_tab(state: StudioState, header: gr.HTML) -> ModelTab:
     settings = [model_format, dtype, quant_policy, cache, session_len, max_batch, trust]
 
     async def on_load(model_path, model_format, dtype, quant_policy, cache_max_entry_count, session_len,
-                      max_batch_size, trust_remote_code, progress=gr.Progress()):
+                      max_batch_size, trust_remote_code, tp, progress=gr.Progress()):
         progress(0.0, desc="Starting")
         return await asyncio.to_thread(load_model, state, model_path, model_format, dtype, quant_policy,
                                        cache_max_entry_count, session_len, max_batch_size, trust_remote_code,
-                                       progress=progress)
+                                       progress=progress, tp=tp)
 
-    load_btn.click(on_load, inputs=[path, *settings], outputs=[status, info, header], api_name="load_model",
+    load_btn.click(on_load, inputs=[path, *settings, tp], outputs=[status, info, header], api_name="load_model",
                    concurrency_limit=1, concurrency_id="model-load", show_progress_on=[status]).then(
         lambda: picker_update(state), outputs=picker, api_visibility="private")
-    path.submit(on_load, inputs=[path, *settings], outputs=[status, info, header], api_visibility="private",
+    path.submit(on_load, inputs=[path, *settings, tp], outputs=[status, info, header], api_visibility="private",
                 concurrency_limit=1, concurrency_id="model-load", show_progress_on=[status])
 
     async def on_unload():

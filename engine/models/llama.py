@@ -13,10 +13,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from engine.distributed import comm  # TP hook: all-reduce / all-gather, no-ops at tp = 1
 from engine.kernels import ops
 from engine.layers.attention import AttentionMetadata, PagedAttention
 from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
+from engine.layers.parallel_linear import VocabParallelEmbedding  # TP hook
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.spec import ModelEntry, ModelSpec, parse_decoder_spec
 
@@ -45,7 +47,7 @@ class LlamaAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         out = self.attn(q, k, v, meta, cos_sin)  # RoPE is applied there, fused into the KV-cache write
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return comm.all_reduce(self.o_proj(out.reshape(-1, self.q_size)))  # TP hook: row-parallel sum
 
 
 class LlamaMLP(nn.Module):
@@ -57,7 +59,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = make_linear(i, spec.hidden_size, False, dtype, prefix=f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x), silu_mul=True)  # silu(gate) * up inside down's kernel
+        # silu(gate) * up inside down's kernel; TP hook: row-parallel sum
+        return comm.all_reduce(self.down_proj(self.gate_up_proj(x), silu_mul=True))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -82,7 +85,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, spec: ModelSpec, dtype, make_linear: LinearFactory):
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype)
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
         # cos/sin tables; gathered once per step (lookup) and applied by each layer's attention
         self.rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)
@@ -113,6 +116,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, make_linear: LinearFactory = plain_linear):
         super().__init__()
         self.spec = spec
+        self.tp_vocab_size = None  # TP hook: set by the shard loader
         self.model = LlamaModel(spec, dtype, make_linear)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype)
         self.lm_head.weight.requires_grad_(False)
@@ -123,7 +127,10 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta, inputs_embeds)  # [num_tokens, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return ops.linear(hidden, self.lm_head.weight).float()  # [num_rows, vocab]
+        logits = ops.linear(hidden, self.lm_head.weight).float()  # [num_rows, vocab]
+        if self.tp_vocab_size is not None:  # TP hook: vocab-parallel lm_head, gathered and cut to the vocab
+            logits = comm.all_gather_last(logits)[:, : self.tp_vocab_size]
+        return logits
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
