@@ -24,8 +24,6 @@ Kernels, all on the K-packed layout:
   loaded one K tile ahead; weights and x slices are pipelined by the compiler (num_stages).
   M > 32: the tile is dequantized in registers first ((q - z) * s with packed half ops: exact up to the product's
   rounding, as reference.awq_dequantize), then a plain MMA with the tokens on the M side.
-- awq_gemv_kernel: the no-tensor-core variant (broadcast multiply + sum in fp32, config kernel="gemv"), measured
-  slower than the MMA kernel at every M on an H200 (1.4x at M = 1); kept for comparison and MMA-less GPUs.
 Split-K as in split_k.py (one launch, deterministic). The MMA kernel takes part in programmatic dependent launch
 (pdl.py): it launches while the previous kernel finishes and loads its first scales and zero points then.
 Prefill (M > FUSED_MAX_M): dequantize once into an fp16/bf16 [N, K] weight and let cuBLAS run the GEMM.
@@ -270,53 +268,6 @@ def awq_mma_kernel(
                       bias_ptr, out_ptr, ws_ptr, lock_ptr, stride_om, stride_on, SPLIT_K, SPLIT_P2, HAS_BIAS)
 
 
-# ---- CUDA-core GEMV ---------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["SPLIT_K", "TILES_PER_SPLIT"])
-def awq_gemv_kernel(
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
-    M, N, K, SPLIT_K, TILES_PER_SPLIT,
-    stride_xm, stride_qwn, stride_qzg, stride_sg, stride_om, stride_on,
-    GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
-):
-    # the weight tile and the x slices it meets are 3-D [BLOCK_M, BLOCK_N, BLOCK_KQ] (size 1 where broadcast), so
-    # the layout of the weight load serves all the per-nibble work; per tile (one group) the K axis is summed and
-    # zero point and scale applied on [BLOCK_M, BLOCK_N]
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    BLOCK_KQ: tl.constexpr = BLOCK_K // 4
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_q = tl.arange(0, BLOCK_KQ)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    m3 = offs_m[:, None, None]  # [BLOCK_M, 1, 1]
-    n3 = offs_n[None, :, None]  # [1, BLOCK_N, 1]
-    q3 = offs_q[None, None, :]  # [1, 1, BLOCK_KQ]
-    w_ptrs = qweight_ptr + n3 * stride_qwn + q3  # [1, BLOCK_N, BLOCK_KQ]
-    x_ptrs = x_ptr + m3 * stride_xm + q3  # nibble i: + i * BLOCK_KQ
-    zshift = ((offs_n % 2) * 4 + (offs_n % 8) // 2) * 4  # AWQ_REVERSE_ORDER[n % 8] * 4
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    t_begin = pid_k * TILES_PER_SPLIT
-    t_end = tl.minimum(t_begin + TILES_PER_SPLIT, K // BLOCK_K)
-    p_next = tl.load(w_ptrs + t_begin * BLOCK_KQ, mask=(n3 < N), other=0)  # [1, BLOCK_N, BLOCK_KQ] int16
-    for t in range(t_begin, t_end):
-        k0 = t * BLOCK_K
-        p = p_next  # the next tile's load is in flight while this one is computed
-        p_next = tl.load(w_ptrs + tl.minimum(t + 1, t_end - 1) * BLOCK_KQ, mask=(n3 < N), other=0)
-        dot = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KQ), dtype=tl.float32)
-        xsum = tl.zeros((BLOCK_M, 1, BLOCK_KQ), dtype=tl.float32)
-        for i in tl.static_range(4):
-            xi = tl.load(x_ptrs + k0 + i * BLOCK_KQ, mask=(m3 < M), other=0.0).to(tl.float32)  # [BLOCK_M, 1, KQ]
-            dot += _nibble_as_float(p, i, 19, 0x41800000, tl.float32) * xi  # nibble: 16 + q
-            xsum += xi
-        g = k0 // GROUP_SIZE
-        s = tl.load(scales_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BLOCK_N]
-        zp = tl.load(qzeros_ptr + g * stride_qzg + offs_n // 8, mask=mask_n, other=0)
-        z16 = ((zp >> zshift) & 0xF).to(tl.float32) + 16.0
-        acc += s[None, :] * (tl.sum(dot, axis=2) - z16[None, :] * tl.sum(xsum, axis=2))  # [BLOCK_M, BLOCK_N]
-    split_k_epilogue(acc, offs_m, offs_n, mask_m, mask_n, pid_n, pid_k, M, N, bias_ptr, out_ptr,
-                      ws_ptr, lock_ptr, stride_om, stride_on, SPLIT_K, SPLIT_P2, HAS_BIAS)
-
-
 # ---- dequantize (prefill) ---------------------------------------------------------------------------------
 @triton.jit
 def awq_dequantize_k_kernel(
@@ -423,8 +374,7 @@ def awq_linear_k(x: torch.Tensor, qweight_k, qzeros, scales, group_size: int, bi
         return out if bias is None else out + bias
     cfg = default_config(M, N, K, group_size)
     cfg.update(config or {})
-    gemv = cfg["kernel"] == "gemv"
-    block_m = triton.next_power_of_2(M) if gemv else cfg["BLOCK_M"]
+    block_m = cfg["BLOCK_M"]
     block_n = cfg["BLOCK_N"]
     m_tiles = triton.cdiv(M, block_m)
     tiles = m_tiles * triton.cdiv(N, block_n)
@@ -439,9 +389,6 @@ def awq_linear_k(x: torch.Tensor, qweight_k, qzeros, scales, group_size: int, bi
     split_p2 = 1 if split == 1 else (16 if split <= 16 else 64)
     common = dict(GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=C, SPLIT_P2=split_p2,
                   HAS_BIAS=has_bias, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"] if x.is_cuda else 1)
-    if gemv:
-        awq_gemv_kernel[(triton.cdiv(N, block_n), split)](*args, **common)
-        return out
     q_pos, magic = _DECODE[x.dtype]
     fold = cfg["FOLD"]
     split_dots = cfg["SPLIT_DOTS"] and C // 4 >= 16  # the MMA's minimum K

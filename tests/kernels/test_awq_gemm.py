@@ -23,7 +23,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU box
 # at M <= 64 and the dequantize-then-MMA big tiles above
 VARIANTS = {
     "default": None,
-    "gemv": dict(kernel="gemv", BLOCK_N=32, num_warps=4, programs_per_sm=2),
     "mma-join-fold": dict(kernel="mma", BLOCK_M=16, BLOCK_N=32, SWAP_AB=False, FOLD=True, SPLIT_DOTS=False),
     "mma-split-dequant": dict(kernel="mma", BLOCK_M=16, BLOCK_N=32, SWAP_AB=False, FOLD=False, SPLIT_DOTS=True),
     "mma-swap-join-dequant": dict(kernel="mma", BLOCK_M=16, BLOCK_N=32, SWAP_AB=True, FOLD=False, SPLIT_DOTS=False,
@@ -126,7 +125,6 @@ def test_awq_linear_layer_keeps_checkpoint_layout_on_cpu():
 # ---- GPU: 7B shapes, fp16 / bf16, inline-PTX decoding -------------------------------------------------------
 GPU_VARIANTS = {
     **VARIANTS,
-    "gemv": dict(kernel="gemv", BLOCK_N=128, num_warps=4, programs_per_sm=8),
     "mma-swap-split-fold-magic": dict(kernel="mma", BLOCK_M=16, BLOCK_N=128, SWAP_AB=True, FOLD=True,
                                       SPLIT_DOTS=True, DENORM=False, num_warps=4),
     "mma-big-tiles": dict(kernel="mma", BLOCK_M=64, BLOCK_N=128, SWAP_AB=False, FOLD=False, SPLIT_DOTS=False,
