@@ -1,6 +1,7 @@
 """Paged KV blocks: allocation, reference counts and the prefix cache.
 
-A full block is identified by the hash of (hash of the blocks before it, its token ids). A block is
+A full block is identified by the hash of (hash of the blocks before it, its token ids, and extra keys: the content
+hashes of images whose placeholder tokens it holds). A block is
 registered in the prefix cache only once its KV has been computed, so a request never reads a block that
 another request's unfinished (chunked) prefill has yet to fill. Freed blocks keep their hash and stay
 findable until they are handed out again (oldest-freed first), so a follow-up turn of a chat finds its
@@ -14,7 +15,10 @@ from collections import deque
 from engine.sequence import PENDING, Sequence
 
 
-def block_hash(token_ids: list[int], prefix_hash: int) -> int:
+def block_hash(token_ids: list[int], prefix_hash: int, extra_keys: tuple = ()) -> int:
+    """extra_keys: e.g. the content hashes of images whose placeholder tokens lie in the block."""
+    if extra_keys:
+        return hash((prefix_hash, tuple(token_ids), extra_keys))
     return hash((prefix_hash, tuple(token_ids)))
 
 
@@ -66,7 +70,7 @@ class BlockManager:
         num_full = (len(seq) - 1) // self.block_size
         for i in range(num_full):
             tokens = seq.block_tokens(i)
-            prefix_hash = block_hash(tokens, prefix_hash)
+            prefix_hash = block_hash(tokens, prefix_hash, seq.block_extra_keys(i))
             block_id = self.hash_to_block_id.get(prefix_hash)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
@@ -125,7 +129,7 @@ class BlockManager:
             tokens = seq.block_tokens(i)
             if PENDING in tokens:  # a token still in flight: register once it is known
                 break
-            prefix_hash = block_hash(tokens, prefix_hash)
+            prefix_hash = block_hash(tokens, prefix_hash, seq.block_extra_keys(i))
             block = self.blocks[seq.block_table[i]]
             if block.hash == -1:
                 block.hash, block.token_ids = prefix_hash, tokens

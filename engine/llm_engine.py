@@ -29,7 +29,8 @@ from engine import loader
 from engine import output_processor as outputs
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, GenerationConfig
-from engine.errors import EngineStoppedError, PromptTooLongError  # noqa: F401 - re-exported
+from engine.errors import EngineStoppedError, ImageInputError, PromptTooLongError  # noqa: F401 - re-exported
+from engine.inputs import RequestInput
 from engine.model_runner import ModelRunner
 from engine.models.spec import ModelSpec
 from engine.output_processor import RequestOutput, RequestState
@@ -184,18 +185,24 @@ class LLMEngine:
         if num_prompt_tokens == 0:
             raise ValueError("the prompt is empty")
 
-    def add_request(self, prompt_token_ids: list[int], gen_config: GenerationConfig,
+    def add_request(self, prompt_token_ids: list[int] | RequestInput, gen_config: GenerationConfig,
                     callback: Callable[[RequestOutput], None], request_id: str | None = None) -> str:
-        """Queue a request; `callback` gets its updates on the engine thread. Raises on a prompt that can't fit."""
+        """Queue a request; `callback` gets its updates on the engine thread. Raises on a prompt that can't fit.
+        A RequestInput carries images (engine/inputs.py) besides the token ids."""
         if self._stopped:
             raise EngineStoppedError(getattr(self, "fatal_error", None) or "the engine is shut down")
+        mm_items = ()
+        if isinstance(prompt_token_ids, RequestInput):
+            prompt_token_ids, mm_items = prompt_token_ids.token_ids, prompt_token_ids.mm_items
+            if mm_items and not getattr(self.runner.model, "is_multimodal", False):
+                raise ImageInputError("this model takes no images: send text only, or load a vision-language model")
         self.check_prompt_ids(prompt_token_ids)
         gen_config.check_for_model(self.spec.vocab_size)
         request_id = request_id or self.new_request_id()
         seed = gen_config.seed if gen_config.seed is not None else self._seed_rng.getrandbits(63)
         eos = frozenset() if gen_config.ignore_eos else self.eos_token_ids
         max_tokens = min(self.session_len, len(prompt_token_ids) + gen_config.max_new_tokens, self.capacity_tokens)
-        seq = Sequence(prompt_token_ids, SamplingState(gen_config, seed, eos), max_tokens, self.block_size)
+        seq = Sequence(prompt_token_ids, SamplingState(gen_config, seed, eos), max_tokens, self.block_size, mm_items)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, gen_config.skip_special_tokens)
         request = RequestState(request_id, seq, detok, callback, list(gen_config.stop_words))
         self._commands.put(AddRequest(request))

@@ -7,6 +7,7 @@ import itertools
 from dataclasses import dataclass
 
 from engine.config import GenerationConfig
+from engine.inputs import MultiModalItem, block_extra_keys
 
 
 class SequenceStatus(enum.Enum):
@@ -29,7 +30,8 @@ PENDING = -1  # a token sampled on the device whose value the host has not read 
 
 
 class Sequence:
-    def __init__(self, token_ids: list[int], sampling: SamplingState, max_tokens: int, block_size: int):
+    def __init__(self, token_ids: list[int], sampling: SamplingState, max_tokens: int, block_size: int,
+                 mm_items: tuple[MultiModalItem, ...] = ()):
         self.seq_id = next(_seq_counter)
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
@@ -47,6 +49,7 @@ class Sequence:
         self.last_block_hash = -1
         self.pending_row = -1  # row of the in-flight step's token tensor holding this sequence's PENDING token
         self.request = None  # the engine's request record (set when the engine takes the request)
+        self.mm_items = tuple(mm_items)  # images whose features fill placeholder positions of the prompt
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -76,3 +79,9 @@ class Sequence:
     def block_tokens(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size : (i + 1) * self.block_size]
 
+
+    def block_extra_keys(self, i: int) -> tuple[int, ...]:
+        """Extra prefix-cache keys of block i: content hashes of the images with placeholders in it."""
+        if not self.mm_items:
+            return ()
+        return block_extra_keys(self.mm_items, i * self.block_size, (i + 1) * self.block_size)
