@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 # the nibble decoders (plain Triton and inline PTX) are shared with the K-packed kernels
-from engine.kernels.awq_gemm import _DECODE, _asm_sources, _mma, _nibble_mma, _nibbles, awq_repack, k_chunk
+from engine.kernels.awq_gemm import _DECODE, _asm_sources, _nibbles, awq_repack, k_chunk
 from engine.kernels.pdl import launch_options, release_next, wait_for_previous
 from engine.kernels.reference import awq_unpack
 from engine.kernels.split_k import num_sms, split_k, split_k_epilogue, split_locks
@@ -92,6 +92,41 @@ def awq_tile_repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
 
 # ---- kernels ----------------------------------------------------------------------------------------------
 @triton.jit
+def _mma(acc, w, x, SWAP_AB: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += w [BLOCK_N, k] . x [BLOCK_M, k] over k; acc is [BLOCK_N, BLOCK_M] with SWAP_AB, else transposed.
+    UPCAST: fp32 operands (exact for 16-bit values; the interpreter's bf16 dot is wrong in Triton 3.9)."""
+    if UPCAST:
+        w = w.to(tl.float32)
+        x = x.to(tl.float32)
+    if SWAP_AB:
+        acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+    else:
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _dequant(w, zoff, s, UPCAST: tl.constexpr):
+    """w [BLOCK_N, k] (16 + q) -> (q - z) s in w's dtype: packed half ops; UPCAST: the same rounding through fp32
+    (the interpreter's bf16 arithmetic is wrong in Triton 3.9)."""
+    if UPCAST:
+        w = ((w.to(tl.float32) - zoff[:, None]) * s.to(tl.float32)[:, None]).to(w.dtype)
+    else:
+        w = (w - zoff.to(w.dtype)[:, None]) * s.to(w.dtype)[:, None]
+    return w
+
+
+@triton.jit
+def _nibble_mma(acc, w, s, zoff, x_ptrs, mask_m, FOLD: tl.constexpr, SWAP_AB: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One nibble's MMA: w [BLOCK_N, BLOCK_K / 4] against its x slice; without FOLD w (16 + q) is dequantized."""
+    x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)  # [BLOCK_M, BLOCK_K / 4]
+    if not FOLD:
+        w = _dequant(w, zoff, s, UPCAST)
+    return _mma(acc, w, x, SWAP_AB, DOT_PRECISION, UPCAST)
+
+
+@triton.jit
 def _tile_offsets(pid_n, k_tiles, LAYOUT_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KQ: tl.constexpr,
                   META_ROWS: tl.constexpr):
     """int16 offsets of k tile 0 of this program's rows: codes [BLOCK_N, BLOCK_KQ], scales [BLOCK_N], and the int32
@@ -116,7 +151,8 @@ def awq_tiled_kernel(
     BLOCK_K: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr,
     FOLD: tl.constexpr, SPLIT_DOTS: tl.constexpr, DENORM: tl.constexpr, USE_ASM: tl.constexpr,
     ASM0: tl.constexpr, ASM1: tl.constexpr, ASM2: tl.constexpr, ASM3: tl.constexpr, Q_POS: tl.constexpr,
-    MAGIC: tl.constexpr, DOT_PRECISION: tl.constexpr, EVICT: tl.constexpr, USE_PDL: tl.constexpr,
+    MAGIC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """w_ptr / s_ptr / z_ptr: the same tiled buffer as int16 (codes), scale dtype (scales) and int32 (zeros).
     Scales and zeros of the first K tile load before the wait for the previous kernel (PDL); those of the next
@@ -173,23 +209,23 @@ def awq_tiled_kernel(
             do = acc
         if SPLIT_DOTS:
             xp = x_ptrs + k0
-            de = _nibble_mma(de, w0, s, zoff, xp, mask_m, FOLD, SWAP_AB, DOT_PRECISION)
+            de = _nibble_mma(de, w0, s, zoff, xp, mask_m, FOLD, SWAP_AB, DOT_PRECISION, UPCAST)
             if FOLD:
-                do = _nibble_mma(do, w1, s, zoff, xp + BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION)
+                do = _nibble_mma(do, w1, s, zoff, xp + BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION, UPCAST)
             else:
-                de = _nibble_mma(de, w1, s, zoff, xp + BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION)
-            de = _nibble_mma(de, w2, s, zoff, xp + 2 * BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION)
+                de = _nibble_mma(de, w1, s, zoff, xp + BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION, UPCAST)
+            de = _nibble_mma(de, w2, s, zoff, xp + 2 * BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION, UPCAST)
             if FOLD:
-                do = _nibble_mma(do, w3, s, zoff, xp + 3 * BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION)
+                do = _nibble_mma(do, w3, s, zoff, xp + 3 * BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION, UPCAST)
             else:
-                de = _nibble_mma(de, w3, s, zoff, xp + 3 * BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION)
+                de = _nibble_mma(de, w3, s, zoff, xp + 3 * BLOCK_KQ, mask_m, FOLD, SWAP_AB, DOT_PRECISION, UPCAST)
         else:  # one MMA over the whole tile: nibble tensors joined into [BLOCK_N, 4, BLOCK_KQ] = natural K order
             w = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # [BLOCK_N, BLOCK_KQ, 2, 2]: w_i at 2 d1 + d2 = i
             w = tl.reshape(tl.permute(w, (0, 2, 3, 1)), (BLOCK_N, BLOCK_K))
             if not FOLD:
-                w = (w - zoff.to(dtype)[:, None]) * s.to(dtype)[:, None]
+                w = _dequant(w, zoff, s, UPCAST)
             x = tl.load(x_tile_ptrs + k0, mask=mask_m[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
-            de = _mma(de, w, x, SWAP_AB, DOT_PRECISION)
+            de = _mma(de, w, x, SWAP_AB, DOT_PRECISION, UPCAST)
         if FOLD:  # de, do = sum_k x (q + offset) * 2^-e per output: scale, subtract (z + offset) s sum_k x
             s32 = s.to(tl.float32)
             if DENORM:
@@ -217,7 +253,7 @@ def awq_tiled_dequantize_kernel(
     w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_on,
     LAYOUT_N: tl.constexpr, META_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     Q_POS: tl.constexpr, MAGIC: tl.constexpr, USE_ASM: tl.constexpr, ASM0: tl.constexpr, ASM1: tl.constexpr,
-    ASM2: tl.constexpr, ASM3: tl.constexpr,
+    ASM2: tl.constexpr, ASM3: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Tiled weights -> [N, K] in out's dtype ((q - z) * s rounded once, as reference.awq_dequantize), one
     [BLOCK_N, BLOCK_K] tile per program."""
@@ -227,17 +263,21 @@ def awq_tiled_dequantize_kernel(
     dtype = out_ptr.dtype.element_ty
     w_off, s_off, z_off, r = _tile_offsets(pid_n, K // BLOCK_K, LAYOUT_N, BLOCK_N, BLOCK_KQ, META_ROWS)
     p = tl.load(w_ptr + w_off + t * TILE)
-    s = tl.load(s_ptr + s_off + t * TILE).to(dtype)[:, None]
+    s = tl.load(s_ptr + s_off + t * TILE)
     zp = tl.load(z_ptr + z_off + t * (TILE // 2))
-    z16 = (((zp >> ((r % 8) * 4)) & 0xF).to(tl.float32) + 16.0).to(dtype)[:, None]
+    z16 = ((zp >> ((r % 8) * 4)) & 0xF).to(tl.float32) + 16.0
     w0, w1, w2, w3 = _nibbles(p, Q_POS, MAGIC, dtype, USE_ASM, ASM0, ASM1, ASM2, ASM3)
+    w0 = _dequant(w0, z16, s, UPCAST)
+    w1 = _dequant(w1, z16, s, UPCAST)
+    w2 = _dequant(w2, z16, s, UPCAST)
+    w3 = _dequant(w3, z16, s, UPCAST)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o = out_ptr + offs_n[:, None] * stride_on + t * BLOCK_K + tl.arange(0, BLOCK_KQ)[None, :]  # nibble i: + i KQ
     m = (offs_n < N)[:, None]
-    tl.store(o, (w0 - z16) * s, mask=m)
-    tl.store(o + BLOCK_KQ, (w1 - z16) * s, mask=m)
-    tl.store(o + 2 * BLOCK_KQ, (w2 - z16) * s, mask=m)
-    tl.store(o + 3 * BLOCK_KQ, (w3 - z16) * s, mask=m)
+    tl.store(o, w0, mask=m)
+    tl.store(o + BLOCK_KQ, w1, mask=m)
+    tl.store(o + 2 * BLOCK_KQ, w2, mask=m)
+    tl.store(o + 3 * BLOCK_KQ, w3, mask=m)
 
 
 # ---- launchers --------------------------------------------------------------------------------------------
@@ -296,6 +336,7 @@ def awq_tiled_linear(x: torch.Tensor, packed: torch.Tensor, n_out: int, group_si
     use_asm = x.is_cuda and x.dtype != torch.float32
     denorm = use_asm and fold and split_dots and x.dtype == torch.float16 and cfg.get("DENORM", True)
     asm = _asm_sources(None if denorm else q_pos, magic)
+    upcast = not x.is_cuda and x.dtype == torch.bfloat16  # the interpreter (see _mma)
     w16, s16, z32 = _buffer_views(packed, scale_dtype)
     awq_tiled_kernel[(m_tiles, n_tiles, split)](
         x, w16, s16, z32, bias if bias is not None else out, out, ws, locks, M, n_out, K, split, per_split,
@@ -303,7 +344,7 @@ def awq_tiled_linear(x: torch.Tensor, packed: torch.Tensor, n_out: int, group_si
         LAYOUT_N=layout_n, META_ROWS=meta_rows(layout_n, C), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=C,
         SPLIT_P2=split_p2, HAS_BIAS=bias is not None, SWAP_AB=cfg["SWAP_AB"], FOLD=fold, SPLIT_DOTS=split_dots,
         DENORM=denorm, USE_ASM=use_asm, ASM0=asm[0], ASM1=asm[1], ASM2=asm[2], ASM3=asm[3], Q_POS=q_pos,
-        MAGIC=magic, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        MAGIC=magic, DOT_PRECISION="ieee" if x.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
         EVICT=cfg.get("EVICT", "") if x.is_cuda else "", num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"] if x.is_cuda else 1, **launch_options(x))
     return out
@@ -324,5 +365,5 @@ def awq_tiled_dequantize(packed: torch.Tensor, n_out: int, group_size: int, scal
     awq_tiled_dequantize_kernel[(triton.cdiv(n_out, block_n), kt)](
         w16, s16, z32, out, n_out, K, out.stride(0), LAYOUT_N=layout_n, META_ROWS=meta_rows(layout_n, C),
         BLOCK_N=block_n, BLOCK_K=C, Q_POS=q_pos, MAGIC=magic, USE_ASM=packed.is_cuda and dtype != torch.float32,
-        ASM0=asm[0], ASM1=asm[1], ASM2=asm[2], ASM3=asm[3])
+        ASM0=asm[0], ASM1=asm[1], ASM2=asm[2], ASM3=asm[3], UPCAST=not packed.is_cuda and dtype == torch.bfloat16)
     return out
