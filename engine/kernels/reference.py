@@ -264,3 +264,41 @@ def awq_linear_k(x, qweight_k, qzeros, scales, group_size: int, bias=None):
     """x [tokens, in] @ dequantized K-packed W [in, out] (+ bias)."""
     out = x @ awq_dequantize_k(qweight_k, qzeros, scales, group_size).to(x.dtype)
     return out if bias is None else out + bias
+
+
+# Tile-contiguous layout (kernels/awq_tiled.py): int16 [N_pad / LN, K / C, LN + META_ROWS, C / 4], C = min(G, 128);
+# tile [b, c] rows 0..LN-1: output column b LN + r, int16 t holding in nibble i the code of input row
+# C c + (C / 4) i + t; then, read flat, LN scales (16-bit) and LN / 8 int32 zero points (nibble j of word w: column
+# 8 w + j), each the values of chunk c's group; META_ROWS = ceil(5 LN / C).
+def awq_unpack_tiled(packed: torch.Tensor, n_out: int, group_size: int, scale_dtype: torch.dtype, layout_n: int):
+    """Tiled buffer -> (codes int32 [in, out], zeros int32 [in, out], scales [in, out] in scale_dtype), per input
+    row (the group values repeated over the group's rows)."""
+    nb, kt, _, cq = packed.shape
+    chunk, ln = cq * 4, layout_n
+    q16 = packed[:, :, :ln].to(torch.int32)  # [nb, kt, LN, C / 4]
+    shifts = torch.arange(0, 16, 4, device=packed.device, dtype=torch.int32)
+    q = (q16[..., None] >> shifts) & 0xF  # [nb, kt, LN, t, i]
+    q = q.transpose(3, 4).reshape(nb, kt, ln, chunk)  # input row C c + (C / 4) i + t
+    q = q.permute(1, 3, 0, 2).reshape(kt * chunk, nb * ln)[:, :n_out]  # [in, out]
+    meta = packed.reshape(nb, kt, -1)[:, :, ln * cq :]  # [nb, kt, META_ROWS * C / 4]
+    s = meta[:, :, :ln].contiguous().view(scale_dtype)  # [nb, kt, LN]
+    zw = meta[:, :, ln : ln + ln // 4].contiguous().view(torch.int32)  # [nb, kt, LN / 8]
+    z = (zw[..., None] >> torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)) & 0xF
+    z = z.reshape(nb, kt, ln)
+
+    def per_row(v):  # [nb, kt, LN] per chunk -> [in, out]
+        return v.permute(1, 0, 2).reshape(kt, nb * ln)[:, :n_out].repeat_interleave(chunk, dim=0)
+
+    return q, per_row(z), per_row(s)
+
+
+def awq_dequantize_tiled(packed, n_out: int, group_size: int, scale_dtype: torch.dtype, layout_n: int):
+    """Tiled weights -> [in, out] weight in scale_dtype, as awq_dequantize."""
+    q, z, s = awq_unpack_tiled(packed, n_out, group_size, scale_dtype, layout_n)
+    return ((q - z).to(scale_dtype) * s).to(scale_dtype)
+
+
+def awq_linear_tiled(x, packed, n_out: int, group_size: int, scale_dtype: torch.dtype, layout_n: int, bias=None):
+    """x [tokens, in] @ dequantized tiled W [in, out] (+ bias)."""
+    out = x @ awq_dequantize_tiled(packed, n_out, group_size, scale_dtype, layout_n).to(x.dtype)
+    return out if bias is None else out + bias
