@@ -97,6 +97,16 @@ def awq_linear_k(x, qweight_k, qzeros, scales, group_size, bias=None):
     return _pick("awq_linear_k", x)(x, qweight_k, qzeros, scales, group_size, bias)
 
 
+def awq_linear_tiled(x, packed, n_out, group_size, scale_dtype=torch.float16, bias=None):
+    """awq_linear on the tile-contiguous buffer that awq_tile_repack makes (ENGINE_AWQ_KERNEL=tiled)."""
+    return _pick("awq_linear_tiled", x)(x, packed, n_out, group_size, scale_dtype, bias)
+
+
+def awq_tile_repack(qweight, qzeros, scales, group_size):
+    """AutoAWQ GEMM tensors -> the tiled layout of kernels/awq_tiled.py (codes, scales and zeros per tile; GPU)."""
+    return _load_triton_ops()["awq_tile_repack"](qweight, qzeros, scales, group_size)
+
+
 def awq_repack(qweight, group_size):
     """AutoAWQ qweight -> the K-packed layout the Triton W4A16 kernels stream (CUDA only: the reference needs none)."""
     return _load_triton_ops()["awq_repack"](qweight, group_size)

@@ -298,7 +298,8 @@ def awq_dequantize_tiled(packed, n_out: int, group_size: int, scale_dtype: torch
     return ((q - z).to(scale_dtype) * s).to(scale_dtype)
 
 
-def awq_linear_tiled(x, packed, n_out: int, group_size: int, scale_dtype: torch.dtype, layout_n: int, bias=None):
+def awq_linear_tiled(x, packed, n_out: int, group_size: int, scale_dtype: torch.dtype = torch.float16, bias=None,
+                     layout_n: int = 128):
     """x [tokens, in] @ dequantized tiled W [in, out] (+ bias)."""
     out = x @ awq_dequantize_tiled(packed, n_out, group_size, scale_dtype, layout_n).to(x.dtype)
     return out if bias is None else out + bias

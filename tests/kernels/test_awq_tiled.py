@@ -107,8 +107,8 @@ def test_kernel_matches_reference_small(dtype, variant, group_size, M):
     assert got.shape == (M, N) and got.dtype == dtype and not got.isnan().any()
     assert rel_err(got, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
     # the reference op of the layout agrees too (it rounds W to the scales' dtype, as reference.awq_linear does)
-    ref_op = reference.awq_linear_tiled(x.float(), packed, N, group_size, scale_dtype, LAYOUT_N,
-                                         None if bias is None else bias.float())
+    ref_op = reference.awq_linear_tiled(x.float(), packed, N, group_size, scale_dtype,
+                                        bias=None if bias is None else bias.float(), layout_n=LAYOUT_N)
     assert rel_err(ref_op, ref) < 2e-2
 
 
