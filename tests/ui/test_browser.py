@@ -1,11 +1,16 @@
 """The studio in a real headless Chromium (Debian's /usr/bin/chromium through playwright's sync API), against the
-app started in-process: load the demo model from the Model tab, chat with a streamed reply and Stop, quantize the
-demo model from the Quantize tab watching the progress bar, load the result, and see the memory panel update.
+app started in-process: load the demo model from the Model tab, chat with a streamed reply and Stop, a refused
+image that does not stick, quantize the demo model from the Quantize tab (offline, default calibration set) watching
+the progress bar, load the result, and see the memory panel update.
 
-Screenshots of every tab go to test-artifacts/ui/. These tests never skip: a missing Chromium is a failure."""
+Robust on a loaded machine: every wait is on a state the page reaches (DOM text, an element, a counter), with
+generous deadlines, never a fixed sleep; the progress bar is recorded in the page by a MutationObserver, so a fast
+run cannot slip between two polls. Screenshots of every tab go to test-artifacts/ui/. These tests never skip: a
+missing Chromium is a failure."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -17,9 +22,11 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"
+UI_S = 60  # deadline for a UI reaction (a click's result, a refresh); generous: CI is a loaded 2-core machine
+WORK_S = 240  # deadline for real work (a model load, a quantization)
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -45,11 +52,27 @@ def shot(page, name: str) -> None:
 
 
 def set_number(page, elem_id: str, value) -> None:
-    """Set a Slider's / Number's value through its number box, as a user types it."""
+    """Set a Slider's / Number's value through its number box, as a user types it, and wait until it shows."""
     box = page.locator(f"#{elem_id} input[type=number]").first
     box.fill(str(value))
     box.press("Enter")
     box.blur()
+    wait_ui(page, lambda: float(box.input_value() or "nan") == float(value), UI_S, f"{elem_id} to read {value}")
+
+
+RECORD_PROGRESS = """(selector) => {
+    window.__progress = [];
+    const record = () => {
+        for (const bar of document.querySelectorAll(selector + ' [role=progressbar]')) {
+            const reading = [bar.getAttribute('aria-valuenow'), bar.getAttribute('aria-label')];
+            const last = window.__progress[window.__progress.length - 1];
+            if (!last || last[0] !== reading[0] || last[1] !== reading[1]) window.__progress.push(reading);
+        }
+    };
+    new MutationObserver(record).observe(document.body,
+        {subtree: true, childList: true, attributes: true, characterData: true});
+    record();
+}"""
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +86,9 @@ def page(studio):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(30_000)
+        page.set_default_timeout(UI_S * 1000)
+        page.js_errors = []  # uncaught JavaScript errors, asserted empty by the tests
+        page.on("pageerror", lambda error: page.js_errors.append(str(error)))
         page.goto(studio.url + "/")
         page.wait_for_selector("#mem-panel")
         yield page
@@ -75,8 +100,9 @@ def test_memory_panel_updates_live(page):
     first = panel.inner_text()
     assert "updated" in first
     assert ("GPU" in first) or ("No GPU monitoring" in first and "CPU RAM" in first)
-    wait_ui(page, lambda: panel.inner_text() != first, 10, "the memory panel to refresh")
+    wait_ui(page, lambda: panel.inner_text() != first, UI_S, "the memory panel to refresh")
     assert "No model loaded" in page.locator("#studio-header-box").inner_text()
+    assert not page.js_errors, page.js_errors
 
 
 def test_load_demo_model_from_model_tab(page, studio, demo_model_path):
@@ -85,13 +111,15 @@ def test_load_demo_model_from_model_tab(page, studio, demo_model_path):
     path_box.fill(str(demo_model_path))
     page.locator("#load-btn").click()
     status = page.locator("#model-status")
-    wait_ui(page, lambda: "Loaded demo-model" in status.inner_text(), 60, "the demo model to load")
+    wait_ui(page, lambda: "Loaded demo-model" in status.inner_text(), WORK_S, "the demo model to load")
     info = page.locator("#model-info-panel").inner_text()
-    assert "LlamaForCausalLM" in info and "KV capacity" in info
-    header = page.locator("#studio-header-box").inner_text()
-    assert "demo-model" in header and "random weights" in header
+    assert "LlamaForCausalLM" in info and "KV capacity" in info and "on disk" in info
+    header = page.locator("#studio-header-box")
+    # the header follows on the next refresh (a refresh that read "Loading ..." may land after the load's reply)
+    wait_ui(page, lambda: "demo-model" in header.inner_text() and "random weights" in header.inner_text()
+            and "Loading" not in header.inner_text(), UI_S, "the header to show the loaded demo model")
     # the memory panel now shows the engine's breakdown
-    wait_ui(page, lambda: "weights" in page.locator("#mem-panel").inner_text(), 10, "the engine breakdown")
+    wait_ui(page, lambda: "weights" in page.locator("#mem-panel").inner_text(), UI_S, "the engine breakdown")
     shot(page, "model-tab")
 
 
@@ -115,94 +143,123 @@ def test_chat_streams_and_stops(page, studio):
             lengths.add(len(bot.inner_text()))
         return len(lengths - {0}) >= 3
 
-    wait_ui(page, growing, 30, "a streamed reply (three successive lengths)")
+    wait_ui(page, growing, WORK_S, "a streamed reply (three successive lengths)")
     assert page.locator("#chatbot [data-testid=user]").first.inner_text().strip() == "Tell me a long story"
     shot(page, "chat-tab-streaming")
     aborted = engine.stats.num_aborted
     page.locator("#chat-stop").click()
-    wait_ui(page, lambda: "stopped" in page.locator("#chat-stats").inner_text(), 10, "the stopped note")
-    wait_ui(page, lambda: engine.stats.num_aborted > aborted and not engine.num_running, 10, "the request to abort")
+    wait_ui(page, lambda: "stopped" in page.locator("#chat-stats").inner_text(), UI_S, "the stopped note")
+    wait_ui(page, lambda: engine.stats.num_aborted > aborted and not engine.num_running, UI_S,
+            "the request to abort")
 
     # a short greedy reply runs to its end and reports its speed
     page.locator("#chat-clear").click()
-    wait_ui(page, lambda: page.locator("#chatbot [data-testid=bot]").count() == 0, 10, "Clear to empty the chat")
+    wait_ui(page, lambda: page.locator("#chatbot [data-testid=bot]").count() == 0, UI_S, "Clear to empty the chat")
     set_number(page, "chat-max-new", 40)
     set_number(page, "chat-temperature", 0)
     box.fill("Hello!")
     box.press("Enter")
     stats = page.locator("#chat-stats")
     wait_ui(page, lambda: "tok/s" in stats.inner_text() and "generated" in stats.inner_text()
-             and ("end of turn" in stats.inner_text() or "max new tokens" in stats.inner_text()), 30,
+             and ("end of turn" in stats.inner_text() or "max new tokens" in stats.inner_text()), WORK_S,
              "the reply's token counts")
     assert page.locator("#chatbot [data-testid=bot]").last.inner_text().strip()
     shot(page, "chat-tab")
 
 
-def test_quantize_demo_model_and_load_result(page, studio, demo_model_path, tmp_path):
-    from engine.demo_model import TRAINING_CORPUS
+def test_refused_image_does_not_stick_in_the_input(page, tmp_path):
+    """A text model refuses an image: the text comes back to edit, the image does not, and the next message works."""
+    from PIL import Image
 
-    calib = tmp_path / "calib.txt"
-    calib.write_text(TRAINING_CORPUS * 8)
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (16, 16), "orange").save(image)
+    page.get_by_role("tab", name="Chat").click()
+    page.locator("#chat-clear").click()
+    wait_ui(page, lambda: page.locator("#chatbot [data-testid=bot]").count() == 0, UI_S, "Clear to empty the chat")
+    page.locator("#chat-input input[type=file]").set_input_files(str(image))
+    wait_ui(page, lambda: page.locator("#chat-input img").count() > 0, UI_S, "the attached image's thumbnail")
+    box = page.locator("#chat-input textarea")
+    box.fill("What is this?")
+    box.press("Enter")
+    stats = page.locator("#chat-stats")
+    wait_ui(page, lambda: "takes no images" in stats.inner_text(), WORK_S, "the refusal")
+    wait_ui(page, lambda: box.input_value() == "What is this?", UI_S, "the text to come back")
+    wait_ui(page, lambda: page.locator("#chat-input img").count() == 0, UI_S, "the image to leave the input")
+    shot(page, "chat-tab-image-refused")
+    box.press("Enter")  # the same text again, now without the image
+    wait_ui(page, lambda: "generated" in stats.inner_text() and "tok/s" in stats.inner_text(), WORK_S,
+            "a reply to the text alone")
+    assert page.locator("#chatbot [data-testid=user]").last.inner_text().strip() == "What is this?"
+    # and Clear empties the input too
+    box.fill("left over")
+    page.locator("#chat-clear").click()
+    wait_ui(page, lambda: box.input_value() == "" and page.locator("#chatbot [data-testid=bot]").count() == 0,
+            UI_S, "Clear to empty the chat and the input")
+
+
+def test_quantize_demo_model_and_load_result(page, studio, demo_model_path):
+    """Offline, with the default (built-in) calibration set, as a new user on a CPU box starts it."""
     page.get_by_role("tab", name="Quantize").click()
     page.locator("#quant-model textarea, #quant-model input").first.fill(str(demo_model_path))
-    page.locator("#quant-calib input").click()
-    page.get_by_role("option", name="local path").click()
-    page.locator("#quant-calib-path textarea, #quant-calib-path input").first.fill(str(calib))
-    page.locator("#quant-samples input").fill("16")
+    assert "Built-in text" in page.locator("#quant-calib input").input_value()  # the default works offline
+    assert "No GPU here" in page.locator("#quant-cpu-note").inner_text()  # smaller sizes suggested up front
+    assert page.locator("#quant-samples input").input_value() == "16"
+    page.locator("#quant-samples input").fill("8")
     page.locator("#quant-seqlen input").fill("128")
     output = page.locator("#quant-output textarea, #quant-output input").first
-    wait_ui(page, lambda: output.input_value().startswith(str(studio.quant_root)), 5, "the default output folder")
+    wait_ui(page, lambda: output.input_value().startswith(str(studio.quant_root)), UI_S, "the default output folder")
+    page.evaluate(RECORD_PROGRESS, "#quant-status-box")
     page.locator("#quant-start").click()
 
-    bar = page.locator("#quant-status-box [role=progressbar]")
-    seen: list[tuple[float, str]] = []
-    shot_taken = False
     done = page.locator("#quant-done")
+    shot_taken = False
 
-    def progress_or_done():
+    def finished():
         nonlocal shot_taken
-        if bar.count():
-            try:
-                value, label = float(bar.get_attribute("aria-valuenow", timeout=500) or 0), \
-                    bar.get_attribute("aria-label", timeout=500) or ""
-            except Exception:  # noqa: BLE001 - the bar went away between count() and the read
-                return done.count() > 0
-            if not seen or seen[-1] != (value, label):
-                seen.append((value, label))
-            if "Layer" in label and not shot_taken:
-                shot(page, "quantize-tab-progress")
-                shot_taken = True
+        if not shot_taken and any("Layer" in (label or "") for _, label in page.evaluate("window.__progress")):
+            shot(page, "quantize-tab-progress")
+            shot_taken = True
         return done.count() > 0
 
-    wait_ui(page, progress_or_done, 180, "the quantization to finish")
+    wait_ui(page, finished, WORK_S, "the quantization to finish")
+    seen = [(float(v or 0), label or "") for v, label in page.evaluate("window.__progress")]
     values = [v for v, _ in seen]
-    labels = " | ".join(label for _, label in seen)
-    assert len(set(values)) >= 2 and values == sorted(values), seen  # the bar advanced, never back
-    assert "Layer" in labels and "of 4" in labels, labels  # layer x of N was shown
+    assert seen and values == sorted(values), seen  # the bar showed, and never went back
+    layer_labels = [label for _, label in seen if "Layer" in label]
+    assert all(re.search(r"Layer [1-4] of 4", label) for label in layer_labels), layer_labels
+    assert all("left (estimate)" in label for label in layer_labels if "left" in label), layer_labels
+    # however fast the run, the job reported every layer, in order (what the bar is drawn from)
+    job = studio.app.state.studio.quant_job
+    layers_done = [done for stage, done, _ in job.history if stage == "quantize"]
+    assert layers_done == sorted(layers_done) and set(range(5)) <= set(layers_done), layers_done
     summary = page.locator("#quant-status-box").inner_text()
-    assert "Quantization done" in summary and "smaller" in summary
+    assert "Quantization done" in summary and "smaller" in summary and "on disk" in summary
+    assert "Built-in offline text" in summary and "8 samples × 128 tokens" in summary, summary
     page.locator("#quant-chart").wait_for(state="visible")
-    time.sleep(0.5)  # let the chart draw before the screenshot
+    page.locator("#quant-chart canvas, #quant-chart svg").first.wait_for(state="visible")
     shot(page, "quantize-tab-done")
+    assert output.input_value() != job.report["work_dir"]  # a fresh name for the next run
+    assert not page.js_errors, page.js_errors
 
     page.locator("#quant-load").click()
     load_status = page.locator("#quant-load-status")
-    wait_ui(page, lambda: "Loaded" in load_status.inner_text(), 60, "the quantized model to load")
+    wait_ui(page, lambda: "Loaded" in load_status.inner_text(), WORK_S, "the quantized model to load")
     assert studio.manager.current.pipeline.engine.model_format == "awq"
-    wait_ui(page, lambda: "AWQ W4A16" in page.locator("#studio-header-box").inner_text(), 10, "the header to show it")
+    wait_ui(page, lambda: "AWQ W4A16" in page.locator("#studio-header-box").inner_text(), UI_S,
+            "the header to show it")
     shot(page, "quantize-tab-loaded")
 
 
 def test_api_tab_shows_the_endpoint(page, studio):
     page.get_by_role("tab", name="API").click()
-    wait_ui(page, lambda: page.locator("#api-base-url").count(), 10, "the API tab")
+    wait_ui(page, lambda: page.locator("#api-base-url").count(), UI_S, "the API tab")
     assert page.locator("#api-base-url").inner_text() == studio.url + "/v1"
     model = studio.manager.current.name
-    wait_ui(page, lambda: model in page.locator("#tab-api").inner_text(), 10, "the model name in the examples")
+    wait_ui(page, lambda: model in page.locator("#tab-api").inner_text(), UI_S, "the model name in the examples")
     from ui.common import fmt_bytes
 
     weights = fmt_bytes(studio.manager.current.pipeline.memory()["weights_bytes"])
-    wait_ui(page, lambda: f"weights {weights}" in page.locator("#mem-panel").inner_text(), 10,
+    wait_ui(page, lambda: f"weights {weights}" in page.locator("#mem-panel").inner_text(), UI_S,
             "the memory panel to show the loaded model")  # so the screenshot is not a reading from before the load
     shot(page, "api-tab")
 
@@ -210,9 +267,10 @@ def test_api_tab_shows_the_endpoint(page, studio):
 def test_memory_panel_still_live_and_matches_the_loaded_model(page, studio):
     """After loads, chats and a quantization, the panel keeps refreshing and shows the model now loaded."""
     stamp = page.locator("#mem-stamp").inner_text()
-    wait_ui(page, lambda: page.locator("#mem-stamp").inner_text() != stamp, 10, "the memory panel to refresh")
+    wait_ui(page, lambda: page.locator("#mem-stamp").inner_text() != stamp, UI_S, "the memory panel to refresh")
     from ui.common import fmt_bytes
 
     weights = fmt_bytes(studio.manager.current.pipeline.memory()["weights_bytes"])
-    wait_ui(page, lambda: f"weights {weights}" in page.locator("#mem-panel").inner_text(), 10,
+    wait_ui(page, lambda: f"weights {weights}" in page.locator("#mem-panel").inner_text(), UI_S,
             f"the panel to show the loaded model's weights ({weights})")
+    assert not page.js_errors, page.js_errors
