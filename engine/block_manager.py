@@ -99,6 +99,16 @@ class BlockManager:
         seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_computed_tokens = seq.num_cached_tokens
 
+    def allocate_private(self, seq: Sequence) -> bool:
+        """Fresh blocks for all of seq, none shared with the prefix cache nor registered in it (prompt scoring
+        needs the logits of every position, so nothing may come from the cache). False when too few are free."""
+        assert not seq.block_table, "sequence already holds blocks"
+        if seq.num_blocks > self.num_free_blocks:
+            return False
+        seq.block_table = [self._take_free_block() for _ in range(seq.num_blocks)]
+        seq.num_cached_tokens = seq.num_computed_tokens = 0
+        return True
+
     def deallocate(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]

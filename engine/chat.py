@@ -1,6 +1,7 @@
 """Terminal chat: `python -m engine.chat [MODEL] [engine flags]`. Multi-turn, streaming.
 
-With no MODEL it uses the embedded demo model (random weights: replies are gibberish). Commands at the
+With no MODEL it uses SmolLM2-135M-Instruct (engine/real_model.py), or with --demo (or when that cannot be had)
+the embedded demo model (random weights: replies are gibberish). Commands at the
 prompt: /exit, /reset (new conversation), /system TEXT (set a system prompt). Ctrl-C stops a reply.
 """
 
@@ -16,7 +17,9 @@ from engine.config import GenerationConfig
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.chat", description=__doc__.splitlines()[0])
-    parser.add_argument("model", nargs="?", help="model folder or hub id (default: the embedded demo model)")
+    parser.add_argument("model", nargs="?",
+                        help="model folder or hub id (default: SmolLM2-135M-Instruct, else the demo model)")
+    parser.add_argument("--demo", action="store_true", help="with no MODEL, chat with the random-weight demo model")
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=0.9)
@@ -29,11 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     from engine import pipeline
 
     model = args.model
-    if model is None:
+    if model is None and args.demo:
         from engine.demo_model import DEMO_MODEL_NOTE, build_demo_model
 
         model = build_demo_model()
         print(f"[{DEMO_MODEL_NOTE}]")
+    elif model is None:
+        from engine.real_model import resolve_default_model
+
+        default = resolve_default_model()
+        model = default.path
+        print(f"[{default.name}: {default.source}{'; ' + default.note if default.note else ''}]")
     try:
         pipe = pipeline(model, engine_config_from_args(args))
     except (ValueError, OSError, MemoryError) as e:

@@ -28,8 +28,14 @@ import torch
 from engine import loader
 from engine import output_processor as outputs
 from engine.block_manager import BlockManager
-from engine.config import EngineConfig, GenerationConfig
-from engine.errors import EngineStoppedError, ImageInputError, PromptTooLongError  # noqa: F401 - re-exported
+from engine.config import MAX_LOGPROBS, EngineConfig, GenerationConfig
+from engine.errors import (  # noqa: F401 - re-exported
+    BadInputError,
+    EngineStoppedError,
+    EngineUnavailableError,
+    ImageInputError,
+    PromptTooLongError,
+)
 from engine.inputs import RequestInput
 from engine.model_runner import ModelRunner
 from engine.models.spec import ModelSpec
@@ -41,6 +47,7 @@ from engine.tokenizer import IncrementalDetokenizer, chat_template_for, load_tok
 log = logging.getLogger(__name__)
 
 SWITCH_INTERVAL_S = 0.0005
+SCORE_CHUNK_TOKENS = 512  # prompt-scoring chunk: bounds the [chunk, vocab] float32 logits it holds at once
 
 __all__ = ["EngineStats", "EngineStoppedError", "LLMEngine", "PromptTooLongError", "RequestOutput",
            "build_engine_parts"]
@@ -287,6 +294,61 @@ class LLMEngine:
         if not ok:
             raise value
         return value
+
+    def score(self, token_ids: list[int], top_logprobs: int = 0) -> list[dict]:
+        """Each token's log-probability given the ones before it, as this engine computes it (weights format and
+        KV-cache policy included): entries shaped like sampled logprobs, {"token_id", "logprob", "top": [(id,
+        logprob), ...]}; the first token has logprob None. Perplexity (engine/quality.py) and `echo` + `logprobs`
+        on /v1/completions read it.
+
+        The ids are prefilled in chunks of at most `SCORE_CHUNK_TOKENS`, each a call between other requests' steps
+        (so serving goes on), into blocks of their own that the prefix cache neither gives nor keeps; later chunks
+        read the earlier ones' KV from the (possibly quantized) cache, as generation does."""
+        ids = list(token_ids)
+        if len(ids) > self.session_len:
+            raise PromptTooLongError(f"the text has {len(ids)} tokens but session_len is {self.session_len}")
+        if len(ids) > self.capacity_tokens:
+            raise PromptTooLongError(f"the text has {len(ids)} tokens but the KV cache holds {self.capacity_tokens}")
+        if not ids:
+            raise BadInputError("the text to score is empty")
+        if any(not 0 <= t < self.spec.vocab_size for t in ids):
+            raise BadInputError(f"token ids must be in [0, {self.spec.vocab_size})")
+        if not 0 <= top_logprobs <= MAX_LOGPROBS:
+            raise BadInputError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {top_logprobs}")
+        if self._stopped:
+            raise EngineStoppedError(getattr(self, "fatal_error", None) or "the engine is shut down")
+        seq = Sequence(ids, SamplingState(GenerationConfig(), 0, frozenset()), len(ids), self.block_size)
+        if not self.run_on_engine_thread(lambda: self.block_manager.allocate_private(seq)):
+            raise EngineUnavailableError(
+                f"the KV cache has no room for {len(ids)} more tokens right now; retry when other requests finish")
+        entries = [{"token_id": ids[0], "logprob": None, "top": []}]
+        chunk = max(self.block_size, min(self.config.max_prefill_token_num, SCORE_CHUNK_TOKENS))
+
+        def run_chunk(start: int, n: int) -> list[dict]:
+            seq.num_computed_tokens = start
+            logprobs = torch.log_softmax(self.runner.prompt_logits(seq, n).float(), dim=-1)
+            seq.num_computed_tokens = start + n
+            rows = min(n, len(ids) - 1 - start)  # the last position predicts past the text
+            if rows <= 0:
+                return []
+            targets = torch.tensor(ids[start + 1 : start + 1 + rows], device=logprobs.device)
+            chosen = logprobs[:rows].gather(1, targets[:, None])[:, 0].cpu().tolist()
+            top = [[] for _ in range(rows)]
+            if top_logprobs:
+                vals, top_ids = logprobs[:rows].topk(top_logprobs, dim=-1)
+                top = [list(zip(i, v)) for i, v in zip(top_ids.cpu().tolist(), vals.cpu().tolist())]
+            return [{"token_id": t, "logprob": lp, "top": tp} for t, lp, tp in zip(ids[start + 1 :], chosen, top)]
+
+        try:
+            for start in range(0, len(ids), chunk):
+                n = min(chunk, len(ids) - start)
+                entries += self.run_on_engine_thread(lambda start=start, n=n: run_chunk(start, n))
+        finally:
+            try:
+                self.run_on_engine_thread(lambda: self.block_manager.deallocate(seq))
+            except EngineStoppedError:
+                pass  # the engine is gone, and its blocks with it
+        return entries
 
     def step(self) -> None:
         """Schedule and launch one step. On CUDA the step's tokens are read back only after the next step has

@@ -30,6 +30,7 @@ class LoadedModel:
     config: EngineConfig
     load_seconds: float
     is_demo: bool = False
+    source: str = ""  # where the weights came from, when the app picked the model (the default model)
 
 
 @dataclass
@@ -66,7 +67,7 @@ class ModelSlot:
         return path
 
     def load(self, model: str | Path, config: EngineConfig | None = None, *, name: str | None = None,
-             is_demo: bool = False) -> LoadedModel:
+             is_demo: bool = False, source: str = "") -> LoadedModel:
         """Load a model, replacing the current one. A model that fails the cheap checks (bad path, not a model
         folder, unsupported architecture) leaves the current one serving. Past those, the old one is shut down
         first so its memory is free; if the new one then fails to load, the error propagates and nothing is
@@ -77,7 +78,7 @@ class ModelSlot:
             start = time.monotonic()
             pipe = Pipeline(model, config or EngineConfig())
             loaded = LoadedModel(pipe, pipe.model_path, name or pipe.model_path.name, pipe.engine.config,
-                                 time.monotonic() - start, is_demo)
+                                 time.monotonic() - start, is_demo, source)
             self._current = loaded
             key = str(model)
             self.recent = [key] + [r for r in self.recent if r != key][:9]
@@ -135,8 +136,8 @@ class ModelManager:
     check = staticmethod(ModelSlot.check)
 
     def load(self, model: str | Path, config: EngineConfig | None = None, *, name: str | None = None,
-             is_demo: bool = False) -> LoadedModel:
-        return self.main.load(model, config, name=name, is_demo=is_demo)
+             is_demo: bool = False, source: str = "") -> LoadedModel:
+        return self.main.load(model, config, name=name, is_demo=is_demo, source=source)
 
     def unload(self) -> None:
         self.main.unload()

@@ -267,9 +267,11 @@ class ModelRunner:
         return handle.tokens.tolist()
 
     @torch.inference_mode()
-    def prompt_logits(self, seq: Sequence) -> torch.Tensor:
-        """Logits at every position of one prompt whose blocks are allocated (tests compare with transformers)."""
-        input_ids, positions, meta, _ = self.prepare(ScheduledBatch([seq], [len(seq) - seq.num_computed_tokens], True))
+    def prompt_logits(self, seq: Sequence, num_tokens: int | None = None) -> torch.Tensor:
+        """Logits at the next `num_tokens` positions (default: all left) of a sequence whose blocks are allocated,
+        from its num_computed_tokens on; the KV of those positions is written, as a prefill chunk would."""
+        n = len(seq) - seq.num_computed_tokens if num_tokens is None else num_tokens
+        input_ids, positions, meta, _ = self.prepare(ScheduledBatch([seq], [n], True))
         if self.tp_group is not None:  # TP hook
             self.tp_group.broadcast_step(input_ids, positions, meta, list(range(input_ids.shape[0])))
         return self.model.compute_logits(self.model(input_ids, positions, meta))

@@ -175,6 +175,24 @@ class Pipeline:
             if not finished:
                 self.engine.abort(rid)
 
+    # ---- scoring --------------------------------------------------------------------------------------
+    def score(self, text: str | None = None, *, input_ids: list[int] | None = None, top_logprobs: int = 0,
+              add_special_tokens: bool = True) -> list[dict]:
+        """Per-token log-probabilities of a given text (or ids) under this engine, no generation: entries
+        {"token_id", "logprob", "top": [(id, logprob), ...], "text"}; the first token's logprob is None.
+        engine/quality.py turns them into perplexity; /v1/completions serves them as `echo` + `logprobs`."""
+        if (text is None) == (input_ids is None):
+            raise ValueError("score takes a text or input_ids, exactly one of them")
+        if input_ids is None:
+            if not isinstance(text, str):
+                raise ValueError(f"the text to score must be a string, got {type(text).__name__}")
+            input_ids = self.encode(text, apply_chat_template=False) if add_special_tokens else \
+                self.tokenizer.encode(text, add_special_tokens=False)
+        entries = self.engine.score(input_ids, top_logprobs)
+        for entry in entries:
+            entry["text"] = self.tokenizer.decode([entry["token_id"]], skip_special_tokens=False)
+        return entries
+
     # ---- state ----------------------------------------------------------------------------------------
     def memory(self) -> dict:
         return self.engine.memory()

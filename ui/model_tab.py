@@ -55,7 +55,7 @@ def load_model(state: StudioState, path: str, model_format: str, dtype: str, qua
     path = (path or "").strip()
     try:
         if not path:
-            path = str(state.settings.demo_model_dir)
+            path = str(state.settings.default_model_path)
         state.settings.check_model_path(path)
         is_demo = state.is_demo_path(path)
         session_rule = "0 (the model's maximum) or a number of tokens of at least 2 (a prompt token and a reply)"
@@ -86,7 +86,9 @@ def load_model(state: StudioState, path: str, model_format: str, dtype: str, qua
             progress(0.3, desc=f"Loading {Path(path).name or path}: weights, tokenizer, KV cache")
         state.loading = "demo-model" if is_demo else Path(path).name or path
         try:
-            loaded = state.manager.load(path, config, name="demo-model" if is_demo else None, is_demo=is_demo)
+            default = state.settings.default_model if state.is_default_path(path) else None
+            loaded = state.manager.load(path, config, name="demo-model" if is_demo else default and default.name,
+                                        is_demo=is_demo, source=default.source if default else "")
         finally:
             state.loading = None
         if progress:
@@ -122,7 +124,7 @@ def build_model_tab(state: StudioState, header: gr.HTML) -> ModelTab:
         with gr.Column(scale=3):
             path = gr.Textbox(
                 label="Model",
-                value=str(current.path) if current else str(state.settings.demo_model_dir),
+                value=str(current.path) if current else str(state.settings.default_model_path),
                 placeholder="a local Hugging Face folder, an org/name hub id, or empty for the demo model",
                 info="Local folder with config.json, or a hub id (needs network). Empty loads the demo model.",
                 elem_id="model-path",

@@ -222,7 +222,7 @@ class QuantizeTab:
 
 def build_quantize_tab(state: StudioState) -> QuantizeTab:
     current = state.manager.current
-    first = str(current.path) if current else str(state.settings.demo_model_dir)
+    first = str(current.path) if current else str(state.settings.default_model_path)
     gpu = has_gpu()
     n_samples0, seqlen0 = GPU_CALIB if gpu else CPU_CALIB
     size_note = ("" if gpu else

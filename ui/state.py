@@ -13,6 +13,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.demo_model import default_demo_model_dir
 from engine.manager import ModelManager
+from engine.real_model import DefaultModel
 
 MEMORY_HISTORY_SECONDS = 120  # the memory plot's rolling window
 
@@ -29,9 +30,17 @@ class StudioSettings:
     # None: any path. Otherwise (a server listening beyond loopback) model folders and calibration files must lie
     # under one of these roots, and quantized output under quant_output_root: no caller can read or write elsewhere.
     model_roots: tuple[Path, ...] | None = None
+    # the real default model (engine/real_model.py) when the app found or made it; None: the demo model is the default
+    default_model: DefaultModel | None = None
+
+    @property
+    def default_model_path(self) -> Path:
+        """What an empty model box loads: the real default model if there is one, else the demo model."""
+        return self.default_model.path if self.default_model is not None else self.demo_model_dir
 
     def allowed_model_roots(self) -> tuple[Path, ...]:
-        return (*(self.model_roots or ()), self.demo_model_dir, self.quant_output_root)
+        extra = (self.default_model.path,) if self.default_model is not None else ()
+        return (*(self.model_roots or ()), self.demo_model_dir, *extra, self.quant_output_root)
 
     def check_model_path(self, path: str | Path) -> None:
         """Refuse a model (or calibration) path outside the configured roots, before anything touches it. A hub id
@@ -74,6 +83,14 @@ class StudioState:
     chat_stop_events: dict = field(default_factory=dict)  # browser session -> stop events of its running replies
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def is_default_path(self, path: str | Path) -> bool:
+        """True for the real default model's folder (the app found or converted it at start)."""
+        default = self.settings.default_model
+        try:
+            return default is not None and Path(path).expanduser().resolve() == default.path.resolve()
+        except OSError:
+            return False
+
     def is_demo_path(self, path: str | Path) -> bool:
         try:
             return Path(path).expanduser().resolve() == self.settings.demo_model_dir.expanduser().resolve()
@@ -85,10 +102,14 @@ class StudioState:
             self.quantized_models = [folder] + [f for f in self.quantized_models if f != folder][:19]
 
     def model_choices(self) -> list[tuple[str, str]]:
-        """(label, path) pairs for the model pickers: the demo model, quantized folders, then recent loads."""
+        """(label, path) pairs for the model pickers: the default and demo models, quantized folders, recent loads."""
         demo = str(self.settings.demo_model_dir)
-        choices = [("Demo model (random weights, built locally)", demo)]
-        seen = {demo}
+        choices, seen = [], {demo}
+        real = self.settings.default_model
+        if real is not None:
+            choices.append((f"{real.name}  (default, real weights)", str(real.path)))
+            seen.add(str(real.path))
+        choices.append(("Demo model (random weights, built locally)", demo))
         for folder in self.quantized_models:
             if folder not in seen:
                 choices.append((f"{Path(folder).name}  (quantized here)", folder))

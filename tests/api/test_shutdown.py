@@ -45,7 +45,7 @@ def read_stream(url: str, events: list, started: threading.Event) -> None:
 def test_signal_ends_streams_with_an_error_event_and_exits_zero(demo_model_path, sig):
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "app.py", "--server-port", str(port), "--demo-model-dir",
+    proc = subprocess.Popen([sys.executable, "app.py", "--demo", "--server-port", str(port), "--demo-model-dir",
                              str(demo_model_path), "--no-ui", "--session-len", "4096", "--log-level", "warning"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -1,0 +1,77 @@
+"""Quality on real text, computed by the engine itself: perplexity from prompt scoring (`LLMEngine.score`), and
+greedy agreement between two pipelines.
+
+    from engine.quality import perplexity, heldout_text
+    perplexity(pipe, heldout_text()).ppl
+
+The text is tokenized once and cut into windows of at most `window` tokens (default: 1024, or session_len if
+smaller) scored independently, as the AWQ paper's wikitext-2 figures are (there with 2048-token windows); each
+window's first token only conditions. Perplexity = exp(mean negative log-likelihood of the scored tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib import resources
+
+DEFAULT_WINDOW = 1024
+HELDOUT_NAME = "engine/data/heldout.txt"
+HELDOUT_DESCRIPTION = (
+    "built-in held-out prose (engine/data/heldout.txt: lighthouses, bread, rivers, a short story, sleep; "
+    "written for this project, not in any calibration set)"
+)
+
+
+def heldout_text(max_chars: int | None = None) -> str:
+    """The built-in held-out text (plain English prose, unlike the built-in calibration set's technical docs),
+    cut at a paragraph boundary within `max_chars` when given."""
+    text = resources.files("engine").joinpath("data/heldout.txt").read_text(encoding="utf-8")
+    if max_chars is None or len(text) <= max_chars:
+        return text
+    cut = text.rfind("\n\n", 0, max_chars)
+    return text[: cut if cut > 0 else max_chars]
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    ppl: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    num_tokens: int  # tokens scored
+    num_windows: int
+    window: int
+
+    def as_dict(self) -> dict:
+        return {"ppl": self.ppl, "nll": self.nll, "num_tokens": self.num_tokens, "num_windows": self.num_windows,
+                "window": self.window}
+
+
+def perplexity(pipe, text: str, window: int | None = None, progress=None) -> Perplexity:
+    """Perplexity of `text` under `pipe`'s engine (its weights format and KV-cache policy). `progress(done, total)`
+    is called after each window."""
+    ids = pipe.tokenizer.encode(text, add_special_tokens=True)
+    if len(ids) < 2:
+        raise ValueError("the text is too short to measure perplexity: it needs at least 2 tokens")
+    window = min(window or DEFAULT_WINDOW, pipe.session_len)
+    if window < 2:
+        raise ValueError(f"the scoring window must hold at least 2 tokens, got {window}")
+    starts = [s for s in range(0, len(ids), window) if len(ids) - s >= 2]
+    total_nll, scored = 0.0, 0
+    for i, start in enumerate(starts):
+        entries = pipe.engine.score(ids[start : start + window])
+        for entry in entries[1:]:
+            total_nll -= entry["logprob"]
+            scored += 1
+        if progress is not None:
+            progress(i + 1, len(starts))
+    nll = total_nll / scored
+    return Perplexity(math.exp(nll), nll, scored, len(starts), window)
+
+
+def greedy_agreement(a: list[int], b: list[int]) -> float:
+    """The fraction of leading tokens two greedy continuations share (1.0: identical over the shorter one)."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 1.0 if len(a) == len(b) else 0.0
+    same = next((i for i in range(n) if a[i] != b[i]), n)
+    return same / n
