@@ -1,14 +1,20 @@
 """POST /v1/completions: raw text or token-id prompts (one or a batch) -> n continuations each, as one JSON
-response or an SSE stream of text_completion events; `echo` prepends the prompt."""
+response or an SSE stream of text_completion events; `echo` prepends the prompt.
+
+`echo` + `logprobs` also returns the prompt's own token logprobs (the first is null), scored by the engine
+(Pipeline.score), as OpenAI's legacy API did; with `max_tokens: 0` nothing is generated: the prompt is only scored
+(perplexity from a client)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
 from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
 
-from api.errors import APIError
+from api.errors import APIError, from_engine_error
 from api.schemas import (
     CompletionChoice,
     CompletionChunk,
@@ -17,16 +23,25 @@ from api.schemas import (
     CompletionResponse,
     UsageInfo,
 )
-from api.service import Endpoint, Service, finish_reason
-from api.serving import ChoiceResult, Job, TokenTexts, completion_logprobs
+from api.service import DONE, Endpoint, Service, finish_reason
+from api.serving import ChoiceResult, Job, TokenTexts, completion_logprobs, merge_logprobs
 
 
 class CompletionEndpoint(Endpoint):
     def __init__(self, request_id: str, model: str, logprobs: int | None, texts: TokenTexts, include_usage: bool,
-                 jobs: list[Job], echo_texts: list[str]):
+                 jobs: list[Job], echo_texts: list[str], prompt_logprobs: list[list[dict]] | None = None,
+                 special_ids: frozenset[int] = frozenset()):
         self.request_id, self.model, self.logprobs, self.texts = request_id, model, logprobs, texts
         self.include_usage, self.created, self.jobs, self.echo_texts = include_usage, int(time.time()), jobs, echo_texts
         self.offsets = [len(echo_texts[job.prompt_index]) for job in jobs]  # each choice's text length so far
+        # echo + logprobs: each prompt's scored tokens, in the completions' column shape
+        self.prompt_lp = ([completion_logprobs(e, texts, 0, special_ids) for e in prompt_logprobs]
+                          if prompt_logprobs else None)
+
+    def _echo_logprobs(self, prompt_index: int) -> CompletionLogprobs | None:
+        if self.logprobs is None:
+            return None
+        return self.prompt_lp[prompt_index] if self.prompt_lp is not None else CompletionLogprobs()
 
     def _chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
         data = CompletionChunk(id=self.request_id, created=self.created, model=self.model, choices=choices,
@@ -34,8 +49,8 @@ class CompletionEndpoint(Endpoint):
         return f"data: {data.model_dump_json(exclude=None if self.include_usage else {'usage'})}\n\n"
 
     def head(self, jobs: list[Job]) -> list[str]:
-        lp = CompletionLogprobs() if self.logprobs is not None else None
-        return [self._chunk([CompletionChoice(index=job.index, text=self.echo_texts[job.prompt_index], logprobs=lp)])
+        return [self._chunk([CompletionChoice(index=job.index, text=self.echo_texts[job.prompt_index],
+                                              logprobs=self._echo_logprobs(job.prompt_index))])
                 for job in jobs if self.echo_texts[job.prompt_index]]
 
     def delta(self, job: Job, out) -> str | None:
@@ -58,6 +73,8 @@ class CompletionEndpoint(Endpoint):
         for job, r in zip(self.jobs, results):
             echo = self.echo_texts[job.prompt_index]
             lp = completion_logprobs(r.logprobs, self.texts, len(echo)) if self.logprobs is not None else None
+            if echo and self.prompt_lp is not None:
+                lp = merge_logprobs(self.prompt_lp[job.prompt_index], lp)
             choices.append(CompletionChoice(index=job.index, text=echo + r.text, logprobs=lp,
                                             finish_reason=finish_reason(r.finish_reason)))
         return CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
@@ -73,8 +90,9 @@ def add_completion_routes(service: Service, router: APIRouter) -> None:
             raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
         if body.best_of is not None and body.best_of != n:
             raise APIError(400, "best_of must equal n: this server does not rank candidates", param="best_of")
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (prompt logprobs are not computed)", param="echo")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 generates nothing: it is for scoring a prompt, with echo (and logprobs)",
+                           param="max_tokens")
         raw = body.prompt
         if isinstance(raw, str):
             raw = [raw]
@@ -91,7 +109,22 @@ def add_completion_routes(service: Service, router: APIRouter) -> None:
         max_new = [service.max_new_tokens(pipe, body.max_tokens, len(ids)) for ids, _ in prompts]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         jobs = service.make_jobs(pipe, body, [(ids, None) for ids, _ in prompts], max_new, body.logprobs, request_id)
+        prompt_logprobs = None
+        if body.echo and body.logprobs is not None:
+            try:
+                prompt_logprobs = [await asyncio.to_thread(pipe.score, input_ids=ids, top_logprobs=body.logprobs)
+                                   for ids, _ in prompts]
+            except Exception as e:
+                raise from_engine_error(e) from e
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         endpoint = CompletionEndpoint(request_id, model, body.logprobs, service.token_texts(pipe), include_usage, jobs,
-                                      echo_texts)
+                                      echo_texts, prompt_logprobs, frozenset(pipe.tokenizer.all_special_ids))
+        if body.max_tokens == 0:  # scoring only: the echoed prompts (and their logprobs), nothing generated
+            results = [ChoiceResult(finish_reason="length", num_prompt_tokens=len(job.input_ids)) for job in jobs]
+            usage = service.usage(results, jobs)
+            if not body.stream:
+                return endpoint.response(results, usage)
+            chunks = endpoint.head(jobs) + [endpoint.finish(job, "length") for job in jobs]
+            chunks += [endpoint.usage_chunk(usage)] if include_usage else []
+            return StreamingResponse(iter(chunks + [DONE]), media_type="text/event-stream")
         return await service.run(request, pipe, jobs, bool(body.stream), endpoint)

@@ -124,6 +124,7 @@ class CompletionRequest(SamplingRequest):
     prompt: str | Annotated[list[str], Field(min_length=1)] | PromptTokens | Annotated[
         list[PromptTokens], Field(min_length=1)
     ]
+    max_tokens: int | None = Field(None, ge=0)  # 0: with echo, score the prompt only (nothing generated)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = False
     suffix: str | None = None

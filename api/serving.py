@@ -244,7 +244,8 @@ def chat_logprobs(entries: list[dict], texts: TokenTexts) -> list[ChatTokenLogpr
     return out
 
 
-def completion_logprobs(entries: list[dict], texts: TokenTexts, offset: int) -> CompletionLogprobs:
+def completion_logprobs(entries: list[dict], texts: TokenTexts, offset: int,
+                        zero_width: frozenset[int] = frozenset()) -> CompletionLogprobs:
     """Completions' column shape; `offset` is the character offset of the first token in the choice's text.
     Each top_logprobs dict holds the chosen token too, as vLLM does (so logprobs=0 still names it)."""
     result = CompletionLogprobs()
@@ -253,9 +254,21 @@ def completion_logprobs(entries: list[dict], texts: TokenTexts, offset: int) -> 
         result.tokens.append(text)
         result.token_logprobs.append(entry["logprob"])
         result.text_offset.append(offset)
-        offset += len(text)
+        if entry["token_id"] not in zero_width:  # an echoed prompt's special tokens (BOS) are not in its text
+            offset += len(text)
+        if entry["logprob"] is None:  # an echoed prompt's first token: nothing before it to predict it from
+            result.top_logprobs.append(None)
+            continue
         top = {texts(token_id)[0]: logprob for token_id, logprob in entry.get("top", [])}
         top.setdefault(text, entry["logprob"])
         result.top_logprobs.append(top)
     return result
+
+
+def merge_logprobs(a: CompletionLogprobs | None, b: CompletionLogprobs | None) -> CompletionLogprobs | None:
+    """An echoed prompt's logprobs followed by the completion's (each with its own text offsets)."""
+    if a is None or b is None:
+        return a or b
+    return CompletionLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+                              top_logprobs=a.top_logprobs + b.top_logprobs, text_offset=a.text_offset + b.text_offset)
 

@@ -68,6 +68,16 @@ def perplexity(pipe, text: str, window: int | None = None, progress=None) -> Per
     return Perplexity(math.exp(nll), nll, scored, len(starts), window)
 
 
+def top1_agreement(a: list[dict], b: list[dict]) -> float:
+    """Teacher-forced agreement of two scorings of the same text (`score(..., top_logprobs=1)`): the fraction of
+    positions where both would pick the same next token. Unlike free-running greedy agreement it does not hinge on
+    the first flip, so it measures how often a quantized setting changes the model's choice."""
+    pairs = [(x["top"][0][0], y["top"][0][0]) for x, y in zip(a[1:], b[1:]) if x["top"] and y["top"]]
+    if not pairs:
+        raise ValueError("top1_agreement needs scorings made with top_logprobs >= 1")
+    return sum(x == y for x, y in pairs) / len(pairs)
+
+
 def greedy_agreement(a: list[int], b: list[int]) -> float:
     """The fraction of leading tokens two greedy continuations share (1.0: identical over the shorter one)."""
     n = min(len(a), len(b))

@@ -112,10 +112,23 @@ def validate_settings(cfg: dict, w_bits: int, w_group_size: int) -> None:
     bad = {k: v for k, v in widths.items() if v % w_group_size}
     if bad:
         desc = ", ".join(f"{k} = {v}" for k, v in bad.items())
-        raise ValueError(
-            f"--w-group-size {w_group_size} does not divide the input width of every linear ({desc}); "
-            "pick a group size that divides them all (e.g. 128, 64 or 32)"
-        )
+        fits = [g for g in GROUP_SIZES if all(v % g == 0 for v in widths.values())]
+        hint = (f"this model takes --w-group-size {' or '.join(map(str, fits))}" if fits
+                else "no usual group size divides them all: use -1 (one group per row)")
+        raise ValueError(f"--w-group-size {w_group_size} does not divide the input width of every linear ({desc}); "
+                         f"{hint}")
+
+
+GROUP_SIZES = (128, 64, 32)  # the group sizes the tool offers, largest (smallest scale overhead) first
+
+
+def fitting_group_sizes(cfg: dict) -> list[int]:
+    """The offered group sizes that divide every linear's input width of this config (128 first, when it fits)."""
+    try:
+        widths = linear_widths(cfg)
+    except KeyError:
+        return list(GROUP_SIZES)
+    return [g for g in GROUP_SIZES if all(v % g == 0 for v in widths.values())]
 
 
 def quantize_model(

@@ -100,6 +100,35 @@ def test_echo(client):
     assert r.choices[0].text == "Hello there" + plain.choices[0].text
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_the_engine_does(client, pipe):
+    prompt = "The quick brown fox jumps over the lazy dog"
+    expected = pipe.score(prompt, top_logprobs=2)
+    scored = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    choice = scored.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert scored.usage.prompt_tokens == len(expected) and scored.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([e["logprob"] for e in expected[1:]], abs=1e-5)
+    assert "".join(lp.tokens).endswith(prompt) and lp.text_offset[0] == 0  # the tokens include a BOS, if any
+    assert [prompt[o:o + len(t)] for o, t in zip(lp.text_offset, lp.tokens)][-3:] == lp.tokens[-3:]
+    assert all(len(top) >= 2 for top in lp.top_logprobs[1:])
+    # generating too: the prompt's logprobs, then the completion's, offsets running on through the echoed text
+    both = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                     logprobs=1, extra_body={"ignore_eos": True})
+    lp2 = both.choices[0].logprobs
+    assert len(lp2.tokens) == len(expected) + 3
+    assert lp2.token_logprobs[: len(expected)] == pytest.approx(lp.token_logprobs, abs=1e-5)
+    assert lp2.text_offset[len(expected)] == len(prompt)
+    assert both.choices[0].text.startswith(prompt)
+    # streamed: the first event carries the echo and its logprobs
+    events = list(client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=0,
+                                            stream=True))
+    assert events[0].choices[0].text == prompt
+    assert events[0].choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+    assert events[-1].choices[0].finish_reason == "length"
+
+
 def test_stop_strings(client):
     base = client.completions.create(model=MODEL_NAME, prompt="The quick brown fox", max_tokens=24, temperature=0,
                                      extra_body={"ignore_eos": True})

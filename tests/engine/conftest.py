@@ -77,7 +77,7 @@ def engine_prompt_logits(pipe, ids: list[int]) -> torch.Tensor:
     seq = Sequence(ids, SamplingState(GenerationConfig(), 0, frozenset()), len(ids) + 1, eng.block_size)
 
     def run():
-        eng.block_manager.allocate(seq)
+        assert eng.block_manager.allocate_private(seq), "no free KV blocks for the prompt"  # never prefix-cached
         try:
             return eng.runner.prompt_logits(seq)
         finally:
