@@ -85,3 +85,37 @@ def greedy_agreement(a: list[int], b: list[int]) -> float:
         return 1.0 if len(a) == len(b) else 0.0
     same = next((i for i in range(n) if a[i] != b[i]), n)
     return same / n
+
+
+QUICK_CHECK_CHARS = 2500  # about 550 tokens of the held-out text: a before/after check of a few seconds per model
+
+
+def quantization_check(source: str, quantized: str, progress=None, cancelled=None,
+                       text: str | None = None, window: int = 1024) -> dict:
+    """Perplexity of the 16-bit source model and of its quantized folder on the same held-out text, each loaded
+    alone in a small engine (a KV cache just big enough for one window) and closed before the next.
+
+    progress(done, total, message) after each model; cancelled() -> True stops before the next model (the result
+    then says so). Returns {"before", "after", "num_tokens", "text", "cancelled"}."""
+    from engine.config import EngineConfig
+    from engine.pipeline import pipeline
+
+    text = text if text is not None else heldout_text(QUICK_CHECK_CHARS)
+    result = {"before": None, "after": None, "num_tokens": 0, "cancelled": False,
+              "text": HELDOUT_DESCRIPTION if text == heldout_text(QUICK_CHECK_CHARS) else "given text"}
+    block = 64
+    config = EngineConfig(session_len=window + 1, cache_block_seq_len=block, num_gpu_blocks=window // block + 2,
+                          max_batch_size=1, use_cuda_graph=False)
+    for i, (key, folder, label) in enumerate((("before", source, "the 16-bit model"),
+                                              ("after", quantized, "the quantized model"))):
+        if cancelled is not None and cancelled():
+            result["cancelled"] = True
+            break
+        if progress is not None:
+            progress(i, 2, f"perplexity of {label}")
+        with pipeline(folder, config) as pipe:
+            ppl = perplexity(pipe, text, window=window)
+        result[key], result["num_tokens"] = ppl.ppl, ppl.num_tokens
+    if progress is not None:
+        progress(2, 2, "perplexity measured")
+    return result

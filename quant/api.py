@@ -113,7 +113,7 @@ def validate_settings(cfg: dict, w_bits: int, w_group_size: int) -> None:
     if bad:
         desc = ", ".join(f"{k} = {v}" for k, v in bad.items())
         fits = [g for g in GROUP_SIZES if all(v % g == 0 for v in widths.values())]
-        hint = (f"this model takes --w-group-size {' or '.join(map(str, fits))}" if fits
+        hint = (f"pick a group size that divides them all (this model: {' or '.join(map(str, fits))})" if fits
                 else "no usual group size divides them all: use -1 (one group per row)")
         raise ValueError(f"--w-group-size {w_group_size} does not divide the input width of every linear ({desc}); "
                          f"{hint}")

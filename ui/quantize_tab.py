@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import json
 import logging
 import re
 import threading
@@ -36,9 +37,10 @@ CALIB_CHOICES = ([("Built-in text (offline)", BUILTIN)]
                  + [(f"{name} (Hugging Face hub: needs network)", name) for name in HUB_CALIB_SETS]
                  + [("Upload a file", UPLOAD), ("Local file or folder", LOCAL)])
 CALIB_LABELS = {value: label for label, value in CALIB_CHOICES}
-STAGE_SPAN = {"load": (0.0, 0.08), "calibration": (0.08, 0.12), "quantize": (0.12, 0.95), "export": (0.95, 1.0)}
+STAGE_SPAN = {"load": (0.0, 0.08), "calibration": (0.08, 0.12), "quantize": (0.12, 0.9), "export": (0.9, 0.93),
+              "quality": (0.93, 1.0)}
 STAGE_LABEL = {"load": "Loading the model", "calibration": "Preparing calibration data", "quantize": "Quantizing",
-               "export": "Writing the quantized folder"}
+               "export": "Writing the quantized folder", "quality": "Measuring perplexity before / after"}
 GPU_CALIB = (128, 2048)  # samples x tokens: AutoAWQ / LMDeploy's defaults, about a minute for a 7B model on a GPU
 CPU_CALIB = (16, 512)  # without a GPU: 128 x 2048 took 4 minutes even for the 853K-parameter demo model
 # CLI wording in messages from quant/ -> the words of this tab (the longest first)
@@ -60,8 +62,10 @@ RUNNING_HTML = '<div class="studio-card" id="quant-status"></div>'  # blank unde
 class QuantJob:
     """One quantization in a worker thread; progress and outcome readable from any thread."""
 
-    def __init__(self, model_path: str, work_dir: str, kwargs: dict):
+    def __init__(self, model_path: str, work_dir: str, kwargs: dict, check_quality: bool = True):
         self.model_path, self.work_dir, self.kwargs = model_path, work_dir, kwargs
+        self.check_quality = check_quality
+        self.quality: dict | None = None  # before/after perplexity (engine/quality.py), or {"error": ...}
         self.cancel_event = threading.Event()
         self.stage, self.done, self.total, self.message = "load", 0, 1, "starting"
         self.started = time.monotonic()
@@ -91,12 +95,27 @@ class QuantJob:
 
             self.report = quantize_model(self.model_path, self.work_dir, progress=self,
                                          cancel_event=self.cancel_event, **self.kwargs)
+            if self.check_quality:
+                self._measure_quality()
         except BaseException as e:  # noqa: BLE001 - handed to the UI as a message
             self.error = e
             if type(e).__name__ != "QuantizationCancelled":
                 log_failure(log, f"quantizing {self.model_path!r}", e)
         finally:
             self.finished.set()
+
+    def _measure_quality(self) -> None:
+        """Before/after perplexity of what was just written; a failure here (no memory left for a second model,
+        say) is reported next to the result, it does not undo the finished folder."""
+        from engine.quality import quantization_check
+
+        try:
+            self.quality = quantization_check(
+                self.model_path, self.report["work_dir"], cancelled=self.cancel_event.is_set,
+                progress=lambda done, total, message: self.on_progress("quality", done, total, message))
+        except Exception as e:  # noqa: BLE001 - shown in the summary
+            log_failure(log, f"measuring the perplexity of {self.report['work_dir']!r}", e)
+            self.quality = {"error": f"{type(e).__name__}: {e}"}
 
     @property
     def fraction(self) -> float:
@@ -121,6 +140,24 @@ class QuantJob:
 
 def is_nonempty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
+
+
+def fitting_group_size(model_path: str, wanted=None) -> int:
+    """The group size to offer for a model: `wanted` (or 128) when it divides every linear's input width, else the
+    largest that does (SmolLM2's hidden size 576 takes 64, not 128). Anything unreadable keeps the wanted one."""
+    try:
+        wanted = int(wanted) if wanted not in (None, "") else 128
+    except (TypeError, ValueError):
+        return 128
+    try:
+        from engine.models import language_model_config
+        from quant.api import fitting_group_sizes
+
+        config = Path(model_path or "").expanduser() / "config.json"
+        fits = fitting_group_sizes(language_model_config(json.loads(config.read_text())))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return wanted
+    return wanted if wanted in fits or not fits else fits[0]
 
 
 def default_output_dir(state: StudioState, model_path: str, group_size) -> str:
@@ -180,7 +217,21 @@ def calibration_text(settings: dict) -> str:
     return f"{html.escape(source)}: {got} samples × {seqlen} tokens = {got * seqlen:,} tokens{html.escape(short)}"
 
 
-def summary_html(report: dict, seconds: float) -> str:
+def quality_text(quality: dict, demo: bool = False) -> str:
+    """The before/after perplexity row: what the 4 bits cost on a short held-out text."""
+    if quality.get("error"):
+        return f'<span class="studio-muted">not measured: {html.escape(quality["error"])}</span>'
+    before, after = quality.get("before"), quality.get("after")
+    if before is None or after is None:
+        return '<span class="studio-muted">not measured (cancelled)</span>'
+    change = (after / before - 1) * 100
+    note = " Random weights: meaningless here." if demo else ""
+    return (f'<span id="quant-ppl">16-bit {before:.2f} → quantized {after:.2f} ({change:+.1f}%)</span> '
+            f'<span class="studio-muted">(lower is better; {quality["num_tokens"]} tokens of '
+            f"{html.escape(quality['text'])}.{note})</span>")
+
+
+def summary_html(report: dict, seconds: float, quality: dict | None = None, demo: bool = False) -> str:
     sizes, timings, errs = report["sizes"], report["timings_s"], report["error_summary"]
     s = report["settings"]
     ratio = errs.get("mean_awq_over_rtn_layer_mse")
@@ -198,6 +249,8 @@ def summary_html(report: dict, seconds: float) -> str:
         ("Layer error", f"AWQ / round-to-nearest output MSE: {ratio:.3f} on average (lower is better)"
                         if ratio is not None else "n/a"),
     ]
+    if quality is not None:
+        rows.append(("Perplexity", quality_text(quality, demo)))
     table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     return (f'<div class="studio-callout studio-ok" id="quant-done"><b>Quantization done</b></div>'
             f'<div class="studio-card"><table class="studio-table">{table}</table></div>')
@@ -249,7 +302,8 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
                                                 "datasets save_to_disk folder)")
             with gr.Row():
                 bits = gr.Dropdown([4], value=4, label="Weight bits", info="AutoAWQ GEMM format: 4-bit")
-                group = gr.Dropdown([32, 64, 128], value=128, label="Group size", elem_id="quant-group",
+                group = gr.Dropdown([32, 64, 128], value=fitting_group_size(first), label="Group size",
+                                    elem_id="quant-group",
                                     allow_custom_value=True, info="input channels per scale / zero point")
                 search_scale = gr.Checkbox(value=False, label="Search scale",
                                            info="also try LMDeploy's weight-aware scales (2x time)")
@@ -257,8 +311,9 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
                 trust = gr.Checkbox(value=state.settings.engine_config.trust_remote_code, label="Trust remote code",
                                     info="run the folder's tokenizer code (InternLM2)")
             with gr.Row():
-                output = gr.Textbox(label="Output folder", value=default_output_dir(state, first, 128), scale=4,
-                                    elem_id="quant-output", info="A fresh name is suggested; it must be new or empty.")
+                first_out = default_output_dir(state, first, fitting_group_size(first))
+                output = gr.Textbox(label="Output folder", value=first_out, scale=4, elem_id="quant-output",
+                                    info="A fresh name is suggested; it must be new or empty.")
                 overwrite = gr.Checkbox(value=False, label="Overwrite", elem_id="quant-overwrite", scale=1,
                                         info="replace a folder that is already there")
             with gr.Row():
@@ -277,6 +332,8 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
 
     calib.change(lambda c: (gr.update(visible=c == UPLOAD), gr.update(visible=c == LOCAL)), inputs=calib,
                  outputs=[calib_file, calib_path], api_visibility="private", queue=False)
+    model_path.change(lambda p, g: fitting_group_size(p, g), inputs=[model_path, group], outputs=group,
+                      queue=False, api_visibility="private")
     for src in (model_path, group):
         src.change(lambda p, g: default_output_dir(state, p or "model", g), inputs=[model_path, group],
                    outputs=output, api_visibility="private", queue=False)
@@ -346,9 +403,10 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
         log.info("quantized %s -> %s in %.1f s (%s)", model, report["work_dir"], seconds, job.calibration or "no calib")
         state.add_quantized(report["work_dir"])
         progress(1.0, desc="Done")
-        return (summary_html(report, seconds), gr.update(value=error_frame(report), visible=True,
-                                                         sort=[str(d["index"]) for d in report["layers"]]),
-                gr.update(visible=True), report["work_dir"], default_output_dir(state, model, group_size))
+        summary = summary_html(report, seconds, job.quality, state.is_demo_path(model))
+        chart = gr.update(value=error_frame(report), visible=True, sort=[str(d["index"]) for d in report["layers"]])
+        fresh = default_output_dir(state, model, group_size)
+        return summary, chart, gr.update(visible=True), report["work_dir"], fresh
 
     def cancel():
         job = state.quant_job

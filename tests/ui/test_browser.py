@@ -230,6 +230,8 @@ def test_quantize_demo_model_and_load_result(page, studio, demo_model_path):
         return done.count() > 0
 
     wait_ui(page, finished, WORK_S, "the quantization to finish")
+    ppl = page.locator("#quant-ppl").inner_text()  # the before/after perplexity of what was just written
+    assert re.search(r"16-bit [\d.]+ → quantized [\d.]+ \([+-][\d.]+%\)", ppl), ppl
     seen = [(float(v or 0), label or "") for v, label in page.evaluate("window.__progress")]
     values = [v for v, _ in seen]
     assert seen and values == sorted(values), seen  # the bar showed, and never went back

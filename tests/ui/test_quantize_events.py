@@ -81,6 +81,9 @@ def test_builtin_offline_calibration_by_default_and_a_fresh_name_or_overwrite(cl
     status, _chart, next_output = client.predict(*args, api_name="/quantize")  # (the button and State not here)
     assert "Quantization done" in status, status
     assert "Built-in offline text" in status and "6 samples × 64 tokens = 384 tokens" in status, status
+    quality = state.quant_job.quality  # the before/after perplexity, from two small engines on the held-out text
+    assert quality["before"] > 1 and quality["after"] > 1 and quality["num_tokens"] > 100, quality
+    assert f"16-bit {quality['before']:.2f} → quantized {quality['after']:.2f}" in status, status
     assert state.quantized_models[0] == output and (studio.quant_root / output).is_dir()
     fresh = next_output
     assert fresh.startswith(base + "-") and fresh != output and not Path(fresh).exists()  # a fresh name next
@@ -105,3 +108,18 @@ def test_too_little_calibration_text_is_said_in_the_summary(client, studio, demo
     status = client.predict(*args, api_name="/quantize")[0]
     assert "Quantization done" in status, status
     assert "of the 500 samples asked for: the text ran out" in status, status
+
+
+def test_group_size_offered_fits_the_model(tmp_path, demo_model_path):
+    """SmolLM2's hidden size 576 takes group 64, not the usual 128: the tab offers what fits."""
+    import json
+
+    from ui.quantize_tab import fitting_group_size
+
+    assert fitting_group_size(str(demo_model_path)) == 128
+    cfg = json.loads((demo_model_path / "config.json").read_text())
+    cfg.update(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert fitting_group_size(str(tmp_path)) == 64
+    assert fitting_group_size(str(tmp_path), 32) == 32  # a size that fits is kept
+    assert fitting_group_size(str(tmp_path / "missing"), 64) == 64  # unreadable: the choice stands
