@@ -111,9 +111,10 @@ class VisionPrompter:
             if apply_chat_template:
                 parts = ([] if self.marker in text else list(refs)) + [text]
                 text = self.render([{"role": "user", "content": parts}])
-            elif self.marker not in text:
+                return self.tokenize(text, refs, add_special_tokens=self._needs_bos(text))
+            if self.marker not in text:
                 text = (self.marker + "\n") * len(refs) + text
-            return self.tokenize(text, refs, add_special_tokens=not apply_chat_template)
+            return self.tokenize(text, refs, add_special_tokens=True)
         if isinstance(prompt, str) and not apply_chat_template:
             return self.tokenize(prompt, [], add_special_tokens=True)
         if isinstance(prompt, str):
@@ -123,7 +124,8 @@ class VisionPrompter:
                              f"{type(prompt).__name__}")
         messages = self._messages(prompt)
         refs = [p for m in messages for p in m["content"] if isinstance(p, ImageRef)]
-        return self.tokenize(self.render(messages), refs, add_special_tokens=False)
+        text = self.render(messages)
+        return self.tokenize(text, refs, add_special_tokens=self._needs_bos(text))
 
     def _tuple_prompt(self, prompt: tuple) -> tuple[str, list[ImageRef]]:
         if len(prompt) != 2 or not isinstance(prompt[0], str):
@@ -161,6 +163,12 @@ class VisionPrompter:
         as_strings = [{"role": m["role"], "content": "".join(p if isinstance(p, str) else self.marker + "\n"
                                                              for p in m["content"])} for m in messages]
         return self._apply(as_strings)
+
+    def _needs_bos(self, text: str) -> bool:
+        """llava-hf's templates leave the BOS to the tokenizer (transformers' processor tokenizes the rendered text
+        with special tokens); templates that write it themselves (the fallback's bos_token) must not get two."""
+        bos = getattr(self.tokenizer, "bos_token", None)
+        return bool(bos) and not text.startswith(bos)
 
     def _apply(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
