@@ -191,9 +191,10 @@ def _tower_missing(path: Path, source: str, reason: str, arch: str) -> ModelLoad
         "--vision-tower PATH (EngineConfig(vision_tower=PATH), or pipeline(MODEL, vision_tower=PATH))")
 
 
-def find_tower(path: Path, source: str, arch: str, override: bool) -> Path:
+def find_tower(path: Path, source: str, arch: str, override: bool, need_weights: bool = True) -> Path:
     """The folder of a separate CLIP checkpoint: the override as given, else mm_vision_tower as a folder (absolute
-    or inside the model folder) or a hub id (downloaded when the hub is reachable)."""
+    or inside the model folder) or a hub id (downloaded when the hub is reachable). need_weights=False: a folder
+    with the tower's config.json is enough (its weights are inside the model folder)."""
     if override:
         folder = Path(source).expanduser()
         if not (folder / "config.json").is_file() or not checkpoint.checkpoint_files(folder):
@@ -203,7 +204,7 @@ def find_tower(path: Path, source: str, arch: str, override: bool) -> Path:
                                  "and *.safetensors or *.bin weights)")
         return folder
     for folder in (Path(source).expanduser(), path / source, path / Path(source).name):
-        if (folder / "config.json").is_file() and checkpoint.checkpoint_files(folder):
+        if (folder / "config.json").is_file() and (not need_weights or checkpoint.checkpoint_files(folder)):
             return folder
     if not checkpoint.is_hub_id(source):
         raise _tower_missing(path, source, "which is not a checkpoint folder here", arch)
@@ -267,17 +268,17 @@ def resolve(spec: ModelSpec, path: Path, vision_tower: str | None = None) -> Lla
         if select not in ("patch", "cls_patch"):
             raise UnsupportedModelError(f"{path}: mm_vision_select_feature {select!r} is not supported")
         embedded = tower_folder is None and _checkpoint_has(path, "model.vision_tower.")
-        if tower_folder is None and not (embedded and source in KNOWN_TOWERS):
-            tower_folder = find_tower(path, source, arch, override=False)
-        vcfg = _clip_config(tower_folder) if tower_folder else dict(KNOWN_TOWERS[source])
+        config_folder = tower_folder
+        if config_folder is None and not (embedded and source in KNOWN_TOWERS):
+            config_folder = find_tower(path, source, arch, override=False, need_weights=not embedded)
+        vcfg = _clip_config(config_folder) if config_folder else dict(KNOWN_TOWERS[source])
+        tower_folder = None if embedded else config_folder  # None: the weights are in the model folder
         layers = raw.get("mm_vision_select_layer", -2)
         vision = dict(
             layout="original", strategy="default" if select == "patch" else "full",
             projector_layers=1 if projector == "linear" else 2, act="gelu", bias=True, anyres=anyres,
             pinpoints=_pinpoints(raw.get("image_grid_pinpoints")), pad=aspect == "pad", image_token_id=None,
-            processor_folder=tower_folder or path)
-        if embedded and vision_tower is None:
-            tower_folder = None  # weights from the model folder
+            processor_folder=config_folder or path)
     clip = CLIPVisionSpec.from_config(vcfg)
     if vision["strategy"] not in ("default", "full"):
         raise UnsupportedModelError(f"{path}: vision_feature_select_strategy {vision['strategy']!r} is not supported")
