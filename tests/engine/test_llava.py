@@ -421,3 +421,16 @@ def test_text_only_models_refuse_images_as_before(llama_path, make_pipe):
 def test_vision_settings_are_validated():
     with pytest.raises(ValueError, match="limit_images_per_prompt"):
         EngineConfig(limit_images_per_prompt=-1)
+
+
+def test_terminal_chat_attaches_images(llava15, tmp_path, monkeypatch, capsys):
+    from engine import chat
+
+    image(30, 30, seed=16).save(tmp_path / "cat.png")
+    lines = iter([f"/image {tmp_path / 'cat.png'}", "What is it?", f"/image {tmp_path / 'none.png'}", "Thanks",
+                  "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert chat.main([str(llava15), "--max-new-tokens", "4", "--temperature", "0", "--device", "cpu",
+                      "--cache-max-entry-count", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "1 image(s) attached" in out and "No such file" in out and out.count("tokens,") == 2
