@@ -220,7 +220,9 @@ def _checkpoint_has(path: Path, prefix: str) -> bool:
     if index.is_file():
         return any(k.startswith(prefix) for k in json.loads(index.read_text()).get("weight_map", {}))
     files = checkpoint.checkpoint_files(path)
-    if files and files[0].suffix == ".safetensors":
+    if not files:
+        return False  # no weights (load_format="dummy", or the loader's own check says so)
+    if files[0].suffix == ".safetensors":
         from safetensors import safe_open
 
         for f in files:

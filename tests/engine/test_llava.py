@@ -434,3 +434,87 @@ def test_terminal_chat_attaches_images(llava15, tmp_path, monkeypatch, capsys):
                       "--cache-max-entry-count", "0.05"]) == 0
     out = capsys.readouterr().out
     assert "1 image(s) attached" in out and "No such file" in out and out.count("tokens,") == 2
+
+
+# ---- real checkpoints' configs (no weights): partial hub configs, feature counts --------------------------------
+LLAVA15_7B_HF = {  # llava-hf/llava-1.5-7b-hf's config.json: the text and vision parts list only non-defaults
+    "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 32000,
+    "model_type": "llava", "pad_token_id": 32001, "projector_hidden_act": "gelu",
+    "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+                    "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
+                    "torch_dtype": "float16", "vocab_size": 32064},
+    "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.36.0.dev0",
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                      "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                      "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064,
+}
+PINPOINTS_336 = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+LLAVA_NEXT_MISTRAL_HF = {  # llava-hf/llava-v1.6-mistral-7b-hf
+    "architectures": ["LlavaNextForConditionalGeneration"], "ignore_index": -100, "image_grid_pinpoints": PINPOINTS_336,
+    "image_token_index": 32000, "model_type": "llava_next", "projector_hidden_act": "gelu",
+    "text_config": {"_name_or_path": "mistralai/Mistral-7B-Instruct-v0.2", "architectures": ["MistralForCausalLM"],
+                    "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mistral",
+                    "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0,
+                    "sliding_window": None, "torch_dtype": "bfloat16", "vocab_size": 32064},
+    "torch_dtype": "float16", "use_image_newline_parameter": True,
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                      "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                      "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064,
+}
+LLAVA16_VICUNA_ORIGINAL = {  # liuhaotian/llava-v1.6-vicuna-7b (abridged: the keys the engine reads)
+    "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "hidden_size": 4096,
+    "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "vocab_size": 32000, "rope_theta": 10000.0,
+    "image_aspect_ratio": "anyres", "image_grid_pinpoints": PINPOINTS_336, "mm_hidden_size": 1024,
+    "mm_patch_merge_type": "spatial_unpad", "mm_projector_type": "mlp2x_gelu", "mm_use_im_patch_token": False,
+    "mm_use_im_start_end": False, "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
+    "mm_vision_tower": "openai/clip-vit-large-patch14-336", "torch_dtype": "bfloat16",
+}
+CLIP_L_336 = {  # openai/clip-vit-large-patch14-336's config.json, vision part (a CLIPModel config)
+    "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 768,
+    "text_config": {"hidden_size": 768, "num_hidden_layers": 12},
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096, "num_attention_heads": 16,
+                      "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768},
+}
+
+
+def _folder(path, config):
+    import json
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_hub_configs_parse_with_transformers_defaults(tmp_path):
+    from engine import loader
+
+    spec = loader.read_model_spec(_folder(tmp_path / "l15", LLAVA15_7B_HF))
+    assert (spec.hidden_size, spec.num_layers, spec.num_heads, spec.intermediate_size, spec.vocab_size) == (
+        4096, 32, 32, 11008, 32064)
+    vision = spec.vision
+    assert (vision.clip.hidden_size, vision.clip.num_layers, vision.layers_run, vision.image_token_id) == (
+        1024, 24, 23, 32000)
+    assert vision.num_features((480, 640)) == 576 and vision.clip.hidden_act == "quick_gelu"
+
+    spec = loader.read_model_spec(_folder(tmp_path / "next", LLAVA_NEXT_MISTRAL_HF))
+    assert spec.architecture == "LlavaNextForConditionalGeneration" and spec.num_kv_heads == 8
+    assert spec.rope_theta == 1e6 and spec.sliding_window is None and spec.max_position_embeddings == 32768
+    assert spec.vision.anyres and spec.vision.num_features((672, 672)) == 2928  # 576 + 48 * (48 + 1)
+    assert spec.vision.num_tiles((672, 672)) == 5 and spec.vision.num_tiles((336, 1008)) == 4
+
+
+def test_original_next_config_with_its_clip_tower(tmp_path):
+    from safetensors.torch import save_file
+
+    from engine import loader
+
+    clip = _folder(tmp_path / "clip", CLIP_L_336)
+    save_file({"logit_scale": torch.zeros(())}, str(clip / "model.safetensors"))
+    spec = loader.read_model_spec(_folder(tmp_path / "llava", LLAVA16_VICUNA_ORIGINAL), vision_tower=str(clip))
+    vision = spec.vision
+    assert vision.layout == "original" and vision.anyres and not vision.pad_to_square
+    assert vision.clip.image_size == 336 and vision.tower_folder == clip and vision.image_token_id is None
+    assert vision.num_features((672, 672)) == 2928 and vision.num_features((480, 640)) == 576 + 36 * 49
