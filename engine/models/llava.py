@@ -216,9 +216,9 @@ def find_tower(path: Path, source: str, arch: str, override: bool, need_weights:
 
 
 def _checkpoint_has(path: Path, prefix: str) -> bool:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return any(k.startswith(prefix) for k in json.loads(index.read_text()).get("weight_map", {}))
+    for index in (path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json"):
+        if index.is_file():
+            return any(k.startswith(prefix) for k in json.loads(index.read_text()).get("weight_map", {}))
     files = checkpoint.checkpoint_files(path)
     if not files:
         return False  # no weights (load_format="dummy", or the loader's own check says so)
@@ -279,7 +279,10 @@ def resolve(spec: ModelSpec, path: Path, vision_tower: str | None = None) -> Lla
         vision = dict(
             layout="original", strategy="default" if select == "patch" else "full",
             projector_layers=1 if projector == "linear" else 2, act="gelu", bias=True, anyres=anyres,
-            pinpoints=_pinpoints(raw.get("image_grid_pinpoints")), pad=aspect == "pad", image_token_id=None,
+            # LLaVA's own code reads the pinpoints as (width, height), transformers as (height, width): the set is
+            # symmetric, but ties between a grid and its transpose go to the first listed, so keep LLaVA's order
+            pinpoints=[(w, h) for h, w in _pinpoints(raw.get("image_grid_pinpoints"))], pad=aspect == "pad",
+            image_token_id=None,
             processor_folder=config_folder or path)
     clip = CLIPVisionSpec.from_config(vcfg)
     if vision["strategy"] not in ("default", "full"):

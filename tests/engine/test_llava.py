@@ -518,3 +518,31 @@ def test_original_next_config_with_its_clip_tower(tmp_path):
     assert vision.layout == "original" and vision.anyres and not vision.pad_to_square
     assert vision.clip.image_size == 336 and vision.tower_folder == clip and vision.image_token_id is None
     assert vision.num_features((672, 672)) == 2928 and vision.num_features((480, 640)) == 576 + 36 * 49
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_llava_on_the_gpu(llava_next, ref_next):
+    """Triton kernels, CUDA graphs for decode and the overlapped step loop with images: fp32 agrees with
+    transformers (on the CPU); fp16 runs the same path (tower and projector in half) and stays close."""
+    from engine import pipeline
+
+    wide = image(40, 70, seed=3)
+    prompts = [("Describe it.", wide), ("And this one?", image(90, 30, seed=4))]
+    replies = {}
+    for dtype in ("float32", "float16"):
+        pipe = pipeline(llava_next, EngineConfig(dtype=dtype, cache_block_seq_len=16, num_gpu_blocks=256,
+                                                 max_prefill_token_num=32))  # chunks cut the images
+        try:
+            assert pipe.engine.device.type == "cuda" and pipe.engine.runner.graphs is not None
+            replies[dtype] = [r.token_ids for r in pipe(prompts, greedy(N))]
+            expected = [hf_generate(ref_next, hf_inputs(pipe.prompt_input(p), ref_next.config.image_token_id,
+                                                         next_=True)) for p in prompts]
+            memory = pipe.memory()
+            assert memory["vision_bytes"] > 0 and memory["encoder_cache_entries"] == 2
+        finally:
+            pipe.close()
+        if dtype == "float32":
+            assert replies[dtype] == expected
+    assert all(len(r) == N for r in replies["float16"])
+    assert sum(a[0] == b[0] for a, b in zip(replies["float16"], replies["float32"])) >= 1
