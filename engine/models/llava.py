@@ -236,21 +236,20 @@ def _checkpoint_has(path: Path, prefix: str) -> bool:
 def resolve(spec: ModelSpec, path: Path, vision_tower: str | None = None) -> LlavaVision:
     """Read the vision half of the config and find the tower's weights; errors name what is missing."""
     raw, arch = spec.raw, spec.architecture
-    tower_folder = None
-    if vision_tower:
-        tower_folder = find_tower(path, vision_tower, arch, override=True)
+    tower_folder = find_tower(path, vision_tower, arch, override=True) if vision_tower else None
     if arch in HF_ARCHS:
         vcfg = _clip_config(tower_folder) if tower_folder else raw.get("vision_config") or {}
         if vcfg.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
             raise UnsupportedModelError(f"{path}: the vision tower is {vcfg.get('model_type')!r}; only CLIP "
                                         "towers are supported")
         layers = raw.get("vision_feature_layer", -2)
-        vision = dict(
-            layout="hf", strategy=raw.get("vision_feature_select_strategy", "default"), projector_layers=2,
-            act=raw.get("projector_hidden_act", "gelu"), bias=bool(raw.get("multimodal_projector_bias", True)),
-            anyres=arch == "LlavaNextForConditionalGeneration", pinpoints=_pinpoints(raw.get("image_grid_pinpoints")),
-            pad=False, image_token_id=raw.get("image_token_id", raw.get("image_token_index")),
-            processor_folder=path)
+        fields = dict(
+            layout="hf", select_strategy=raw.get("vision_feature_select_strategy", "default"), projector_layers=2,
+            projector_act=raw.get("projector_hidden_act", "gelu"),
+            projector_bias=bool(raw.get("multimodal_projector_bias", True)),
+            anyres=arch == "LlavaNextForConditionalGeneration",
+            grid_pinpoints=_pinpoints(raw.get("image_grid_pinpoints")),
+            image_token_id=raw.get("image_token_id", raw.get("image_token_index")), processor_folder=path)
     else:
         source = raw.get("mm_vision_tower") or raw.get("vision_tower")
         if not source and not tower_folder:
@@ -276,34 +275,36 @@ def resolve(spec: ModelSpec, path: Path, vision_tower: str | None = None) -> Lla
         vcfg = _clip_config(config_folder) if config_folder else dict(KNOWN_TOWERS[source])
         tower_folder = None if embedded else config_folder  # None: the weights are in the model folder
         layers = raw.get("mm_vision_select_layer", -2)
-        vision = dict(
-            layout="original", strategy="default" if select == "patch" else "full",
-            projector_layers=1 if projector == "linear" else 2, act="gelu", bias=True, anyres=anyres,
+        fields = dict(
+            layout="original", select_strategy="default" if select == "patch" else "full",
+            projector_layers=1 if projector == "linear" else 2, projector_act="gelu", projector_bias=True,
+            anyres=anyres, pad_to_square=aspect == "pad", image_token_id=None,
             # LLaVA's own code reads the pinpoints as (width, height), transformers as (height, width): the set is
             # symmetric, but ties between a grid and its transpose go to the first listed, so keep LLaVA's order
-            pinpoints=[(w, h) for h, w in _pinpoints(raw.get("image_grid_pinpoints"))], pad=aspect == "pad",
-            image_token_id=None,
+            grid_pinpoints=[(w, h) for h, w in _pinpoints(raw.get("image_grid_pinpoints"))],
             processor_folder=config_folder or path)
-    clip = CLIPVisionSpec.from_config(vcfg)
-    if vision["strategy"] not in ("default", "full"):
-        raise UnsupportedModelError(f"{path}: vision_feature_select_strategy {vision['strategy']!r} is not supported")
-    if vision["anyres"]:
-        if vision["strategy"] != "default":
-            raise UnsupportedModelError(f"{path}: LLaVA-NeXT with the 'full' feature strategy is not supported")
-        if not vision["pinpoints"]:
-            raise ModelLoadError(f"{path}: an anyres LLaVA config needs image_grid_pinpoints")
-        if any(h % clip.image_size or w % clip.image_size for h, w in vision["pinpoints"]):
-            raise UnsupportedModelError(f"{path}: image_grid_pinpoints must be multiples of the tower's image size "
-                                        f"{clip.image_size}")
-    if vision["act"] not in _ACTS:
-        raise UnsupportedModelError(f"{path}: projector activation {vision['act']!r} is not supported")
-    return LlavaVision(
-        layout=vision["layout"], clip=clip, feature_layers=list(layers) if isinstance(layers, list) else [layers],
-        select_strategy=vision["strategy"], projector_layers=vision["projector_layers"],
-        projector_act=vision["act"], projector_bias=vision["bias"], text_hidden=spec.hidden_size,
-        anyres=vision["anyres"], grid_pinpoints=vision["pinpoints"], pad_to_square=vision["pad"],
-        image_token_id=vision["image_token_id"], tower_folder=tower_folder,
-        processor_folder=vision["processor_folder"])
+    vision = LlavaVision(clip=CLIPVisionSpec.from_config(vcfg), text_hidden=spec.hidden_size,
+                         feature_layers=list(layers) if isinstance(layers, list) else [layers],
+                         tower_folder=tower_folder, **fields)
+    _check(vision, path)
+    return vision
+
+
+def _check(vision: LlavaVision, path: Path) -> None:
+    if vision.select_strategy not in ("default", "full"):
+        raise UnsupportedModelError(f"{path}: vision_feature_select_strategy {vision.select_strategy!r} is not "
+                                    "supported")
+    if vision.projector_act not in _ACTS:
+        raise UnsupportedModelError(f"{path}: projector activation {vision.projector_act!r} is not supported")
+    if not vision.anyres:
+        return
+    size = vision.clip.image_size
+    if vision.select_strategy != "default":
+        raise UnsupportedModelError(f"{path}: LLaVA-NeXT with the 'full' feature strategy is not supported")
+    if not vision.grid_pinpoints:
+        raise ModelLoadError(f"{path}: an anyres LLaVA config needs image_grid_pinpoints")
+    if any(h % size or w % size for h, w in vision.grid_pinpoints):
+        raise UnsupportedModelError(f"{path}: image_grid_pinpoints must be multiples of the tower's image size {size}")
 
 
 # ---- tensor names ---------------------------------------------------------------------------------------------
