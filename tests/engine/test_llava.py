@@ -315,6 +315,21 @@ def test_chunked_prefill_through_an_image(encoder_cache_bytes, llava15, ref15, m
     assert tokens == hf_generate(ref15, hf_inputs(raw_end, ref15.config.image_token_id))
 
 
+def test_one_tower_batch_for_all_images_of_a_prefill_step(pipe15, ref15, monkeypatch):
+    model = pipe15.engine.runner.model
+    calls = []
+    encode = model.encode_images
+    monkeypatch.setattr(model, "encode_images", lambda items: calls.append(len(items)) or encode(items))
+    prompts = [("First picture.", image(50, 60, seed=20)),
+               [{"role": "user", "content": [image_part(image(64, 32, seed=21)), image_part(image(32, 64, seed=22)),
+                                             {"type": "text", "text": "Two more."}]}]]
+    replies = pipe15(prompts, greedy(N))
+    assert calls == [3]  # both requests prefill in one step: their three images go through the tower together
+    for prompt, reply in zip(prompts, replies):
+        assert reply.token_ids == hf_generate(ref15, hf_inputs(pipe15.prompt_input(prompt),
+                                                               ref15.config.image_token_id))
+
+
 def test_encoder_cache_serves_later_turns_and_memory_is_reported(llava15, make_pipe):
     pipe = make_pipe(llava15, enable_prefix_caching=False)
     img = image(56, 56, seed=11)
