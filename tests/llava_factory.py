@@ -70,13 +70,13 @@ def _configs(tokenizer, image_size: int):
 def make_llava(path, *, next_: bool = False, seed: int = 0) -> Path:
     """A llava-hf folder: LlavaForConditionalGeneration (1.5) or LlavaNextForConditionalGeneration (next_)."""
     from transformers import (
-        CLIPImageProcessorPil,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
     )
+
+    from engine.models.llava import hf_image_processor_class
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -91,11 +91,11 @@ def make_llava(path, *, next_: bool = False, seed: int = 0) -> Path:
     if next_:
         config = LlavaNextConfig(image_grid_pinpoints=NEXT_PINPOINTS, **common)
         model = LlavaNextForConditionalGeneration(config)
-        processor = LlavaNextImageProcessorPil(size=size, crop_size=crop, image_grid_pinpoints=NEXT_PINPOINTS)
+        processor = hf_image_processor_class(True)(size=size, crop_size=crop, image_grid_pinpoints=NEXT_PINPOINTS)
     else:
         config = LlavaConfig(**common)
         model = LlavaForConditionalGeneration(config)
-        processor = CLIPImageProcessorPil(size=size, crop_size=crop)
+        processor = hf_image_processor_class(False)(size=size, crop_size=crop)
     model = model.to(torch.float32)
     init_weights_(model, seed)
     model.save_pretrained(str(path))
@@ -143,7 +143,9 @@ def make_original_layout(hf_path: Path, path: Path, *, embed_tower: bool = False
     embed_tower: the tower's weights also go into the LLaVA folder (model.vision_tower.vision_tower.vision_model.*).
     Returns (llava folder, clip folder)."""
     from safetensors.torch import load_file, save_file
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig
+    from transformers import CLIPVisionConfig
+
+    from engine.models.llava import hf_image_processor_class
 
     path = Path(path)
     llava_dir, clip_dir = path / "llava", path / "clip"
@@ -174,8 +176,8 @@ def make_original_layout(hf_path: Path, path: Path, *, embed_tower: bool = False
     vision_cfg.architectures = ["CLIPVisionModel"]
     vision_cfg.save_pretrained(str(clip_dir))
     size = cfg["vision_config"]["image_size"]
-    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
-        str(clip_dir))
+    hf_image_processor_class(False)(size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+                                    ).save_pretrained(str(clip_dir))
     text = cfg["text_config"]
     original = {  # the keys llava-v1.5-7b's config.json has
         **{k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

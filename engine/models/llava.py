@@ -465,7 +465,8 @@ def build(spec: ModelSpec, dtype: torch.dtype, make_linear=plain_linear) -> Llav
 
 
 # ---- images -> pixels ---------------------------------------------------------------------------------------------
-def _hf_image_processor_class(anyres: bool):
+def hf_image_processor_class(anyres: bool):
+    """transformers' image processor class for LLaVA (NeXT: anyres), the PIL one where there is a choice."""
     import transformers
 
     names = ("LlavaNextImageProcessorPil", "LlavaNextImageProcessor") if anyres else (
@@ -484,7 +485,7 @@ class LlavaImageProcessor:
 
     def __init__(self, vision: LlavaVision):
         self.vision = vision
-        cls = _hf_image_processor_class(vision.anyres)
+        cls = hf_image_processor_class(vision.anyres)
         size = vision.clip.image_size
         settings = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size},
                     "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD)}

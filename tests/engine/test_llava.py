@@ -79,20 +79,17 @@ def pipe15(llava15):
 
 
 def hf_processor(path, next_: bool = False):
-    from transformers import (
-        AutoTokenizer,
-        CLIPImageProcessorPil,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-        LlavaProcessor,
-    )
+    from transformers import AutoTokenizer, LlavaNextProcessor, LlavaProcessor
+
+    from engine.models.llava import hf_image_processor_class
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
+    image_processor = hf_image_processor_class(next_).from_pretrained(str(path))
     if next_:
-        return LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil.from_pretrained(str(path)),
+        return LlavaNextProcessor(image_processor=image_processor,
                                   tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
                                   num_additional_image_tokens=1)
-    return LlavaProcessor(image_processor=CLIPImageProcessorPil.from_pretrained(str(path)), tokenizer=tokenizer,
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                           patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
