@@ -102,7 +102,8 @@ class Pipeline:
                 built = self.vision.build(prompt, apply_chat_template)
                 return built if built.mm_items else built.token_ids
             if isinstance(prompt, tuple):
-                raise ImageInputError(NO_IMAGES)
+                raise ImageInputError(f"{NO_IMAGES} ((text, image) prompts are for vision-language models; a batch "
+                                      "of prompts is a list)")
             return self._encode(prompt, apply_chat_template)
         except TypeError as e:  # e.g. lone surrogates, which the Rust tokenizer cannot take
             raise ValueError(f"the prompt could not be tokenized: {e}") from e
