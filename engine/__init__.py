@@ -15,6 +15,7 @@ _PUBLIC = {
     "EngineConfig": "engine.config",
     "GenerationConfig": "engine.config",
     "ImageInputError": "engine.pipeline",
+    "InvalidImageError": "engine.errors",
     "ModelLoadError": "engine.loader",
     "Pipeline": "engine.pipeline",
     "PromptTooLongError": "engine.llm_engine",
@@ -28,6 +29,7 @@ __all__ = [
     "EngineConfig",
     "GenerationConfig",
     "ImageInputError",
+    "InvalidImageError",
     "ModelLoadError",
     "Pipeline",
     "PromptTooLongError",
@@ -40,6 +42,7 @@ assert sorted(__all__) == sorted(_PUBLIC)
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from engine.config import EngineConfig, GenerationConfig
+    from engine.errors import InvalidImageError
     from engine.llm_engine import PromptTooLongError
     from engine.loader import ModelLoadError
     from engine.models.spec import UnsupportedModelError

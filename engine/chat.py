@@ -1,8 +1,9 @@
 """Terminal chat: `python -m engine.chat [MODEL] [engine flags]`. Multi-turn, streaming.
 
 With no MODEL it uses SmolLM2-135M-Instruct (engine/real_model.py), or with --demo (or when that cannot be had)
-the embedded demo model (random weights: replies are gibberish). Commands at the
-prompt: /exit, /reset (new conversation), /system TEXT (set a system prompt). Ctrl-C stops a reply.
+the embedded demo model (random weights: replies are gibberish). Commands at the prompt: /exit, /reset (new
+conversation), /system TEXT (set a system prompt), /image PATH (attach an image to your next message;
+vision-language models). Ctrl-C stops a reply.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from engine.cli import add_engine_args, engine_config_from_args
 from engine.config import GenerationConfig
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                            repetition_penalty=args.repetition_penalty, seed=args.seed)
     print(f"model: {pipe.model_path} on {pipe.engine.device} | session_len {pipe.session_len} | /exit /reset /system")
     messages: list[dict] = []
+    images: list[bytes] = []  # attached with /image, sent with the next message
     system = None
     try:
         while True:
@@ -73,7 +76,16 @@ def main(argv: list[str] | None = None) -> int:
                 messages = []
                 print(f"(system prompt {'set' if system else 'cleared'}; new conversation)")
                 continue
-            messages.append({"role": "user", "content": user})
+            if user.startswith("/image"):
+                try:
+                    images.append(Path(user[len("/image") :].strip()).expanduser().read_bytes())
+                    print(f"({len(images)} image(s) attached to your next message)")
+                except OSError as e:
+                    print(f"[error: {e}]")
+                continue
+            content = [{"type": "image", "image": data} for data in images] + [{"type": "text", "text": user}]
+            messages.append({"role": "user", "content": content if images else user})
+            images = []
             prompt = ([{"role": "system", "content": system}] if system else []) + messages
             reply, n, start = "", 0, time.monotonic()
             try:
@@ -85,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"\n[error: {delta.error}]")
             except KeyboardInterrupt:
                 print("\n[stopped]")
-            except ValueError as e:  # prompt too long for the session
+            except ValueError as e:  # prompt too long for the session, an unreadable image ...
                 print(f"\n[error: {e}]")
                 messages.pop()
                 continue

@@ -29,6 +29,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="dummy: random weights from config.json alone (benchmarks)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="run tokenizer code shipped in the model folder (InternLM2 needs it)")
+    v = parser.add_argument_group("vision (LLaVA)")
+    v.add_argument("--vision-tower", default=None, metavar="PATH",
+                   help="the CLIP checkpoint (folder or hub id) of an original-layout LLaVA's vision tower, "
+                        "instead of the mm_vision_tower its config.json names")
+    v.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="chat messages may name image files (paths, file:// URLs) inside DIR; default: refused")
+    v.add_argument("--allow-media-urls", action=argparse.BooleanOptionalAction, default=False,
+                   help="fetch http(s) image URLs named in chat messages (the server makes the request); "
+                        "default: refused, send images as data URLs")
+    v.add_argument("--limit-images-per-prompt", type=int, default=4, metavar="N")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -47,4 +57,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         use_cuda_graph=not args.eager,
         trust_remote_code=args.trust_remote_code,
         load_format=args.load_format,
+        vision_tower=args.vision_tower,
+        allowed_local_media_path=args.allowed_local_media_path,
+        allow_media_urls=args.allow_media_urls,
+        limit_images_per_prompt=args.limit_images_per_prompt,
     )

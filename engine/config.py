@@ -60,6 +60,14 @@ class EngineConfig:
     trust_remote_code: bool = False  # run a folder's own tokenizer code (InternLM2 ships one)
     tp: int = 1  # tensor parallelism: ranks (GPUs, or gloo processes on CPU); engine/distributed
     seed: int = 0  # seeds the per-request seeds of requests that give none
+    # vision-language models (LLaVA); text-only models ignore these
+    vision_tower: str | None = None  # the CLIP checkpoint (folder or hub id) of an original-layout LLaVA's tower
+    encoder_cache_bytes: int = 256 * 2**20  # projected image features kept (LRU) so later turns skip the tower
+    allow_media_urls: bool = False  # fetch http(s) image URLs named in chat messages (the server makes the GET)
+    allowed_local_media_path: str | None = None  # chat-message image paths must lie inside it; None: refused
+    limit_images_per_prompt: int = 4
+    max_image_bytes: int = 20 * 2**20  # encoded bytes of one image
+    max_image_pixels: int = 40_000_000  # width * height of one image
 
     def __post_init__(self):
         if self.model_format not in VALID_MODEL_FORMATS:
@@ -87,6 +95,10 @@ class EngineConfig:
             raise ValueError(f"tp must be an integer in [1, 64], got {self.tp!r}")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise ValueError(f"num_gpu_blocks must be positive, got {self.num_gpu_blocks}")
+        for name in ("encoder_cache_bytes", "limit_images_per_prompt", "max_image_bytes", "max_image_pixels"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(
+                    self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
 
 
 @dataclass

@@ -5,7 +5,9 @@ code and an OpenAI error code, ui/ to a message shown as is. Anything else escap
     EngineError
     ├── BadInputError (ValueError)            a request that cannot be served: 400
     │   ├── PromptTooLongError                longer than the session or the KV cache: 400 context_length_exceeded
-    │   └── ImageInputError                   images sent to a model that takes none: 400
+    │   ├── ImageInputError                   images sent to a model that takes none: 400
+    │   └── InvalidImageError                 an image that cannot be read or is not allowed (bytes, pixels,
+    │                                         type, count, URL / path policy): 400
     ├── ModelLoadError (ValueError)           a path that is no loadable model folder
     │   ├── UnsupportedModelError             an architecture or format the engine does not run
     │   └── TokenizerLoadError                no usable tokenizer in the folder
@@ -34,6 +36,10 @@ class PromptTooLongError(BadInputError):
 
 
 class ImageInputError(BadInputError):
+    pass
+
+
+class InvalidImageError(BadInputError):
     pass
 
 
@@ -67,6 +73,7 @@ __all__ = [
     "EngineStoppedError",
     "EngineUnavailableError",
     "ImageInputError",
+    "InvalidImageError",
     "ModelLoadError",
     "NoModelLoadedError",
     "PromptTooLongError",

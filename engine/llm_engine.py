@@ -35,6 +35,7 @@ from engine.errors import (  # noqa: F401 - re-exported
     EngineUnavailableError,
     ImageInputError,
     PromptTooLongError,
+    UnsupportedModelError,
 )
 from engine.inputs import RequestInput
 from engine.model_runner import ModelRunner
@@ -103,13 +104,14 @@ class EngineParts:
     block_manager: BlockManager
     scheduler: Scheduler
     session_len: int
+    image_processor: Any = None  # vision-language models: images -> pixels and placeholder counts (models/llava.py)
 
 
 def build_engine_parts(model_path: str | Path, config: EngineConfig) -> EngineParts:
     """Resolve and check the checkpoint, load tokenizer and model, size the KV cache, make block manager and
     scheduler. Cheap checks (path, config, architecture, format, weights present) come before anything heavy."""
     path = loader.resolve_model_path(model_path)
-    spec = loader.read_model_spec(path)
+    spec = loader.read_model_spec(path, config.vision_tower)
     model_format = loader.detect_model_format(spec, config.model_format)
     if config.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -119,8 +121,13 @@ def build_engine_parts(model_path: str | Path, config: EngineConfig) -> EnginePa
     if config.load_format != "dummy":
         loader.check_weights_present(path)
     tokenizer = load_tokenizer(path, spec, config.trust_remote_code)
-    chat_template = chat_template_for(tokenizer, spec)
+    chat_template = chat_template_for(tokenizer, spec, path)
     eos_token_ids = stop_token_ids_for(tokenizer, spec)
+    multimodal = loader.entry_for(spec.architecture).multimodal
+    image_processor = multimodal.image_processor(spec) if multimodal is not None else None
+    if config.tp > 1 and multimodal is not None:
+        raise UnsupportedModelError(f"{spec.architecture}: tensor parallelism (tp > 1) is not supported for "
+                                    "vision-language models yet; load it with tp = 1")
     if config.tp > 1:  # TP hook: rank 0's shard and runner here, ranks 1..N-1 in worker processes
         from engine.distributed import start_tensor_parallel
 
@@ -135,7 +142,7 @@ def build_engine_parts(model_path: str | Path, config: EngineConfig) -> EnginePa
         max_len = min(max_len, spec.sliding_window)
     session_len = min(config.session_len or max_len, max_len)
     return EngineParts(path, spec, model_format, device, dtype, tokenizer, chat_template, eos_token_ids, runner,
-                       block_manager, scheduler, session_len)
+                       block_manager, scheduler, session_len, image_processor)
 
 
 class LLMEngine:
@@ -145,6 +152,7 @@ class LLMEngine:
         self.model_path, self.spec, self.model_format = parts.model_path, parts.spec, parts.model_format
         self.device, self.dtype = parts.device, parts.dtype
         self.tokenizer, self.chat_template = parts.tokenizer, parts.chat_template
+        self.image_processor = parts.image_processor
         self.eos_token_ids = parts.eos_token_ids
         self.runner, self.block_manager, self.scheduler = parts.runner, parts.block_manager, parts.scheduler
         self.block_size = config.cache_block_seq_len

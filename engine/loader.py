@@ -30,7 +30,9 @@ from engine.models.spec import ModelSpec, UnsupportedModelError
 log = logging.getLogger(__name__)
 
 
-def read_model_spec(path: Path) -> ModelSpec:
+def read_model_spec(path: Path, vision_tower: str | None = None) -> ModelSpec:
+    """The checkpoint's spec; for a vision-language model also its vision half, its tower found (`vision_tower`:
+    a separate CLIP checkpoint that replaces the one config.json names)."""
     cfg = checkpoint.read_config(path)
     try:
         spec = parse_model_spec(cfg, str(path / "config.json"))
@@ -41,6 +43,9 @@ def read_model_spec(path: Path) -> ModelSpec:
     for t in checkpoint.generation_eos_ids(path):
         if t not in spec.eos_token_ids:
             spec.eos_token_ids.append(t)
+    multimodal = entry_for(spec.architecture).multimodal
+    if multimodal is not None:
+        spec.vision = multimodal.resolve(spec, path, vision_tower)
     return spec
 
 
@@ -61,11 +66,14 @@ def resolve_dtype(requested: str, spec: ModelSpec, device: torch.device, model_f
 
 
 def _checkpoint_tensors(path: Path, spec: ModelSpec) -> Iterator[tuple[str, torch.Tensor]]:
-    convert = entry_for(spec.architecture).convert_tensor
+    entry = entry_for(spec.architecture)
+    convert = entry.convert_tensor
     for name, t in iter_checkpoint(path):
         if name.startswith("language_model."):
             name = name[len("language_model.") :]
         yield from convert(name, t, spec)
+    if entry.multimodal is not None:  # e.g. a LLaVA's vision tower kept in a separate CLIP checkpoint
+        yield from entry.multimodal.extra_tensors(spec)
 
 
 def build_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, model_format: str) -> nn.Module:

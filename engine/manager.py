@@ -60,7 +60,7 @@ class ModelSlot:
 
         config = config or EngineConfig()
         path = loader.resolve_model_path(model)
-        spec = loader.read_model_spec(path)
+        spec = loader.read_model_spec(path, config.vision_tower)
         loader.detect_model_format(spec, config.model_format)
         if config.load_format != "dummy":
             loader.check_weights_present(path)

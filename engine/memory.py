@@ -86,10 +86,15 @@ def engine_memory_report(engine) -> dict:
         "used_kv_blocks": manager.num_used_blocks,
         "kv_capacity_tokens": engine.capacity_tokens,
         "kv_usage": manager.num_used_blocks / manager.num_blocks,
-        "vision_bytes": getattr(runner, "vision_bytes", 0),
+        "vision_bytes": getattr(runner, "vision_bytes", 0),  # vision tower + projector (not in weights_bytes)
         "cuda_graph_bytes": getattr(runner, "cuda_graph_bytes", 0),
         "tp": engine.config.tp,
     }
+    cache = getattr(runner, "encoder_cache", None)
+    if cache is not None:  # projected image features kept for later turns (engine/encoder_cache.py)
+        report.update({"encoder_cache_bytes": cache.num_bytes, "encoder_cache_capacity_bytes": cache.max_bytes,
+                       "encoder_cache_entries": len(cache), "encoder_cache_hits": cache.num_hits,
+                       "encoder_cache_misses": cache.num_misses})
     if getattr(runner, "tp_ranks", None):  # TP hook: every rank's weights / KV cache (static, from startup)
         report["ranks"] = runner.tp_ranks
         report["weights_bytes_all_ranks"] = sum(r["weights_bytes"] for r in runner.tp_ranks)
@@ -99,7 +104,8 @@ def engine_memory_report(engine) -> dict:
             "torch_allocated_bytes": allocated,
             "torch_reserved_bytes": torch.cuda.memory_reserved(engine.device),
             "torch_peak_allocated_bytes": torch.cuda.max_memory_allocated(engine.device),
-            "activations_other_bytes": max(0, allocated - runner.weights_bytes - runner.kv_cache_bytes),
+            "activations_other_bytes": max(0, allocated - runner.weights_bytes - runner.kv_cache_bytes
+                                          - report["vision_bytes"]),
         })
         report.update(memory_parts(report, gpu_snapshot()))
     return report

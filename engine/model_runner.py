@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import EngineConfig
+from engine.encoder_cache import EncoderCache, image_embeddings
 from engine.layers.attention import AttentionMetadata, KVCache
 from engine.layers.sampler import SamplingBatch, sample
 from engine.models.spec import ModelSpec
@@ -55,6 +56,11 @@ class ModelRunner:
         self.weights_bytes = sum(
             t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values()
         )
+        self.encoder_cache, self.vision_bytes = None, 0
+        if getattr(model, "is_multimodal", False):  # vision tower + projector: reported apart from the LM weights
+            self.vision_bytes = model.vision_bytes
+            self.weights_bytes -= self.vision_bytes
+            self.encoder_cache = EncoderCache(config.encoder_cache_bytes)
         self.kv_bytes_per_token = kv_bytes_per_token(spec, dtype, config.quant_policy)
         self.num_blocks = self._plan_num_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
@@ -239,11 +245,12 @@ class ModelRunner:
         sampled_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
         if self.tp_group is not None:  # TP hook: the step's inputs to every worker, once, as tensors
             self.tp_group.broadcast_step(input_ids, positions, meta, sample_rows if sampled_seqs else [])
-        if not batch.is_prefill and self.graphs is not None and self.graphs.can_run(
+        embeds = self._image_embeds(batch, input_ids)
+        if not batch.is_prefill and embeds is None and self.graphs is not None and self.graphs.can_run(
                 len(batch.seqs), meta.block_tables.shape[1]):
             logits = self.graphs.run(input_ids, positions, meta)
         else:
-            hidden = self.model(input_ids, positions, meta)
+            hidden = self.model(input_ids, positions, meta, embeds)
             if not sampled_seqs:
                 return StepHandle(batch, [], None, None, None, None)
             rows = hidden[self._tensor(sample_rows, torch.int64)] if batch.is_prefill else hidden
@@ -256,6 +263,17 @@ class ModelRunner:
             event = torch.cuda.Event()
             event.record()
         return StepHandle(batch, sampled_seqs, tokens, host, event, logprob_info)
+
+    def _image_embeds(self, batch: ScheduledBatch, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Input embeddings with image features written over placeholders, for a step that covers any; else None.
+        (A decode step can too: a chunked prefill that stops one token short of a prompt ending in an image.)"""
+        if self.encoder_cache is None or not any(s.mm_items for s in batch.seqs):
+            return None
+        if batch.is_prefill:
+            starts = [s.num_computed_tokens for s in batch.seqs]
+        else:
+            starts = [len(s) - 1 for s in batch.seqs]
+        return image_embeddings(self.model, self.encoder_cache, batch.seqs, starts, batch.num_new_tokens, input_ids)
 
     def resolve(self, handle: StepHandle) -> list[int]:
         """Wait for a launched step's sampled tokens and return them as host ints."""
@@ -271,7 +289,8 @@ class ModelRunner:
         """Logits at the next `num_tokens` positions (default: all left) of a sequence whose blocks are allocated,
         from its num_computed_tokens on; the KV of those positions is written, as a prefill chunk would."""
         n = len(seq) - seq.num_computed_tokens if num_tokens is None else num_tokens
-        input_ids, positions, meta, _ = self.prepare(ScheduledBatch([seq], [n], True))
+        batch = ScheduledBatch([seq], [n], True)
+        input_ids, positions, meta, _ = self.prepare(batch)
         if self.tp_group is not None:  # TP hook
             self.tp_group.broadcast_step(input_ids, positions, meta, list(range(input_ids.shape[0])))
-        return self.model.compute_logits(self.model(input_ids, positions, meta))
+        return self.model.compute_logits(self.model(input_ids, positions, meta, self._image_embeds(batch, input_ids)))

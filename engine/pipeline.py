@@ -7,12 +7,15 @@ API server and the UI share.
     async for delta in pipe.generate(messages, gen_config): ...   # cancelling the loop aborts the request
 
 A prompt is a string (sent as one user turn through the chat template), a list of OpenAI-style messages,
-or token ids via `input_ids=`. Pass `apply_chat_template=False` for raw completion of a string.
+or token ids via `input_ids=`. Pass `apply_chat_template=False` for raw completion of a string. Vision-language
+models (LLaVA) also take `(text, image)` / `(text, [images])` and messages with image_url parts
+(engine/vision_input.py); text-only models refuse images with ImageInputError.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -20,9 +23,11 @@ from pathlib import Path
 
 from engine.config import EngineConfig, GenerationConfig
 from engine.errors import ImageInputError  # noqa: F401 - re-exported
+from engine.inputs import RequestInput
 from engine.llm_engine import LLMEngine, RequestOutput
 
-Prompt = str | list[dict]
+Prompt = str | list[dict] | tuple
+NO_IMAGES = "this model takes no images: send text only, or load a vision-language model"
 
 
 @dataclass
@@ -48,7 +53,7 @@ def message_text(content) -> str:
             if kind == "text":
                 texts.append(part.get("text", ""))
             elif kind in ("image_url", "image"):
-                raise ImageInputError("this model takes no images: send text only, or load a vision-language model")
+                raise ImageInputError(NO_IMAGES)
             else:
                 raise ValueError(f"unsupported message content part {part!r}")
         return "".join(texts)
@@ -63,11 +68,19 @@ class Pipeline:
         self.tokenizer = self.engine.tokenizer
         self.model_path = self.engine.model_path
         self.model_name = self.model_path.name
+        self.vision = None  # vision-language models: prompts with images -> RequestInput
+        if self.engine.image_processor is not None:
+            from engine.vision_input import VisionPrompter
+
+            self.vision = VisionPrompter(self.tokenizer, self.engine.chat_template, self.engine.image_processor,
+                                         self.engine.spec, self.engine.config)
 
     # ---- prompts --------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict]) -> str:
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        if self.vision is not None:
+            return self.vision.chat_text(messages)
         clean = []
         for m in messages:
             if m.get("role") not in ("system", "user", "assistant"):
@@ -78,7 +91,19 @@ class Pipeline:
         )
 
     def encode(self, prompt: Prompt, apply_chat_template: bool = True) -> list[int]:
+        """Token ids of a prompt (for an image, as many placeholder ids as it has feature rows)."""
+        prompt_input = self.prompt_input(prompt, apply_chat_template)
+        return prompt_input.token_ids if isinstance(prompt_input, RequestInput) else prompt_input
+
+    def prompt_input(self, prompt: Prompt, apply_chat_template: bool = True) -> list[int] | RequestInput:
+        """What the engine takes for a prompt: token ids, or a RequestInput when the prompt holds images."""
         try:
+            if self.vision is not None:
+                built = self.vision.build(prompt, apply_chat_template)
+                return built if built.mm_items else built.token_ids
+            if isinstance(prompt, tuple):
+                raise ImageInputError(f"{NO_IMAGES} ((text, image) prompts are for vision-language models; a batch "
+                                      "of prompts is a list)")
             return self._encode(prompt, apply_chat_template)
         except TypeError as e:  # e.g. lone surrogates, which the Rust tokenizer cannot take
             raise ValueError(f"the prompt could not be tokenized: {e}") from e
@@ -101,22 +126,23 @@ class Pipeline:
         raise ValueError(f"a prompt is a string or a list of messages, got {type(prompt).__name__}")
 
     def _submit(self, prompt, gen_config, callback, request_id, apply_chat_template, input_ids) -> str:
-        ids = list(input_ids) if input_ids is not None else self.encode(prompt, apply_chat_template)
+        ids = input_ids if input_ids is not None else self.prompt_input(prompt, apply_chat_template)
+        ids = ids if isinstance(ids, RequestInput) else list(ids)
         return self.engine.add_request(ids, gen_config or GenerationConfig(), callback, request_id)
 
     # ---- sync -----------------------------------------------------------------------------------------
     def __call__(self, prompts: Prompt | list[Prompt], gen_config: GenerationConfig | None = None,
                  apply_chat_template: bool = True):
         """One prompt -> one Response; a list of prompts -> a list of Responses, run as one batch."""
-        single = isinstance(prompts, str) or (
+        single = isinstance(prompts, str | tuple) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
         )
         batch = [prompts] if single else list(prompts)
         gen_config = gen_config or GenerationConfig()
         # the whole batch is checked before any of it is submitted: a bad prompt raises with nothing left running
-        batch_ids = [self.encode(prompt, apply_chat_template) for prompt in batch]
+        batch_ids = [self.prompt_input(prompt, apply_chat_template) for prompt in batch]
         for ids in batch_ids:
-            self.check_prompt(ids, gen_config)
+            self.check_prompt(ids.token_ids if isinstance(ids, RequestInput) else ids, gen_config)
         outputs: queue.SimpleQueue = queue.SimpleQueue()
         submitted = []
         try:
@@ -226,5 +252,8 @@ def _accumulate(response: Response, out: RequestOutput) -> None:
     response.error = out.error
 
 
-def pipeline(model_path: str | Path, engine_config: EngineConfig | None = None) -> Pipeline:
+def pipeline(model_path: str | Path, engine_config: EngineConfig | None = None, **overrides) -> Pipeline:
+    """`overrides`: EngineConfig fields set over engine_config, e.g. pipeline(path, vision_tower="clip-folder")."""
+    if overrides:
+        engine_config = dataclasses.replace(engine_config or EngineConfig(), **overrides)
     return Pipeline(model_path, engine_config)

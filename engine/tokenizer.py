@@ -25,6 +25,17 @@ LLAMA2_TEMPLATE = (
     "{{ bos_token + '[INST] ' + (sys if loop.first else '') + m['content'].strip() + ' [/INST]' }}"
     "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
+# LLaVA-1.5's conversation (conv_vicuna_v1), for original-layout folders that ship no chat template; `<image>`
+# markers sit in the user's text where the images go
+LLAVA_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}{% set messages = messages[1:] %}"
+    "{% else %}{% set sys = 'A chat between a curious human and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the human\\'s questions.' %}{% endif %}"
+    "{{ bos_token + sys }}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{{ ('USER: ' if not loop.first and loop.previtem['role'] == 'assistant' else ' USER: ') + m['content'] }}"
+    "{% else %}{{ ' ASSISTANT: ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
+)
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
@@ -52,9 +63,19 @@ def load_tokenizer(path: Path, spec: ModelSpec, trust_remote_code: bool = False)
     return tok
 
 
-def chat_template_for(tokenizer, spec: ModelSpec) -> str:
+def chat_template_for(tokenizer, spec: ModelSpec, path: Path | None = None) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.chat_template
+    processor_template = path / "chat_template.json" if path is not None else None
+    if processor_template is not None and processor_template.is_file():  # llava-hf: the processor's template
+        try:
+            template = json.loads(processor_template.read_text()).get("chat_template")
+        except (json.JSONDecodeError, AttributeError):
+            template = None
+        if isinstance(template, str) and template:
+            return template
+    if spec.family == "llava":
+        return LLAVA_TEMPLATE
     if spec.family == "internlm2" or "<|im_start|>" in tokenizer.get_vocab():
         return INTERNLM2_TEMPLATE if spec.family == "internlm2" else CHATML_TEMPLATE
     return LLAMA2_TEMPLATE

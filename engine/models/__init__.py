@@ -12,7 +12,7 @@ then register it:  `"LlavaForConditionalGeneration": llava.ENTRY,`
 
 from __future__ import annotations
 
-from engine.models import internlm2, llama
+from engine.models import internlm2, llama, llava
 from engine.models.spec import ModelEntry, ModelSpec, UnsupportedModelError
 
 MODELS: dict[str, ModelEntry] = {
@@ -20,6 +20,10 @@ MODELS: dict[str, ModelEntry] = {
     "MistralForCausalLM": llama.ENTRY,
     "Qwen2ForCausalLM": llama.ENTRY,
     "InternLM2ForCausalLM": internlm2.ENTRY,
+    "LlavaForConditionalGeneration": llava.ENTRY,
+    "LlavaNextForConditionalGeneration": llava.ENTRY,
+    "LlavaLlamaForCausalLM": llava.ENTRY,
+    "LlavaMistralForCausalLM": llava.ENTRY,
 }
 
 
@@ -60,7 +64,10 @@ def parse_model_spec(cfg: dict, source: str = "config.json") -> ModelSpec:
             f"{source}: architecture {archs or cfg.get('model_type')!r} is not supported; "
             f"supported: {supported_architectures()}"
         )
-    spec = MODELS[arch].parse_spec(language_model_config(cfg), arch)
+    entry = MODELS[arch]
+    if entry.multimodal is not None:
+        cfg = entry.multimodal.complete_config(cfg)
+    spec = entry.parse_spec(language_model_config(cfg), arch)
     spec.raw = cfg
     return spec
 

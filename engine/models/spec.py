@@ -36,6 +36,7 @@ class ModelSpec:
     sliding_window: int | None = None
     raw: dict = field(default_factory=dict, repr=False)  # the whole config.json (vision part included)
     family: str = "llama"  # the registry entry's family: which module and weight names (engine/models/__init__.py)
+    vision: object | None = field(default=None, repr=False)  # vision-language models: the entry's vision spec
 
     @property
     def num_params(self) -> int:
@@ -63,6 +64,10 @@ class ModelEntry:
     build: Callable[..., object]  # (spec, dtype, make_linear) -> nn.Module with load-time name mapping
     convert_tensor: Callable[[str, object, ModelSpec], Iterable[tuple[str, object]]]  # ckpt tensor -> model's
     ignored_prefixes: tuple[str, ...] = ("vision_tower.", "multi_modal_projector.", "model.vision")  # not loaded
+    # vision-language entries: an object with complete_config(cfg) -> cfg (fills partial hub configs),
+    # resolve(spec, path, vision_tower) -> vision spec (finds the tower), extra_tensors(spec) (a separate tower's
+    # weights, in the module's names) and image_processor(spec) (images -> pixels and feature counts); see llava.py
+    multimodal: object | None = None
 
 
 def parse_decoder_spec(cfg: dict, arch: str, family: str = "llama") -> ModelSpec:
