@@ -38,8 +38,10 @@ def read_config(model_path: str | Path) -> tuple[Path, dict]:
 
 
 def resolve_dtype(requested: str, cfg: dict, device: torch.device) -> torch.dtype:
-    """auto: the checkpoint's half dtype on GPU (fp32 checkpoints -> fp16), fp32 on CPU (CPU half matmuls crawl)."""
-    return checkpoint.resolve_dtype(requested, checkpoint.checkpoint_dtype(cfg), device)
+    """auto: fp16 on GPU, the dtype the engine runs W4A16 in (a bf16 search picked worse scales: SmolLM2-135M
+    held-out perplexity 29.79 with a bf16 search vs 29.15 fp16 / 29.10 fp32, H200, BENCHMARKS.md); fp32 on CPU (CPU
+    half matmuls crawl)."""
+    return checkpoint.resolve_dtype(requested, checkpoint.checkpoint_dtype(cfg), device, model_format="awq")
 
 
 def internlm2_llama_config(cfg: dict):
