@@ -70,9 +70,9 @@ def chat_note_html(loaded: LoadedModel | None) -> str:
         vision = vision_spec(loaded)
         limit = image_limit(loaded)
         body = (f"<b>{html.escape(loaded.name)}</b> sees images ({html.escape(tower_name(vision))}, "
-                f"{html.escape(image_tokens_text(vision))}). Attach them with the 📎 button, paste or drop them on "
-                f"the message box; up to {limit} in a chat. Every turn sends the whole chat, its images included "
-                "(encoded images are cached, not encoded again).")
+                f"{html.escape(image_tokens_text(vision))}). Attach them with the paperclip button, paste or drop "
+                f"them on the message box; up to {limit} in a chat. Every turn sends the whole chat, its images "
+                "included (encoded images are cached, not encoded again).")
     else:
         body = (f"<b>{html.escape(loaded.name)}</b> reads text only: an attached image is refused. Load a "
                 "vision-language model (LLaVA) to chat about images.")
