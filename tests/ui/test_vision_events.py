@@ -9,6 +9,7 @@ What the engine was sent is recorded by wrapping the loaded pipeline's `generate
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -160,11 +161,32 @@ def test_garbage_image_is_taken_off_and_the_chat_stays(llava, vclient, sent, ima
     assert image_parts(sent[-1]) == 2
 
 
+def test_an_image_the_engine_refuses_after_the_check_is_taken_off_too(llava, vclient, sent, image_file, tmp_path,
+                                                                      monkeypatch):
+    """Belt and braces: should the UI's check let a bad image through, the engine's InvalidImageError still takes
+    the message's images off (or every later send would fail on them) and keeps the history."""
+    import ui.chat_tab
+
+    vclient.predict(api_name="/clear_chat")
+    history, _, _ = chat(vclient, "Hello.", image_file("hello.png", seed=40))
+    monkeypatch.setattr(ui.chat_tab, "check_image", lambda path, policy: None)  # the check passes everything
+    garbage = tmp_path / "junk.png"
+    garbage.write_bytes(b"\x00junk" * 50)
+    n = len(sent)
+    after, textbox, stats = chat(vclient, "And this?", garbage)
+    assert len(sent) == n + 1  # it reached the engine this time
+    assert after == history and "not an image" in stats and "image was taken off" in stats, stats
+    assert textbox == {"text": "And this?", "files": []}
+    history, _, stats = chat(vclient, "And this?")
+    assert len(history) == 4 and assistant_text(history), stats
+
+
 def test_too_many_and_too_big_images_are_refused_by_name(llava, vclient, sent, image_file, monkeypatch):
     vclient.predict(api_name="/clear_chat")
     images = [image_file(f"img{i}.png", seed=10 + i) for i in range(5)]
-    history, _, _ = chat(vclient, "Two to start.", *images[:2])
-    assert len(history) == 2 and image_parts(sent[-1]) == 2
+    history, _, stats = chat(vclient, "", *images[:2])  # images alone, no text: a message too
+    assert len(history) == 2 and len(files_in(history[0])) == 2 and assistant_text(history), stats
+    assert image_parts(sent[-1]) == 2
     # the chat holds 2; the model takes 4 per prompt (the whole chat): of 3 more, the last one does not fit
     after, textbox, stats = chat(vclient, "Three more.", *images[2:])
     assert after == history
@@ -199,3 +221,38 @@ def test_a_text_model_taking_over_an_image_chat_skips_its_images(llava, vclient,
     after, textbox, stats = chat(vclient, "And this?", image_file("new.png", seed=31))
     assert after == history and "demo-model takes no images" in stats and "image was taken off" in stats, stats
     assert textbox == {"text": "And this?", "files": []}
+
+
+def test_vision_words_for_real_towers_and_anyres():
+    """The card's words at real shapes, no weights: LLaVA-1.5-7B (ViT-L/14-336, 576 tokens) and 1.6 (anyres)."""
+    from engine.models.clip import CLIPVisionSpec
+    from engine.models.llava import LlavaVision
+    from ui.common import image_tokens_text, tower_name
+
+    clip = CLIPVisionSpec(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, image_size=336,
+                          patch_size=14)
+    common = dict(layout="hf", clip=clip, feature_layers=[-2], select_strategy="default", projector_layers=2,
+                  projector_act="gelu", projector_bias=True, text_hidden=4096)
+    v15 = LlavaVision(anyres=False, **common)
+    assert tower_name(v15) == "CLIP ViT-L/14, 336 px" and image_tokens_text(v15) == "576 image tokens per image"
+    pinpoints = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
+    v16 = LlavaVision(anyres=True, grid_pinpoints=pinpoints, **common)
+    assert image_tokens_text(v16).startswith("576–2,928 image tokens per image (anyres"), image_tokens_text(v16)
+
+
+def test_memory_panel_draws_the_image_cache_out_of_activations_on_a_gpu():
+    from ui.memory_panel import _engine_rows
+
+    mib = 2**20
+    eng = {"device": "cuda:0", "weights_bytes": 100 * mib, "kv_cache_bytes": 200 * mib, "kv_usage": 0.5,
+           "used_kv_blocks": 5, "num_kv_blocks": 10, "vision_bytes": 30 * mib, "activations_other_bytes": 50 * mib,
+           "encoder_cache_bytes": 20 * mib, "encoder_cache_capacity_bytes": 256 * mib, "encoder_cache_entries": 3,
+           "encoder_cache_hits": 7}
+    text = re.sub(r"<[^>]+>", "", _engine_rows(eng, 1000 * mib))
+    assert "vision tower 30.0 MiB" in text and "image cache 20.0 MiB / 256.0 MiB (3 images, 7 hits)" in text, text
+    assert "activations/other 30.0 MiB" in text  # 50 MiB less the cache's 20
+    assert "cuda:0 · 380.0 MiB" in text  # the total counts each byte once (the cache is not added on top)
+    assert "seg-encoder" in _engine_rows(eng, 1000 * mib)
+    text_model = {k: v for k, v in eng.items() if not k.startswith(("encoder", "vision"))}
+    html = _engine_rows(text_model, 1000 * mib)
+    assert "vision" not in html and "image cache" not in html
