@@ -169,9 +169,9 @@ def check_attachments(loaded: LoadedModel | None, history: list[dict], files: li
     limit, already = image_limit(loaded), count_images(history)
     room = max(0, limit - already)
     if len(kept) > room:
-        held = f"this chat already holds {already}" if already else "a chat"
-        reason = (f"too many images: {held} and the model takes at most {limit} per chat (every turn sends the "
-                  "whole chat, its images included)" + ("; Clear starts a new chat" if not room else ""))
+        held = f"this chat already holds {already} and " if already else ""
+        reason = (f"too many images: {held}the model takes at most {limit} per chat (every turn sends the whole "
+                  "chat, its images included)" + ("; Clear starts a new chat" if not room else ""))
         refused += [(Path(f).name, reason) for f in kept[room:]]
         kept = kept[:room]
     return kept, refused
