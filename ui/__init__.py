@@ -1,7 +1,7 @@
 """The Gradio front end: `build_app(state) -> gr.Blocks`. A header with the loaded model, the live memory panel,
 then one tab per task (Model, Quantize, Chat, API), each built by its own module from the shared StudioState.
 
-Room is left for more tabs (image chat, Compare): add a module with a build function and one `with gr.Tab` here.
+Room is left for more tabs: add a module with a build function and one `with gr.Tab` here.
 Theme and CSS are passed where the Blocks are served (`gr.mount_gradio_app(..., theme=THEME, css=CSS)`)."""
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def build_app(state: StudioState) -> gr.Blocks:
                 model_tab = build_model_tab(state, header)
             with gr.Tab("Quantize", id="quantize", elem_id="tab-quantize"):
                 quant_tab = build_quantize_tab(state)
-            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
-                build_chat_tab(state)
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat") as chat_tab_item:
+                chat_tab = build_chat_tab(state)
             with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
                 build_compare_tab(state)
             with gr.Tab("API", id="api", elem_id="tab-api") as api_tab_item:
@@ -77,6 +77,9 @@ def build_app(state: StudioState) -> gr.Blocks:
                               api_visibility="private", queue=False)
         api_tab_item.select(refresh_api, outputs=api_outputs, api_visibility="private", queue=False)
         app.load(refresh_api, outputs=api_outputs, api_visibility="private", queue=False)
+        # the chat's line on the model (sees images or reads text only) follows the model loaded now
+        chat_tab_item.select(chat_tab.refresh_note, outputs=chat_tab.note, api_visibility="private", queue=False)
+        app.load(chat_tab.refresh_note, outputs=chat_tab.note, api_visibility="private", queue=False)
 
         async def load_quantized(folder, model_format, dtype, quant_policy, cache_max_entry_count, session_len,
                                  max_batch_size, trust_remote_code, progress=gr.Progress()):

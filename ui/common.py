@@ -79,6 +79,64 @@ def weights_text(loaded: LoadedModel, weights_bytes: int) -> str:
     return f"{weight_format(loaded)} · {fmt_bytes(weights_bytes)} in memory ({dtype}){on_disk}"
 
 
+# CLIP towers by (width, layers): OpenAI's names (LLaVA-1.5 / 1.6 use ViT-L/14 at 336 px)
+CLIP_SIZES = {(768, 12): "B", (1024, 24): "L", (1280, 32): "H", (1664, 48): "bigG"}
+
+
+def vision_spec(loaded: LoadedModel | None):
+    """The loaded model's vision half (engine/models/llava.py's LlavaVision), or None for a text-only model."""
+    if loaded is None:
+        return None
+    return getattr(loaded.pipeline.engine.spec, "vision", None)
+
+
+def takes_images(loaded: LoadedModel | None) -> bool:
+    """True when the loaded pipeline turns image parts into image tokens (a vision-language model)."""
+    return loaded is not None and getattr(loaded.pipeline, "vision", None) is not None
+
+
+def image_limit(loaded: LoadedModel) -> int:
+    """Images one prompt may hold (--limit-images-per-prompt): the whole chat, earlier turns included."""
+    policy = getattr(getattr(loaded.pipeline, "vision", None), "policy", None)
+    return int(policy.max_images) if policy is not None else int(loaded.pipeline.engine.config.limit_images_per_prompt)
+
+
+def tower_name(vision) -> str:
+    """'CLIP ViT-L/14, 336 px' (a known size) or 'CLIP ViT/14 (3 layers, width 32), 56 px'."""
+    clip = vision.clip
+    size = CLIP_SIZES.get((clip.hidden_size, clip.num_layers))
+    name = (f"CLIP ViT-{size}/{clip.patch_size}" if size else
+            f"CLIP ViT/{clip.patch_size} ({clip.num_layers} layers, width {clip.hidden_size})")
+    return f"{name}, {clip.image_size} px"
+
+
+def image_tokens(vision) -> tuple[int, int]:
+    """(fewest, most) image tokens one image takes: fixed for LLaVA-1.5; for anyres (NeXT) it depends on the image's
+    size: a tile's worth at least, at most what the largest grid pinpoint gives."""
+    if not vision.anyres or not vision.grid_pinpoints:
+        n = vision.num_features((vision.clip.image_size, vision.clip.image_size))
+        return n, n
+    most = max(vision.num_features((h, w)) for h, w in vision.grid_pinpoints)
+    return vision.rows_per_tile, most
+
+
+def image_tokens_text(vision) -> str:
+    low, high = image_tokens(vision)
+    if low == high:
+        return f"{low:,} image tokens per image"
+    return f"{low:,}–{high:,} image tokens per image (anyres tiling: depends on its size)"
+
+
+def vision_text(loaded: LoadedModel) -> str:
+    """The model card's line on what the model sees: tower, tokens per image, images per prompt."""
+    vision = vision_spec(loaded)
+    family = "LLaVA-NeXT" if vision.anyres else "LLaVA-1.5"
+    layout = "llava-hf" if vision.layout == "hf" else "original"
+    limit = image_limit(loaded)
+    return (f"{tower_name(vision)} · {image_tokens_text(vision)} · up to {limit} image{'s' if limit != 1 else ''} "
+            f"per chat ({family}, {layout} layout)")
+
+
 def describe(loaded: LoadedModel) -> dict[str, str]:
     """The loaded model as label -> value, for the Model tab's card and the API tab."""
     engine = loaded.pipeline.engine
@@ -90,6 +148,11 @@ def describe(loaded: LoadedModel) -> dict[str, str]:
         "Architecture": engine.spec.architecture,
         "Parameters": fmt_params(engine.spec.num_params),
         "Weights": weights_text(loaded, mem["weights_bytes"]),
+        **({"Vision": vision_text(loaded),
+            "Vision tower": f"{fmt_bytes(mem.get('vision_bytes'))} (tower + projector, apart from the weights)",
+            "Image cache": (f"{fmt_bytes(mem['encoder_cache_capacity_bytes'])} for encoded images (earlier turns' "
+                            "images are not encoded again)")}
+           if vision_spec(loaded) is not None else {"Vision": "none: a text-only model (images are refused)"}),
         "KV cache": f"{kv_policy(loaded)} · {fmt_bytes(mem['kv_cache_bytes'])}",
         "KV capacity": f"{mem['kv_capacity_tokens']:,} tokens ({mem['num_kv_blocks']:,} blocks of {mem['block_size']})",
         "Session length": f"{loaded.pipeline.session_len:,} tokens",
@@ -119,7 +182,16 @@ def header_html(loaded: LoadedModel | None, loading: str | None = None) -> str:
         engine = loaded.pipeline.engine
         bits = [engine.spec.architecture, fmt_params(engine.spec.num_params), weight_format(loaded),
                 f"KV {KV_POLICY_LABELS[engine.config.quant_policy]}", str(engine.device)]
-        badge = (f'<span class="studio-badge">● {html.escape(loaded.name)}</span>'
+        vision = vision_spec(loaded)
+        if vision is not None:
+            low, high = image_tokens(vision)
+            tokens = f"{low}" if low == high else f"{low}–{high}"
+            sees = (f'<span class="studio-badge studio-badge-vision" id="studio-vision" title="'
+                    f'{html.escape(vision_text(loaded))}">sees images · {html.escape(tower_name(vision))} · '
+                    f"{tokens} tokens/image</span>")
+        else:
+            sees = ""
+        badge = (f'<span class="studio-badge">● {html.escape(loaded.name)}</span>{sees}'
                  f'<span class="studio-header-meta">{html.escape(" · ".join(bits))}</span>')
         note = ('<span class="studio-header-warn">Demo model: random weights, replies are gibberish</span>'
                 if loaded.is_demo else

@@ -1,6 +1,7 @@
 """The live memory panel shown above every tab: per-GPU used / total from NVML with this process's share, the
-engine's breakdown (weights, KV cache allocated and in use, vision tower, activations / other), and a plot of the
-last two minutes. Without NVML it says so and shows CPU memory (process RSS, machine total / available) instead.
+engine's breakdown (weights, KV cache allocated and in use, a vision model's tower and image (encoder) cache,
+activations / other), and a plot of the last two minutes. Without NVML it says so and shows CPU memory (process
+RSS, machine total / available) instead.
 
 One reading serves all open browser tabs: a reading younger than SAMPLE_EVERY_S is reused, so ten open tabs do not
 poll NVML ten times a second."""
@@ -84,18 +85,31 @@ def _engine_rows(eng: dict | None, device_total: float | None, error: str | None
         return '<div class="mem-row mem-muted">Engine: no model loaded.</div>'
     kv_used = eng["kv_cache_bytes"] * eng["kv_usage"]
     other = eng.get("activations_other_bytes")
+    vision = eng.get("vision_bytes") or 0
+    # projected image features kept for later turns; on a GPU they are part of what torch allocated beyond the
+    # weights, KV cache and tower, so they are taken out of "activations/other" and drawn on their own
+    encoder = eng.get("encoder_cache_bytes")
+    if other is not None and encoder:
+        other = max(0, other - encoder)
     items = [
         ("weights", "seg-weights", fmt_bytes(eng["weights_bytes"])),
         ("KV in use", "seg-kv-used", f"{fmt_bytes(kv_used)} ({eng['kv_usage']:.0%}, "
                                      f"{eng['used_kv_blocks']}/{eng['num_kv_blocks']} blocks)"),
         ("KV allocated", "seg-kv-free", fmt_bytes(eng["kv_cache_bytes"])),
-        ("vision", "seg-vision", fmt_bytes(eng.get("vision_bytes") or 0) if eng.get("vision_bytes") else "none"),
-        ("activations/other", "seg-other", fmt_bytes(other) if other is not None else "n/a on CPU"),
     ]
-    total = eng["weights_bytes"] + eng["kv_cache_bytes"] + (eng.get("vision_bytes") or 0) + (other or 0)
+    if vision:
+        items.append(("vision tower", "seg-vision", fmt_bytes(vision)))
+    if encoder is not None:
+        entries = eng.get("encoder_cache_entries", 0)
+        items.append(("image cache", "seg-encoder",
+                      f"{fmt_bytes(encoder)} / {fmt_bytes(eng.get('encoder_cache_capacity_bytes'))} "
+                      f"({entries} image{'s' if entries != 1 else ''}, {eng.get('encoder_cache_hits', 0)} hits)"))
+    items.append(("activations/other", "seg-other", fmt_bytes(other) if other is not None else "n/a on CPU"))
+    total = eng["weights_bytes"] + eng["kv_cache_bytes"] + vision + (encoder or 0) + (other or 0)
     segments = [
         (eng["weights_bytes"], "seg-weights", "weights"),
-        (eng.get("vision_bytes") or 0, "seg-vision", "vision tower"),
+        (vision, "seg-vision", "vision tower + projector"),
+        (encoder or 0, "seg-encoder", "image cache (encoded images)"),
         (kv_used, "seg-kv-used", "KV cache in use"),
         (eng["kv_cache_bytes"] - kv_used, "seg-kv-free", "KV cache allocated, free"),
         (other or 0, "seg-other", "activations / other"),

@@ -64,3 +64,26 @@ def client(studio):
     client = Client(studio.url + "/", verbose=False)
     yield client
     client.close()  # ends its heartbeat stream, so the server shuts down at once
+
+
+@pytest.fixture(scope="session")
+def llava_path(tmp_path_factory):
+    """A tiny random-weight LLaVA-1.5 (llava-hf layout, CLIP tower of 56 px: 16 image tokens per image)."""
+    from tests.llava_factory import make_llava
+
+    return make_llava(tmp_path_factory.mktemp("llava") / "tiny-llava")
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    """make(name, size=(w, h), seed) -> a PNG of random pixels (another seed: another image, never the same bytes)."""
+    import numpy as np
+    from PIL import Image
+
+    def make(name: str = "cat.png", size=(40, 30), seed: int = 0):
+        path = tmp_path / name
+        pixels = (np.random.RandomState(seed).rand(size[1], size[0], 3) * 255).astype("uint8")
+        Image.fromarray(pixels).save(path)
+        return path
+
+    return make
