@@ -50,7 +50,7 @@ def test_real_model_awq_beats_round_to_nearest_on_heldout_perplexity(real_model_
     done = run_quant(real_model_path, rtn, "--w-group-size", str(GROUP), "--method", "rtn")
     assert done.returncode == 0, done.stderr[-2000:]
     base, p_awq, p_rtn = ppl(real_model_path), ppl(awq), ppl(rtn)
-    print(f"\nheld-out perplexity, group {GROUP}: 16-bit {base:.3f}, AWQ {p_awq:.3f} ({(p_awq / base - 1) * 100:+.1f}%), "
-          f"RTN {p_rtn:.3f} ({(p_rtn / base - 1) * 100:+.1f}%)")
+    print(f"\nheld-out perplexity, group {GROUP}: 16-bit {base:.3f}, AWQ {p_awq:.3f} "
+          f"({(p_awq / base - 1) * 100:+.1f}%), RTN {p_rtn:.3f} ({(p_rtn / base - 1) * 100:+.1f}%)")
     assert base < p_awq < p_rtn
     assert (p_awq - base) < 0.75 * (p_rtn - base), "AWQ should remove a clear part of RTN's perplexity loss"
