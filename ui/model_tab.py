@@ -125,8 +125,9 @@ def build_model_tab(state: StudioState, header: gr.HTML) -> ModelTab:
             path = gr.Textbox(
                 label="Model",
                 value=str(current.path) if current else str(state.settings.default_model_path),
-                placeholder="a local Hugging Face folder, an org/name hub id, or empty for the demo model",
-                info="Local folder with config.json, or a hub id (needs network). Empty loads the demo model.",
+                placeholder="a local Hugging Face folder, an org/name hub id, or empty for the default model",
+                info="Local folder with config.json, or a hub id (needs network). Empty loads the default model "
+                     "(SmolLM2-135M-Instruct, else the demo model).",
                 elem_id="model-path",
             )
             picker = gr.Dropdown(
