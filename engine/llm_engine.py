@@ -4,6 +4,10 @@ background thread.
 Requests, aborts and calls are handed to the loop as small command objects on a queue, so callers never touch
 scheduler state. Each request's updates go to its own callback (engine/output_processor.py turns tokens into them).
 A step that fails ends only the requests in that step (finish_reason "error"); the engine keeps serving the rest.
+A fatal failure (a tensor-parallel rank gone or hung, or a bug in the loop itself) stops the engine: every request it
+holds or that is queued ends with finish_reason "error" and the reason, and later ones are refused with it. Once the
+loop has exited, nothing can be queued any more (add_request and run_on_engine_thread raise), so no caller waits on a
+command that nobody will run.
 `build_engine_parts` assembles what the loop runs on (checkpoint, tokenizer, model runner, block manager,
 scheduler).
 """
@@ -164,12 +168,20 @@ class LLMEngine:
         self._requests: dict[str, RequestState] = {}
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._stopped = False
+        self._stopped = False  # no new requests (shutting down, or a fatal error)
+        self._closed = False  # the loop has exited: nothing queued from now on would ever run
+        self._queue_lock = threading.Lock()  # orders "queue a command" against "the loop takes its last commands"
+        self.fatal_error: str | None = None
         self._pending = None  # the launched step whose tokens are not read back yet
         self.overlap = config.overlap_scheduling if config.overlap_scheduling is not None else (
             self.device.type == "cuda")
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._thread.start()
+        tp_group = getattr(self.runner, "tp_group", None)
+        if tp_group is not None:  # TP hook: a worker that dies stops the engine at once, even while it is idle
+            tp_group.on_failure = self._fatal
+            if tp_group.failure is not None:
+                self._fatal(RuntimeError(tp_group.failure))
 
     # ---- requests (any thread) ------------------------------------------------------------------------
     def new_request_id(self) -> str:
@@ -205,7 +217,7 @@ class LLMEngine:
         """Queue a request; `callback` gets its updates on the engine thread. Raises on a prompt that can't fit.
         A RequestInput carries images (engine/inputs.py) besides the token ids."""
         if self._stopped:
-            raise EngineStoppedError(getattr(self, "fatal_error", None) or "the engine is shut down")
+            raise EngineStoppedError(self.fatal_error or "the engine is shut down")
         mm_items = ()
         if isinstance(prompt_token_ids, RequestInput):
             prompt_token_ids, mm_items = prompt_token_ids.token_ids, prompt_token_ids.mm_items
@@ -220,25 +232,77 @@ class LLMEngine:
         seq = Sequence(prompt_token_ids, SamplingState(gen_config, seed, eos), max_tokens, self.block_size, mm_items)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, gen_config.skip_special_tokens)
         request = RequestState(request_id, seq, detok, callback, list(gen_config.stop_words))
-        self._commands.put(AddRequest(request))
-        self._wakeup.set()
+        self._put(AddRequest(request))
         return request_id
 
-    def abort(self, request_id: str) -> None:
-        """Cancel a request; its blocks are freed before the next step runs."""
-        self._commands.put(AbortRequest(request_id))
+    def _put(self, cmd, refuse: bool = True) -> bool:
+        """Queue a command for the loop. Once the loop has taken its last commands this raises (refuse) or returns
+        False: the check and the put are one step against the loop's close, so nothing lands in a queue that
+        nobody reads any more."""
+        with self._queue_lock:
+            if self._closed:
+                if refuse:
+                    raise EngineStoppedError(self.fatal_error or "the engine is shut down")
+                return False
+            self._commands.put(cmd)
         self._wakeup.set()
+        return True
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its blocks are freed before the next step runs (after the loop has exited, every
+        request has ended already)."""
+        self._put(AbortRequest(request_id), refuse=False)
+
+    def _fatal(self, e: BaseException) -> None:
+        """Any thread: the engine cannot run steps any more. Stop taking requests; the loop then ends every request
+        it holds with finish_reason "error" and this reason."""
+        if self.fatal_error is None:
+            self.fatal_error = f"the engine stopped: {e}"
+        self._stopped = True
+        self._put(StopEngine(), refuse=False)
 
     def shutdown(self) -> None:
         self._stopped = True
-        self._commands.put(StopEngine())
-        self._wakeup.set()
+        self._put(StopEngine(), refuse=False)
         self._thread.join(timeout=30)
         if getattr(self.runner, "tp_group", None) is not None:  # TP hook: stop and reap the workers
             self.runner.tp_group.shutdown()
 
     # ---- the loop (engine thread) ---------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # a bug in the loop: the engine is dead, and must say so to every caller
+            log.error("engine loop failed:\n%s", traceback.format_exc())
+            if self.fatal_error is None:
+                self.fatal_error = f"the engine stopped: {type(e).__name__}: {e}"
+            self._stopped = True
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        """The loop's last act: after this, commands are refused; the ones queued before it and every request
+        still held end here (with the fatal error if there is one, else as aborted)."""
+        try:
+            self._resolve_pending()
+        except Exception:  # noqa: BLE001 - a broken step must not keep the requests below waiting
+            log.error("engine close:\n%s", traceback.format_exc())
+            self._pending = None
+        with self._queue_lock:
+            self._closed = True
+        self._drain_commands(stopping=True)
+        reason, error = ("error", self.fatal_error) if self.fatal_error else ("abort", None)
+        for request in list(self._requests.values()):
+            try:
+                if reason == "error":
+                    self.stats.num_errors += 1
+                self._finish(request, reason, error=error)
+            except Exception:  # noqa: BLE001 - the others must still hear; this one too, if _finish did not tell it
+                log.error("engine close:\n%s", traceback.format_exc())
+                if self._requests.pop(request.request_id, None) is not None:
+                    outputs.emit(request, finished=True, finish_reason=reason, error=error)
+
+    def _serve(self) -> None:
         # The step loop is Python that rarely blocks once steps overlap the GPU, so it would hold the GIL for
         # whole switch intervals (5 ms by default) while the API's and the UI's event loops wait to stream the
         # tokens it produced. A shorter interval, plus an explicit release after each step, keeps them served.
@@ -255,10 +319,6 @@ class LLMEngine:
                 time.sleep(0)  # let the threads that stream our output run
             else:
                 self._resolve_pending()
-        self._resolve_pending()
-        self._drain_commands(stopping=True)  # requests queued while shutting down: end them instead of leaving callers
-        for request in list(self._requests.values()):
-            self._finish(request, "abort")
 
     def _drain_commands(self, stopping: bool = False) -> bool:
         """Run the queued commands; False once a StopEngine is met. While stopping, requests are kept only to be
@@ -286,7 +346,7 @@ class LLMEngine:
                     self._finish(request, "abort")
             elif isinstance(cmd, CallOnEngine):
                 if stopping:
-                    cmd.done.put((False, EngineStoppedError("the engine is shut down")))
+                    cmd.done.put((False, EngineStoppedError(self.fatal_error or "the engine is shut down")))
                     continue
                 try:
                     cmd.done.put((True, cmd.fn()))
@@ -296,8 +356,7 @@ class LLMEngine:
     def run_on_engine_thread(self, fn):
         """Run fn between steps on the engine thread (for state that only the loop may touch)."""
         done: queue.SimpleQueue = queue.SimpleQueue()
-        self._commands.put(CallOnEngine(fn, done))
-        self._wakeup.set()
+        self._put(CallOnEngine(fn, done))  # raises once the loop has exited; before that, the loop answers it
         ok, value = done.get()
         if not ok:
             raise value
@@ -376,9 +435,7 @@ class LLMEngine:
             log.error("engine step failed:\n%s", traceback.format_exc())
             self._resolve_pending()
             if getattr(e, "is_fatal", False):  # TP hook: a rank is gone: end this step, stop, refuse new requests
-                self.fatal_error = f"the engine stopped: {e}"
-                self._stopped = True
-                self._commands.put(StopEngine())
+                self._fatal(e)
                 self._fail(batch.seqs, e)
                 return
             self._retry_alone(batch, e)
@@ -406,6 +463,10 @@ class LLMEngine:
             try:
                 handle = self.runner.launch(ScheduledBatch([seq], [n], batch.is_prefill), None)
             except Exception as alone:  # noqa: BLE001
+                if getattr(alone, "is_fatal", False):  # TP hook: no step can run any more
+                    self._fatal(alone)
+                    self._fail(batch.seqs, alone)
+                    return
                 self._fail([seq], alone)
                 continue
             seq.num_computed_tokens += n

@@ -243,18 +243,24 @@ class ModelRunner:
                 src = self._tensor(rows, torch.int64)
                 input_ids = torch.where(src >= 0, prev.tokens[src.clamp_min(0)], input_ids)
         sampled_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
-        if self.tp_group is not None:  # TP hook: the step's inputs to every worker, once, as tensors
-            self.tp_group.broadcast_step(input_ids, positions, meta, sample_rows if sampled_seqs else [])
-        embeds = self._image_embeds(batch, input_ids)
-        if not batch.is_prefill and embeds is None and self.graphs is not None and self.graphs.can_run(
-                len(batch.seqs), meta.block_tables.shape[1]):
-            logits = self.graphs.run(input_ids, positions, meta)
-        else:
+        embeds = self._image_embeds(batch, input_ids)  # vision tower + projector on the images this step covers
+
+        def forward():  # the logits, or None when nothing samples
+            if self.tp_group is not None:  # TP hook: the step's inputs to every worker, once, as tensors
+                self.tp_group.broadcast_step(input_ids, positions, meta, sample_rows if sampled_seqs else [])
+            if not batch.is_prefill and embeds is None and self.graphs is not None and self.graphs.can_run(
+                    len(batch.seqs), meta.block_tables.shape[1]):
+                return self.graphs.run(input_ids, positions, meta)
             hidden = self.model(input_ids, positions, meta, embeds)
             if not sampled_seqs:
-                return StepHandle(batch, [], None, None, None, None)
+                return None
             rows = hidden[self._tensor(sample_rows, torch.int64)] if batch.is_prefill else hidden
-            logits = self.model.compute_logits(rows)
+            return self.model.compute_logits(rows)
+
+        # TP hook: a failure between the broadcast and the logits leaves the ranks out of step: fatal, naming ranks
+        logits = forward() if self.tp_group is None else self.tp_group.run_step(forward)
+        if logits is None:
+            return StepHandle(batch, [], None, None, None, None)
         tokens, logprob_info = sample(logits, self.sampling_batch(sampled_seqs))
         host, event = None, None
         if tokens.is_cuda:
@@ -291,6 +297,11 @@ class ModelRunner:
         n = len(seq) - seq.num_computed_tokens if num_tokens is None else num_tokens
         batch = ScheduledBatch([seq], [n], True)
         input_ids, positions, meta, _ = self.prepare(batch)
-        if self.tp_group is not None:  # TP hook
-            self.tp_group.broadcast_step(input_ids, positions, meta, list(range(input_ids.shape[0])))
-        return self.model.compute_logits(self.model(input_ids, positions, meta, self._image_embeds(batch, input_ids)))
+        embeds = self._image_embeds(batch, input_ids)
+
+        def forward():
+            if self.tp_group is not None:  # TP hook
+                self.tp_group.broadcast_step(input_ids, positions, meta, list(range(input_ids.shape[0])))
+            return self.model.compute_logits(self.model(input_ids, positions, meta, embeds))
+
+        return forward() if self.tp_group is None else self.tp_group.run_step(forward)

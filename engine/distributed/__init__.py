@@ -9,10 +9,14 @@ tables / cu_seqlens / sampled rows; comm.py); every rank runs its shard; the log
 samples. Workers own their KV cache (sized from their own free memory; the block count is the minimum over
 ranks) and their CUDA graphs, captured in the same order on every rank with the collectives inside.
 
-Failure: a supervisor thread polls the workers; a dead worker, or a collective that raises, becomes a
-TPWorkerError naming the rank, which stops the engine (requests end with finish_reason "error", new ones are
-refused). Workers exit when rank 0 sends stop, when their collective fails, or when their parent process
-disappears; shutdown waits for them, then kills what is left, so no process outlives the engine.
+Failure: a supervisor thread polls the workers and tells the engine (`on_failure`) as soon as one dies, so the
+engine stops even while idle. A step is run under `run_step`: anything that raises between the broadcast and the
+logits (a collective that fails or times out after ENGINE_TP_TIMEOUT_S, rank 0's header send included) leaves the
+ranks out of step, so it becomes a TPWorkerError naming the dead or possibly hung ranks, which stops the engine
+(the step's and every queued request end with finish_reason "error" and that message, new ones are refused).
+Startup (rendezvous, loading, KV sizing) runs under ENGINE_TP_STARTUP_TIMEOUT_S instead. Workers exit when rank 0
+sends stop, when their collective fails, or when their parent process disappears; shutdown waits for them (the
+stop itself bounded by the step timeout), then kills what is left, so no process outlives the engine.
 """
 
 from __future__ import annotations
@@ -58,8 +62,10 @@ def backend_for(device: torch.device) -> str:
 
 
 def init_rank(rank: int, world_size: int, device: torch.device, init_method: str = "env://") -> None:
+    # startup's collectives (rendezvous, KV sizing, facts) wait as long as a slow rank may take to load its shard;
+    # comm.set_step_timeout then bounds the steps' collectives by collective_timeout_s()
     dist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=collective_timeout_s()),
+                            timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
                             device_id=device if device.type == "cuda" else None)
     header_group = dist.new_group(backend="gloo", timeout=timedelta(days=365))  # step headers (host tensors)
     comm.set_group(rank, world_size, device, header_group)
@@ -79,6 +85,7 @@ def start_tensor_parallel(path, spec, config, device: torch.device, dtype: torch
                                                    config.load_format)
             runner = ModelRunner(model, local_spec, config, device, dtype, group)
             facts = comm.gather_ints([runner.weights_bytes, runner.kv_cache_bytes, runner.num_blocks])
+        comm.set_step_timeout(collective_timeout_s())
     except Exception as e:
         deadline = time.monotonic() + 5.0
         while not group._dead_ranks() and time.monotonic() < deadline:
@@ -113,6 +120,7 @@ class TPGroup:
                          ENGINE_TP_ARGS=json.dumps(args))
             self.procs.append(subprocess.Popen([sys.executable, "-m", "engine.distributed.worker"], env=child))
         self.failure: str | None = None
+        self.on_failure = None  # the engine's hook: called once, from the supervisor, when a worker dies
         self._closed = False
         try:
             init_rank(0, self.tp, device, f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}")
@@ -133,11 +141,18 @@ class TPGroup:
             if dead and self.failure is None:
                 self.failure = f"tensor parallel worker died: {dead}"
                 log.error(self.failure)
+                if self.on_failure is not None:
+                    self.on_failure(TPWorkerError(self.failure))
             time.sleep(0.2)
 
-    def _guarded(self, fn):
+    def run_step(self, fn):
+        """Run one step's broadcast and forward (fn) on rank 0. Whatever raises there leaves the ranks out of step
+        (a worker waits in a collective rank 0 never joins, or the reverse), so it becomes a TPWorkerError naming
+        the dead ranks, or else the live ones, one of which hung (a collective timed out)."""
         try:
-            fn()
+            return fn()
+        except TPWorkerError:
+            raise
         except Exception as e:
             deadline = time.monotonic() + 5.0  # a peer's death is seen by the socket before its exit code
             while not self._dead_ranks() and time.monotonic() < deadline:
@@ -152,7 +167,7 @@ class TPGroup:
             self.failure = f"tensor parallel worker died: {self._dead_ranks()}"
         if self.failure is not None:
             raise TPWorkerError(self.failure)
-        self._guarded(lambda: comm.broadcast_step(input_ids, positions, meta, sample_rows))
+        comm.broadcast_step(input_ids, positions, meta, sample_rows)
 
     def check(self) -> None:
         if self.failure is not None:
@@ -165,9 +180,9 @@ class TPGroup:
         if dist.is_initialized():
             if self.failure is None and not self._dead_ranks():
                 try:
-                    comm.broadcast_stop()
-                except Exception:  # noqa: BLE001 - tearing down anyway
-                    pass
+                    comm.broadcast_stop()  # bounded: a hung rank that never takes it is killed below
+                except Exception as e:  # noqa: BLE001 - tearing down anyway
+                    self.failure = f"tensor parallel stop not taken: {e}"
         for p in self.procs:
             try:
                 p.wait(timeout=0.1 if self.failure else 10)  # a failed group's survivors may be hung: no grace

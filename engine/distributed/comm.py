@@ -3,9 +3,17 @@
 Model code calls `all_reduce` / `all_gather_last` unconditionally: with no process group (tp = 1) they return
 their input untouched, so the single-GPU path runs no extra op. The per-step broadcast packs a step's inputs
 into two int64 tensors (a fixed-size header on a host-side gloo group, then one payload), never a pickled Python object.
+
+Timeouts: the groups are made with the startup timeout (loading shards and sizing the KV cache can keep one rank
+far behind another); `set_step_timeout` then bounds every collective of a step. The header group never times out,
+since idle workers wait on it for as long as the engine has no work, so rank 0 bounds its own side of each header
+broadcast: gloo only sends once the receiver has posted its receive, and a rank that hangs before posting it would
+otherwise hold rank 0 forever (and with it every request).
 """
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -14,15 +22,36 @@ import torch.distributed as dist
 HEADER_LEN = 8
 KIND_PREFILL, KIND_DECODE, KIND_STOP = 1, 2, 3
 
-_state = {"world_size": 1, "rank": 0, "device": torch.device("cpu"), "header_group": None}
+_state = {"world_size": 1, "rank": 0, "device": torch.device("cpu"), "header_group": None, "step_timeout_s": None}
 
 
 def set_group(rank: int, world_size: int, device: torch.device, header_group=None) -> None:
-    _state.update(rank=rank, world_size=world_size, device=device, header_group=header_group)
+    _state.update(rank=rank, world_size=world_size, device=device, header_group=header_group, step_timeout_s=None)
+
+
+def set_step_timeout(seconds: float) -> None:
+    """From now on a collective of the main group fails after `seconds` (startup ran under a longer timeout), and so
+    does rank 0's wait for a step header or stop to be taken."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(timedelta(seconds=seconds))
+    _state["step_timeout_s"] = seconds
+
+
+def _send_header(header: torch.Tensor, what: str) -> None:
+    work = dist.broadcast(header, src=0, group=_state["header_group"], async_op=True)
+    seconds = _state["step_timeout_s"]
+    if seconds is None:
+        work.wait()
+        return
+    try:
+        work.wait(timeout=timedelta(seconds=seconds))
+    except RuntimeError as e:
+        raise RuntimeError(f"the {what} was not taken by every rank within {seconds:g} s ({e})") from e
 
 
 def clear_group() -> None:
-    _state.update(rank=0, world_size=1)
+    _state.update(rank=0, world_size=1, header_group=None, step_timeout_s=None)
 
 
 def world_size() -> int:
@@ -81,13 +110,12 @@ def broadcast_step(input_ids, positions, meta, sample_rows: list[int]) -> None:
     header = torch.tensor([KIND_PREFILL if meta.is_prefill else KIND_DECODE, input_ids.shape[0],
                            meta.block_tables.shape[0], meta.block_tables.shape[1], meta.max_seqlen_q,
                            len(sample_rows), payload.shape[0], 0], dtype=torch.int64)  # host: gloo group
-    dist.broadcast(header, src=0, group=_state["header_group"])
+    _send_header(header, "step header")
     dist.broadcast(payload, src=0)
 
 
 def broadcast_stop() -> None:
-    dist.broadcast(torch.tensor([KIND_STOP] + [0] * (HEADER_LEN - 1), dtype=torch.int64), src=0,
-                   group=_state["header_group"])
+    _send_header(torch.tensor([KIND_STOP] + [0] * (HEADER_LEN - 1), dtype=torch.int64), "stop")
 
 
 def receive_step(device: torch.device):

@@ -26,7 +26,7 @@ def _watch_parent(parent_pid: int) -> None:
 def main() -> int:
     from engine import loader
     from engine.config import EngineConfig
-    from engine.distributed import comm, init_rank
+    from engine.distributed import collective_timeout_s, comm, init_rank
     from engine.distributed.shard_loader import load_sharded_model
     from engine.model_runner import ModelRunner
 
@@ -46,6 +46,7 @@ def main() -> int:
                                            config.load_format)
     runner = ModelRunner(model, local_spec, config, device, dtype)
     comm.gather_ints([runner.weights_bytes, runner.kv_cache_bytes, runner.num_blocks])
+    comm.set_step_timeout(collective_timeout_s())  # startup is over: a step's collectives are bounded now
     while True:
         step = comm.receive_step(device)
         if step is None:

@@ -69,6 +69,30 @@ def wait_until(predicate, timeout=10.0):
     return predicate()
 
 
+def within(timeout, fn, *args, **kwargs):
+    """fn(*args, **kwargs) on a daemon thread: its result (or its exception, raised here), or a test failure after
+    `timeout` seconds, so a call that would wait forever (a lost request) fails the test instead of hanging it."""
+    import queue
+    import threading
+
+    box: queue.SimpleQueue = queue.SimpleQueue()
+
+    def run():
+        try:
+            box.put((True, fn(*args, **kwargs)))
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box.put((False, e))
+
+    threading.Thread(target=run, name="within", daemon=True).start()
+    try:
+        ok, value = box.get(timeout=timeout)
+    except queue.Empty:
+        pytest.fail(f"{getattr(fn, '__name__', fn)} gave no answer within {timeout} s (lost, waiting forever)")
+    if not ok:
+        raise value
+    return value
+
+
 def engine_prompt_logits(pipe, ids: list[int]) -> torch.Tensor:
     """Logits at every prompt position through the engine's paged path, run on the engine thread."""
     from engine.sequence import SamplingState, Sequence

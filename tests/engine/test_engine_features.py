@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from engine import GenerationConfig, ModelLoadError, PromptTooLongError, UnsupportedModelError, pipeline
-from tests.engine.conftest import PROMPTS, greedy, small_config, wait_until
+from tests.engine.conftest import PROMPTS, greedy, small_config, wait_until, within
 
 LONG_PREFIX = "System: you answer questions about the history of the sea and its ships, briefly. " * 3
 
@@ -282,6 +282,64 @@ def test_engine_shutdown_ends_queued_requests(demo_model_path):
     pipe.close()
     assert outputs and outputs[-1].finished and outputs[-1].finish_reason in ("abort", "length")
     assert not pipe.engine.is_alive
+
+
+def test_requests_racing_shutdown_end_or_are_refused(demo_model_path):
+    # submitters racing the loop's exit: each request is refused (EngineStoppedError) or gets its final update,
+    # none is queued after the loop took its last commands; calls after it are refused too, never left waiting
+    from engine import pipeline as make
+    from engine.errors import EngineStoppedError
+
+    pipe = make(demo_model_path, small_config())
+    ids = pipe.encode("hi")
+    accepted, refused, ended = [], [], []
+    go = threading.Event()
+
+    def submit():
+        go.wait()
+        while True:
+            try:
+                accepted.append(pipe.engine.add_request(ids, greedy(4), lambda out: out.finished and ended.append(out)))
+            except EngineStoppedError:
+                refused.append(True)
+                return
+
+    threads = [threading.Thread(target=submit, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    go.set()
+    assert wait_until(lambda: len(accepted) >= 20, timeout=60)
+    pipe.close()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(refused) == 4
+    assert wait_until(lambda: len(ended) == len(accepted), timeout=60), f"{len(accepted) - len(ended)} lost"
+    with pytest.raises(EngineStoppedError):
+        within(60, pipe.engine.run_on_engine_thread, lambda: None)
+
+
+def test_a_crashed_loop_fails_its_requests_and_refuses_more(demo_model_path, monkeypatch):
+    # a bug that escapes the step loop kills it: the request it held ends with an error saying why, later ones
+    # and calls are refused with it, and nothing waits forever
+    from engine import pipeline as make
+    from engine.errors import EngineStoppedError
+
+    pipe = make(demo_model_path, small_config())
+    try:
+        def broken():
+            raise RuntimeError("scheduler bug")
+
+        monkeypatch.setattr(pipe.engine.scheduler, "schedule", broken)
+        out = within(60, pipe, "hi", greedy(4))
+        assert out.finish_reason == "error" and "scheduler bug" in out.error
+        assert wait_until(lambda: not pipe.engine._thread.is_alive(), timeout=60)
+        assert not pipe.engine.is_alive and "scheduler bug" in pipe.engine.fatal_error
+        with pytest.raises(EngineStoppedError, match="scheduler bug"):
+            within(60, pipe, "hi", greedy(4))
+        with pytest.raises(EngineStoppedError, match="scheduler bug"):
+            within(60, pipe.engine.run_on_engine_thread, lambda: None)
+    finally:
+        pipe.close()
 
 
 def test_unencodable_prompt_is_a_value_error(make_pipe, demo_model_path):
