@@ -209,3 +209,21 @@ def test_original_layout_quantizes_to_the_same_language_model(folders, calib_txt
     torch.testing.assert_close(pipe.engine.runner.model.encode_images(req.mm_items)[0],
                                ref.engine.runner.model.encode_images(ref_req.mm_items)[0], atol=1e-2, rtol=1e-2)
     assert len(pipe(prompt, greedy(4)).token_ids) == 4
+
+
+def test_group_sizes_come_from_the_language_model(folders, tmp_path):
+    """A llava-hf config.json is partial (hub files leave most of text_config to transformers' defaults): the group
+    sizes offered and checked are the language model's, filled the same way."""
+    from quant.api import fitting_group_sizes, validate_settings
+    from ui.quantize_tab import fitting_group_size
+
+    src, _ = folders["1.5"]
+    cfg = json.loads((src / "config.json").read_text())
+    assert fitting_group_sizes(cfg) == [64, 32]  # hidden 64, intermediate 128
+    assert fitting_group_size(str(src)) == 64  # the Quantize tab's choice
+    with pytest.raises(ValueError, match="--w-group-size 128 does not divide"):
+        validate_settings(cfg, 4, 128)
+    hub_like = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+                "text_config": {"model_type": "llama", "vocab_size": 32064}, "vision_config": {}}
+    assert fitting_group_sizes(hub_like) == [128, 64, 32]  # Llama-2-7B's 4096 / 11008
+    validate_settings(hub_like, 4, 128)
