@@ -227,3 +227,25 @@ def test_group_sizes_come_from_the_language_model(folders, tmp_path):
                 "text_config": {"model_type": "llama", "vocab_size": 32064}, "vision_config": {}}
     assert fitting_group_sizes(hub_like) == [128, 64, 32]  # Llama-2-7B's 4096 / 11008
     validate_settings(hub_like, 4, 128)
+
+
+def test_transformers5_spelling_keeps_its_names(folders, calib_txt, tmp_path, make_pipe):
+    """model.language_model.* / lm_head / model.vision_tower.* (as transformers 5 saves LLaVA) come back in that
+    spelling, with the same quantized language model as the llava-hf-4 spelling."""
+    from tests.llava_factory import rename_checkpoint, v5_spelling
+
+    src15, out15 = folders["1.5"]
+    src = rename_checkpoint(src15, tmp_path / "v5", v5_spelling)
+    out = quantize(src, tmp_path / "v5-awq", calib_txt)
+    got, hf, source = tensors(out), tensors(out15), tensors(src)
+    assert "lm_head.weight" in got and not any(k.startswith("language_model.") for k in got)
+    for k, t in source.items():
+        if not k.startswith(("model.language_model.", "lm_head")):
+            assert torch.equal(got[k], t.half()), k
+    for k in (k for k in got if k.endswith(".qweight")):
+        assert torch.equal(got[k], hf["language_model.model." + k[len("model.language_model."):]]), k
+    pipe, ref = make_pipe(out), make_pipe(out15)
+    assert pipe.engine.model_format == "awq"
+    prompt = ("Describe", image(40, 60, seed=14))
+    torch.testing.assert_close(engine_logits(pipe, pipe.prompt_input(prompt)),
+                               engine_logits(ref, ref.prompt_input(prompt)), atol=1e-5, rtol=1e-5)
