@@ -18,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m quant",
         description="Quantize a Hugging Face checkpoint to W4A16 with AWQ; writes an AutoAWQ-GEMM-format folder.",
     )
-    p.add_argument("model", help="local Hugging Face model folder (Llama, Mistral, Qwen2, InternLM2)")
+    p.add_argument(
+        "model", help="local Hugging Face model folder (Llama, Mistral, Qwen2, InternLM2; LLaVA: its language model)"
+    )
     p.add_argument("--work-dir", required=True, help="output folder (written atomically at the end)")
     p.add_argument(
         "--calib-dataset",

@@ -27,7 +27,7 @@ from quant.export import (
     write_safetensors,
 )
 from quant.primitives import PACK_BITS
-from quant.source_model import SourceModel, load_source_model, read_config
+from quant.source_model import SourceModel, load_source_model, quant_text_config, read_config
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def validate_settings(cfg: dict, w_bits: int, w_group_size: int) -> None:
     if w_group_size <= 0:
         raise ValueError(f"--w-group-size must be positive or -1 (one group per row), got {w_group_size}")
     try:
-        widths = linear_widths(cfg)
+        widths = linear_widths(quant_text_config(cfg))
     except KeyError:
         return  # unusual config: the layer walk checks the real linears
     bad = {k: v for k, v in widths.items() if v % w_group_size}
@@ -125,7 +125,7 @@ GROUP_SIZES = (128, 64, 32)  # the group sizes the tool offers, largest (smalles
 def fitting_group_sizes(cfg: dict) -> list[int]:
     """The offered group sizes that divide every linear's input width of this config (128 first, when it fits)."""
     try:
-        widths = linear_widths(cfg)
+        widths = linear_widths(quant_text_config(cfg))
     except KeyError:
         return list(GROUP_SIZES)
     return [g for g in GROUP_SIZES if all(v % g == 0 for v in widths.values())]

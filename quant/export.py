@@ -54,13 +54,15 @@ class AWQStateCollector:
         self.quantized_modules.update(r.name for r in records)
         if self.loaded.source_format == "internlm2":
             records = self._to_internlm2(records)
+        rename = self.loaded.export_name or (lambda n: n)
         for r in records:
             qweight, qzeros, scales = pack_awq(r.q, r.scales, r.zeros, self.w_bits)
-            self.tensors[f"{r.name}.qweight"] = qweight.cpu()
-            self.tensors[f"{r.name}.qzeros"] = qzeros.cpu()
-            self.tensors[f"{r.name}.scales"] = scales.cpu()
+            name = rename(r.name)
+            self.tensors[f"{name}.qweight"] = qweight.cpu()
+            self.tensors[f"{name}.qzeros"] = qzeros.cpu()
+            self.tensors[f"{name}.scales"] = scales.cpu()
             if r.bias is not None:
-                self.tensors[f"{r.name}.bias"] = r.bias.to(OUT_DTYPE).cpu()
+                self.tensors[f"{name}.bias"] = r.bias.to(OUT_DTYPE).cpu()
 
     def _to_internlm2(self, records: list[QuantizedLinear]) -> list[QuantizedLinear]:
         by_name = {r.name: r for r in records}
@@ -87,9 +89,12 @@ class AWQStateCollector:
         return out
 
     def finish(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Adds every non-quantized weight (norms with folded scales, embeddings, lm_head) in fp16.
+        """Adds every non-quantized weight (norms with folded scales, embeddings, lm_head) in fp16, and a LLaVA's
+        vision tower / projector / image_newline as the checkpoint had them (fp16 and bf16 byte for byte, fp32 as
+        fp16).
 
         A tensor sharing storage with one already added (tied lm_head) is left out, as save_pretrained does."""
+        rename = self.loaded.export_name or (lambda n: n)
         seen: set[int] = set()
         for name, t in model.state_dict().items():
             module = name.rpartition(".")[0]
@@ -101,7 +106,11 @@ class AWQStateCollector:
             if self.loaded.source_format == "internlm2":
                 name = llama_to_internlm2_name(name)
             t = t.detach()
-            self.tensors[name] = (t.to(OUT_DTYPE) if t.is_floating_point() else t).contiguous().clone()
+            self.tensors[rename(name)] = (t.to(OUT_DTYPE) if t.is_floating_point() else t).contiguous().clone()
+        for name, t in self.loaded.kept_tensors.items():
+            if t.dtype not in (torch.float16, torch.bfloat16) and t.is_floating_point():
+                t = t.to(OUT_DTYPE)
+            self.tensors[name] = t.contiguous()
         return self.tensors
 
     def modules_to_not_convert(self, model: torch.nn.Module) -> list[str]:
@@ -116,6 +125,7 @@ class AWQStateCollector:
             if self.loaded.source_format == "internlm2":
                 key = llama_to_internlm2_name(key)
             names.add(key)
+        names.update(self.loaded.keep_modules)  # LLaVA: the vision tower and projector, outside `model`
         return sorted(names)
 
 

@@ -39,6 +39,10 @@ def load_awq_as_fp(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.M
     if qcfg.get("quant_method") != "awq" or qcfg.get("version", "gemm").lower() != "gemm":
         raise ValueError(f"{path} is not an AutoAWQ GEMM folder (quantization_config: {qcfg})")
     state = dequantized_state_dict(path, dtype)
+    from quant.source_model import llava_layout
+
+    if llava_layout(cfg) == "hf":
+        return _llava_as_fp(path, cfg, state, dtype)
     if cfg.get("model_type") == "internlm2":
         from transformers import LlamaForCausalLM
 
@@ -58,3 +62,24 @@ def load_awq_as_fp(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.M
     if "lm_head.weight" not in state:  # tied embeddings: the folder stores only the input embedding
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     return model.eval()
+
+
+def _llava_as_fp(path: Path, cfg: dict, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    """A llava-hf AWQ folder -> transformers' LlavaForConditionalGeneration / LlavaNextForConditionalGeneration
+    with the dequantized language model (saved to a temporary folder and read back, so transformers maps every
+    weight spelling itself)."""
+    import shutil
+    import tempfile
+
+    import transformers
+    from safetensors.torch import save_file
+
+    arch = next(a for a in cfg.get("architectures") or [] if a.startswith("Llava"))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(Path(tmp) / "model.safetensors"),
+                  metadata={"format": "pt"})
+        for name in ("preprocessor_config.json",):
+            if (path / name).is_file():
+                shutil.copy2(path / name, Path(tmp) / name)
+        return getattr(transformers, arch).from_pretrained(tmp, dtype=dtype).eval()

@@ -4,12 +4,19 @@ Folders, configs, tensors and dtypes are read through the engine's checkpoint re
 InternLM2 (`model_type: internlm2`, custom code that `transformers` lacks) is converted to the Llama layout in
 memory with the engine's own InternLM2 name mapping (engine/models/internlm2.py), and written back in its own names
 by the exporter.
+
+LLaVA folders (llava-hf `LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration` in any of
+transformers' weight spellings, and the original liuhaotian `LlavaLlamaForCausalLM` / `LlavaMistralForCausalLM`
+layout): only the language model is quantized, calibrated on text as LMDeploy does. Its tensors become the
+`transformers` causal LM of the text backbone (Llama / Mistral / Qwen2); every other tensor (vision tower,
+projector, NeXT's image_newline) is kept aside as it is and written back unchanged (16-bit) by the exporter, and
+the language model's tensors go back under the checkpoint's own names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,7 +25,7 @@ from torch import nn
 from engine import checkpoint
 from engine.checkpoint import ModelLoadError, text_config
 from engine.models.internlm2 import to_llama_tensors
-from quant.arch import ArchSpec, arch_for_model_type
+from quant.arch import ArchSpec, UnsupportedArchitectureError, arch_for_model_type
 
 
 def _hub_offline_reason() -> str | None:
@@ -86,12 +93,18 @@ class SourceModel:
     arch: ArchSpec
     path: Path
     config: dict  # config.json as read
-    source_format: str  # "hf" (transformers names) or "internlm2" (written back in InternLM2 names)
+    source_format: str  # "hf" (transformers names), "internlm2" (written back in InternLM2 names), "llava"
     dtype: torch.dtype
+    # LLaVA: the causal-LM name of a language-model tensor -> its name in the written folder
+    export_name: Callable[[str], str] | None = None
+    # LLaVA: the tensors that are not the language model's (vision tower, projector, image_newline), as read
+    kept_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # LLaVA: module roots the folder keeps unquantized (named in quantization_config.modules_to_not_convert)
+    keep_modules: tuple[str, ...] = ()
 
     @property
     def text_config(self) -> dict:
-        return text_config(self.config)
+        return quant_text_config(self.config)
 
 
 def _use_sdpa(model: nn.Module) -> None:
@@ -116,9 +129,11 @@ def prepare_model(model: nn.Module) -> nn.Module:
 def load_source_model(model_path: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu") -> SourceModel:
     """Load a checkpoint onto the CPU in the Llama-like layout the walk expects."""
     path, cfg = read_config(model_path)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, cfg, torch.device(device))
+    if llava_layout(cfg) is not None:
+        return _load_llava(path, cfg, torch_dtype)
     model_type = text_config(cfg).get("model_type") or cfg.get("model_type", "")
     arch = arch_for_model_type(model_type)
-    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, cfg, torch.device(device))
     if model_type == "internlm2":
         model = _load_internlm2(path, cfg, torch_dtype)
         source_format = "internlm2"
@@ -156,3 +171,122 @@ def _load_internlm2(path: Path, cfg: dict, dtype: torch.dtype) -> nn.Module:
 
     model.model.rotary_emb = LlamaRotaryEmbedding(config=lcfg)
     return model
+
+
+# ---- LLaVA: the language model only -----------------------------------------------------------------------------
+def llava_layout(cfg: dict) -> str | None:
+    """"hf" (llava-hf LLaVA-1.5 / NeXT), "original" (liuhaotian LlavaLlamaForCausalLM ...) or None (not LLaVA)."""
+    from engine.models.llava import HF_ARCHS, ORIGINAL_ARCHS
+
+    archs = cfg.get("architectures") or []
+    if any(a in HF_ARCHS for a in archs):
+        return "hf"
+    if any(a in ORIGINAL_ARCHS for a in archs):
+        return "original"
+    return None
+
+
+def quant_text_config(cfg: dict) -> dict:
+    """The language model's config of any checkpoint the quantizer reads: llava-hf text_config filled with
+    transformers' defaults (hub config.json files are partial), the original layout's own (Llama) keys, else the
+    config itself."""
+    from engine.models.llava import complete_config
+
+    if llava_layout(cfg) == "hf":
+        return text_config(complete_config(cfg))
+    return text_config(cfg)
+
+
+def _llava_text_config(cfg: dict, layout: str):
+    """The transformers config of a LLaVA's text backbone."""
+    import transformers
+
+    from engine.models.llava import ORIGINAL_ARCHS, TEXT_ARCHS
+
+    if layout == "hf":
+        text = dict(quant_text_config(cfg))
+        model_type = text.get("model_type", "llama")
+        if model_type not in TEXT_ARCHS:
+            raise UnsupportedArchitectureError(
+                f"a LLaVA with a {model_type!r} language model is not supported by the quantizer "
+                f"(supported: {', '.join(TEXT_ARCHS)})"
+            )
+        for key in ("tie_word_embeddings",):  # llava-hf keeps it at the top level
+            if key in cfg and key not in (cfg.get("text_config") or {}):
+                text[key] = cfg[key]
+    else:
+        arch = next(a for a in cfg.get("architectures") or [] if a in ORIGINAL_ARCHS)
+        model_type = "mistral" if ORIGINAL_ARCHS[arch] == "MistralForCausalLM" else "llama"
+        text = dict(cfg)
+    skip = ("model_type", "architectures", "auto_map", "quantization_config", "text_config", "vision_config",
+            "transformers_version", "_name_or_path")
+    text = {k: v for k, v in text.items() if k not in skip}
+    return transformers.AutoConfig.for_model(model_type, **text), model_type
+
+
+def _llava_split(cfg: dict, layout: str, tensors: Iterator[tuple[str, torch.Tensor]]):
+    """Checkpoint tensors -> (causal-LM state dict, kept tensors, export_name). The language model's names are
+    written back in the spelling the checkpoint used."""
+    lm: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}
+    spelling = None  # "v4": language_model.model.* / language_model.lm_head; "v5": model.language_model.* / lm_head
+    for name, t in tensors:
+        if layout == "original":
+            if name.startswith(("model.mm_projector.", "model.vision_tower.", "model.image_newline")):
+                kept[name] = t
+            else:
+                lm[name] = t
+            continue
+        if name.startswith("language_model."):
+            lm[name[len("language_model."):]] = t
+            spelling = spelling or "v4"
+        elif name.startswith("model.language_model."):
+            lm["model." + name[len("model.language_model."):]] = t
+            spelling = spelling or "v5"
+        elif name == "lm_head.weight":
+            lm[name] = t
+        else:
+            kept[name] = t
+    if layout == "original":
+        return lm, kept, lambda n: n
+    if spelling == "v5":
+        return lm, kept, lambda n: "model.language_model." + n[len("model."):] if n.startswith("model.") else n
+    return lm, kept, lambda n: "language_model." + n
+
+
+def _llava_keep_modules(kept: dict[str, torch.Tensor], layout: str) -> tuple[str, ...]:
+    roots = set()
+    for name in kept:
+        for root in ("vision_tower", "multi_modal_projector", "mm_projector"):
+            if root in name.split("."):
+                roots.add(root)
+    roots.update(("vision_tower", "mm_projector") if layout == "original" else ("vision_tower",
+                                                                                   "multi_modal_projector"))
+    return tuple(sorted(roots))
+
+
+def _load_llava(path: Path, cfg: dict, dtype: torch.dtype) -> SourceModel:
+    from transformers import AutoModelForCausalLM
+
+    layout = llava_layout(cfg)
+    tcfg, model_type = _llava_text_config(cfg, layout)
+    arch = arch_for_model_type(model_type)
+    lm, kept, export_name = _llava_split(cfg, layout, checkpoint.iter_checkpoint(path))
+    tied = bool(getattr(tcfg, "tie_word_embeddings", False))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tcfg)
+    state = {n: t.to(dtype) for n, t in lm.items() if "rotary_emb" not in n}
+    if tied:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (tied and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{path}: the LLaVA language model's tensors do not match its text config (missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]})"
+        )
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=tcfg)  # its buffers were made on meta
+    return SourceModel(prepare_model(model), arch, path, cfg, "llava", dtype, export_name=export_name,
+                       kept_tensors=kept, keep_modules=_llava_keep_modules(kept, layout))

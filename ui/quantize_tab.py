@@ -150,11 +150,10 @@ def fitting_group_size(model_path: str, wanted=None) -> int:
     except (TypeError, ValueError):
         return 128
     try:
-        from engine.models import language_model_config
         from quant.api import fitting_group_sizes
 
         config = Path(model_path or "").expanduser() / "config.json"
-        fits = fitting_group_sizes(language_model_config(json.loads(config.read_text())))
+        fits = fitting_group_sizes(json.loads(config.read_text()))  # a LLaVA's language model widths count
     except (OSError, ValueError, TypeError, AttributeError):
         return wanted
     return wanted if wanted in fits or not fits else fits[0]
