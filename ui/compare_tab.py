@@ -95,7 +95,7 @@ def _session_lens(text: str) -> list[int | None]:
 def build_spec(state: StudioState, model, awq_model, settings, session_lens, fractions, prompt_len, new_tokens,
                concurrency, gpu_memory, quantize=False) -> CompareSpec:
     """The form's values -> a validated CompareSpec (ValueError with a sentence for anything wrong)."""
-    model = (model or "").strip() or str(state.settings.demo_model_dir)
+    model = (model or "").strip() or str(state.settings.default_model_path)
     if not settings:
         raise ValueError("tick at least one setting to compare")
     workload = Workload(whole_number(prompt_len, "Prompt length", minimum=1),
@@ -152,7 +152,7 @@ def build_compare_tab(state: StudioState):
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             model = gr.Textbox(label="Model (16-bit folder, or shape:llama2-7b for random weights at a real shape)",
-                               value=str(state.settings.demo_model_dir), elem_id="compare-model")
+                               value=str(state.settings.default_model_path), elem_id="compare-model")
             awq_model = gr.Textbox(label="AWQ folder of the same model (for the W4A16 settings)", value="",
                                    elem_id="compare-awq", placeholder="empty: W4A16 settings need one (or a shape:)")
             settings = gr.CheckboxGroup(SETTING_CHOICES, value=["fp16", "fp16-kv4"] if cpu else
