@@ -242,13 +242,40 @@ def default_demo_model_dir() -> Path:
     return Path(cache_root).expanduser() / "demo-model"
 
 
-def is_complete_build(folder: str | os.PathLike) -> bool:
-    """True when `folder` holds a finished demo-model build of the current recipe."""
-    marker = Path(folder) / BUILD_MARKER
+def marker_matches(folder: str | os.PathLike, marker: str, key: str, version: int) -> bool:
+    """True when `folder/marker` (JSON, written last by a build) says `key` == version: the folder is whole and of
+    the current recipe. Shared with engine/real_model.py's conversion."""
     try:
-        return json.loads(marker.read_text()).get("recipe_version") == DEMO_MODEL_RECIPE_VERSION
+        return json.loads((Path(folder) / marker).read_text()).get(key) == version
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def swap_into_place(staging: Path, target: Path, is_complete) -> None:
+    """Rename a finished staging folder onto `target`. An older build (or an empty folder) there is moved aside
+    first and removed after; losing the race to a concurrent builder that finished is fine. Shared with
+    engine/real_model.py's conversion."""
+    stale = None
+    try:
+        if target.exists():
+            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
+            try:
+                os.replace(target, stale / target.name)
+            except FileNotFoundError:
+                pass  # a concurrent builder moved it first
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not is_complete(target):  # the one expected failure: a concurrent builder finished first
+                raise
+    finally:
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def is_complete_build(folder: str | os.PathLike) -> bool:
+    """True when `folder` holds a finished demo-model build of the current recipe."""
+    return marker_matches(folder, BUILD_MARKER, "recipe_version", DEMO_MODEL_RECIPE_VERSION)
 
 
 _DEMO_README = """\
@@ -314,22 +341,9 @@ def build_demo_model(cache_dir: str | os.PathLike | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the finished folder reads like any other
-    stale = None
     try:
         _write_demo_model(staging)
-        if target.exists():  # an older recipe's build (or an empty folder): move it aside, then swap
-            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
-            try:
-                os.replace(target, stale / target.name)
-            except FileNotFoundError:
-                pass  # a concurrent builder moved it first
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not is_complete_build(target):  # the one expected failure: a concurrent builder finished first
-                raise
+        swap_into_place(staging, target, is_complete_build)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if stale is not None:
-            shutil.rmtree(stale, ignore_errors=True)
     return target

