@@ -100,9 +100,9 @@ def quantization_check(source: str, quantized: str, progress=None, cancelled=Non
     from engine.config import EngineConfig
     from engine.pipeline import pipeline
 
+    description = HELDOUT_DESCRIPTION if text is None else "given text"
     text = text if text is not None else heldout_text(QUICK_CHECK_CHARS)
-    result = {"before": None, "after": None, "num_tokens": 0, "cancelled": False,
-              "text": HELDOUT_DESCRIPTION if text == heldout_text(QUICK_CHECK_CHARS) else "given text"}
+    result = {"before": None, "after": None, "num_tokens": 0, "cancelled": False, "text": description}
     block = 64
     config = EngineConfig(session_len=window + 1, cache_block_seq_len=block, num_gpu_blocks=window // block + 2,
                           max_batch_size=1, use_cuda_graph=False)
