@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.paged_kv import LOG2E, as_pairs, check_attention_inputs, split_pairs
+from engine.kernels.paged_kv import LOG2E, as_pairs, check_attention_inputs, rotate_halves, rotation_args, split_pairs
 from engine.kernels.pdl import launch_options, release_next, wait_for_previous
 
 DEFAULT_SM_COUNT = 4  # stands in for the multiprocessor count off-GPU (TRITON_INTERPRET): keeps CPU grids small
@@ -231,6 +231,7 @@ def _decode_kernel(
     lse_ptr,  # SPLIT: [B, Hq, num_splits] fp32, log2-sum-exp2 of each split's scaled scores
     arrivals_ptr,  # SPLIT: int32 counters, one per (sequence, kv head), zero between launches
     qk_scale,  # softmax scale * log2(e)
+    rot_scale,  # ROTATE: 1 / sqrt(head_dim), the Hadamard matrix's scale
     num_splits,  # a runtime value: split counts share a compiled kernel (per MERGE_STEPS)
     stride_qb,
     stride_qh,
@@ -243,8 +244,10 @@ def _decode_kernel(
     stride_vcd,
     stride_kszb,
     stride_kszh,
+    stride_kszg,
     stride_vszb,
     stride_vszh,
+    stride_vszg,
     stride_btb,
     stride_ob,
     stride_oh,
@@ -255,6 +258,7 @@ def _decode_kernel(
     stride_lseh,
     GROUP: tl.constexpr,
     QUANT_POLICY: tl.constexpr,
+    ROTATE: tl.constexpr,  # the cache holds Hadamard-rotated vectors: q is rotated, the output rotated back
     BLOCK_SIZE: tl.constexpr,
     HALF_D: tl.constexpr,
     BLOCK_DH: tl.constexpr,
@@ -266,6 +270,7 @@ def _decode_kernel(
     DOT_DTYPE: tl.constexpr,  # operand type of both dots
     CVT: tl.constexpr,  # quantized: how codes become dot operands (_codes_to_dot)
     DOT_PRECISION: tl.constexpr,
+    ROT_PRECISION: tl.constexpr,  # q's rotation: "tf32" (exact for 16-bit q) or "ieee"
     USE_PDL: tl.constexpr,
 ):
     # q is the previous kernel's output (block tables and kv lengths are treated as such too), and the counters
@@ -293,13 +298,20 @@ def _decode_kernel(
     offs_d = tl.arange(0, BLOCK_DH)
     mask_hd = mask_h[:, None] & (offs_d[None, :] < HALF_D)
     q_ptrs = q_ptr + batch * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]  # [BLOCK_H, BLOCK_DH]
-    q_lo = tl.load(q_ptrs, mask=mask_hd, other=0.0).to(DOT_DTYPE)
-    q_hi = tl.load(q_ptrs + HALF_D, mask=mask_hd, other=0.0).to(DOT_DTYPE)
+    q_lo = tl.load(q_ptrs, mask=mask_hd, other=0.0)
+    q_hi = tl.load(q_ptrs + HALF_D, mask=mask_hd, other=0.0)
+    if ROTATE:  # q H . k H = q . k
+        q_lo, q_hi = rotate_halves(q_lo.to(tl.float32), q_hi.to(tl.float32), rot_scale, HALF_D, ROT_PRECISION)
+    q_lo = q_lo.to(DOT_DTYPE)
+    q_hi = q_hi.to(DOT_DTYPE)
     if QUANT_POLICY != 0:
-        q_sum = tl.sum(q_lo.to(tl.float32), axis=1) + tl.sum(q_hi.to(tl.float32), axis=1)  # [BLOCK_H]
-        # sum_n p_n and sum_n p_n * min_n kept per lane and reduced once after the loop (no per-tile reductions)
+        q_sum_lo = tl.sum(q_lo.to(tl.float32), axis=1)  # [BLOCK_H], one per half: each has its own min
+        q_sum_hi = tl.sum(q_hi.to(tl.float32), axis=1)
+        # sum_n p_n and sum_n p_n * min_n (per half) kept per lane and reduced once after the loop (no per-tile
+        # reductions)
         l_acc = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
-        p_min_acc = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+        p_min_lo_acc = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+        p_min_hi_acc = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
     if CVT != 0:
         K_OFFSET: tl.constexpr = 1024.0  # K codes enter the dot as 1024 + code (_codes_to_dot, KEEP_OFFSET)
     else:
@@ -347,14 +359,22 @@ def _decode_kernel(
             k_t_ptrs = k_cache_ptr + k_rows[None, :] + offs_d[:, None]  # [BLOCK_DH, BLOCK_N]
             k_lo, k_hi = _load_codes(k_t_ptrs, HALF_D, QUANT_POLICY, DOT_DTYPE, CVT, True)  # [BLOCK_DH, BLOCK_N]
             v_lo, v_hi = _load_codes(v_ptrs, HALF_D * stride_vcd, QUANT_POLICY, DOT_DTYPE, CVT, False)
-            # (scale, min) pairs, contiguous inside a block, each read as one integer twice their width: [BLOCK_N]
-            k_scale, k_min = split_pairs(tl.load(k_sz_ptr + block_ids * stride_kszb + tok))
-            v_scale, v_min = split_pairs(tl.load(v_sz_ptr + block_ids * stride_vszb + tok))
-            s = tl.dot(q_lo, k_lo, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]: q . (K_OFFSET + code)
-            s = tl.dot(q_hi, k_hi, s, input_precision=DOT_PRECISION)
-            k_scale = k_scale * qk_scale
-            k_bias = k_min * qk_scale - K_OFFSET * k_scale
-            s = s * k_scale[None, :] + q_sum[:, None] * k_bias[None, :]
+            # (scale, min) pairs of each half, contiguous inside a block, each read as one integer twice their
+            # width: [BLOCK_N]
+            k_pairs_at = k_sz_ptr + block_ids * stride_kszb + tok
+            v_pairs_at = v_sz_ptr + block_ids * stride_vszb + tok
+            k_scale_lo, k_min_lo = split_pairs(tl.load(k_pairs_at))
+            k_scale_hi, k_min_hi = split_pairs(tl.load(k_pairs_at + stride_kszg))
+            v_scale_lo, v_min_lo = split_pairs(tl.load(v_pairs_at))
+            v_scale_hi, v_min_hi = split_pairs(tl.load(v_pairs_at + stride_vszg))
+            s_lo = tl.dot(q_lo, k_lo, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]: q . (K_OFFSET + code)
+            s_hi = tl.dot(q_hi, k_hi, input_precision=DOT_PRECISION)
+            k_scale_lo = k_scale_lo * qk_scale
+            k_scale_hi = k_scale_hi * qk_scale
+            k_bias_lo = k_min_lo * qk_scale - K_OFFSET * k_scale_lo
+            k_bias_hi = k_min_hi * qk_scale - K_OFFSET * k_scale_hi
+            s = s_lo * k_scale_lo[None, :] + q_sum_lo[:, None] * k_bias_lo[None, :]
+            s += s_hi * k_scale_hi[None, :] + q_sum_hi[:, None] * k_bias_hi[None, :]
         s = tl.where(mask_n[None, :], s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -363,21 +383,28 @@ def _decode_kernel(
         m_i = m_new
         if QUANT_POLICY == 0:
             l_i = l_i * alpha + tl.sum(p, axis=1)
+            p_lo = p.to(DOT_DTYPE)
+            p_hi = p_lo
         else:
-            v_scale = tl.where(mask_n, v_scale, 0.0)  # past-the-context scales and mins may be anything (NaN)
-            v_min = tl.where(mask_n, v_min, 0.0)
+            # past-the-context scales and mins may be anything (NaN)
+            v_scale_lo = tl.where(mask_n, v_scale_lo, 0.0)
+            v_scale_hi = tl.where(mask_n, v_scale_hi, 0.0)
+            v_min_lo = tl.where(mask_n, v_min_lo, 0.0)
+            v_min_hi = tl.where(mask_n, v_min_hi, 0.0)
             l_acc = l_acc * alpha[:, None] + p
-            p_min_acc = p_min_acc * alpha[:, None] + p * v_min[None, :]
-            p = p * v_scale[None, :]
-        p = p.to(DOT_DTYPE)
-        acc_lo = tl.dot(p, v_lo, acc_lo * alpha[:, None], input_precision=DOT_PRECISION)
-        acc_hi = tl.dot(p, v_hi, acc_hi * alpha[:, None], input_precision=DOT_PRECISION)
+            p_min_lo_acc = p_min_lo_acc * alpha[:, None] + p * v_min_lo[None, :]
+            p_min_hi_acc = p_min_hi_acc * alpha[:, None] + p * v_min_hi[None, :]
+            p_lo = (p * v_scale_lo[None, :]).to(DOT_DTYPE)
+            p_hi = (p * v_scale_hi[None, :]).to(DOT_DTYPE)
+        acc_lo = tl.dot(p_lo, v_lo, acc_lo * alpha[:, None], input_precision=DOT_PRECISION)
+        acc_hi = tl.dot(p_hi, v_hi, acc_hi * alpha[:, None], input_precision=DOT_PRECISION)
 
     if QUANT_POLICY != 0:
         l_i = tl.sum(l_acc, axis=1)
-        p_min = tl.sum(p_min_acc, axis=1)
-        acc_lo += p_min[:, None]
-        acc_hi += p_min[:, None]
+        acc_lo += tl.sum(p_min_lo_acc, axis=1)[:, None]
+        acc_hi += tl.sum(p_min_hi_acc, axis=1)[:, None]
+        if ROTATE:  # the output in the cache's rotated basis: rotate it back (H H = I), before normalizing
+            acc_lo, acc_hi = rotate_halves(acc_lo, acc_hi, rot_scale, HALF_D, "ieee")
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # an empty split leaves l = 0: its output is 0, its lse -inf
     acc_lo = acc_lo / l_safe[:, None]
     acc_hi = acc_hi / l_safe[:, None]
@@ -479,7 +506,7 @@ def decode_attention_launch(
     check_attention_inputs(q, k_cache, v_cache, k_scale_zero, v_scale_zero, block_tables, kv_lens, quant_policy)
     assert num_splits >= 1
     if quant_policy:
-        k_pairs, v_pairs = as_pairs(k_scale_zero), as_pairs(v_scale_zero)  # [nb, Hk, block_size] int32 / int64
+        k_pairs, v_pairs = as_pairs(k_scale_zero), as_pairs(v_scale_zero)  # [nb, Hk, 2, block_size] int32 / int64
     else:
         k_pairs, v_pairs = k_cache, v_cache  # unused placeholders (QUANT_POLICY=0)
 
@@ -498,6 +525,7 @@ def decode_attention_launch(
     else:
         partial, lse, arrivals = out.unsqueeze(2), out, kv_lens  # unused placeholders with a single split
     dot_dtype, cvt, precision = _dot_types(q, quant_policy)
+    rotate, rot_scale = rotation_args(head_dim, quant_policy)
 
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q,
@@ -512,6 +540,7 @@ def decode_attention_launch(
         lse,
         arrivals,
         scale * LOG2E,
+        rot_scale,
         num_splits,
         q.stride(0),
         q.stride(1),
@@ -524,8 +553,10 @@ def decode_attention_launch(
         v_cache.stride(3),
         k_pairs.stride(0),
         k_pairs.stride(1),
+        k_pairs.stride(2),
         v_pairs.stride(0),
         v_pairs.stride(1),
+        v_pairs.stride(2),
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
@@ -536,6 +567,7 @@ def decode_attention_launch(
         lse.stride(1),
         GROUP=group,
         QUANT_POLICY=quant_policy,
+        ROTATE=rotate,
         BLOCK_SIZE=k_cache.shape[1],
         HALF_D=half_d,
         BLOCK_DH=max(16, triton.next_power_of_2(half_d)),  # tl.dot needs K >= 16
@@ -547,6 +579,7 @@ def decode_attention_launch(
         DOT_DTYPE=dot_dtype,
         CVT=cvt,
         DOT_PRECISION=precision,
+        ROT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # 16-bit q: exact in tf32
         num_warps=num_warps,
         num_stages=num_stages,
         **launch_options(q),
@@ -561,7 +594,7 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # [B, max_blocks]
     kv_lens: torch.Tensor,  # [B], the new token included
     scale: float,
-    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, Hk, block_size, 2]
+    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, Hk, 2, block_size, 2]
     v_scale_zero: torch.Tensor | None = None,
     quant_policy: int = 0,
 ) -> torch.Tensor:
