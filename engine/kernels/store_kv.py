@@ -102,8 +102,8 @@ def _store_heads(
 @triton.jit
 def _quantize_half(x, mask, valid, QMAX: tl.constexpr, NUM_CLIPS: tl.constexpr):
     """x: [BLOCK_T, BLOCK_DH] fp32 halves of BLOCK_T vectors -> (codes uint8, scale, min) per row: the clipping
-    ratio (CLIP_DENOM - i) / CLIP_DENOM (paged_kv.py), i < NUM_CLIPS, with the smallest squared error (the first on a tie), as
-    reference.quantize_kv picks it."""
+    ratio (CLIP_DENOM - i) / CLIP_DENOM (paged_kv.py), i < NUM_CLIPS, with the smallest squared error (the first on
+    a tie), as reference.quantize_kv picks it."""
     inf = float("inf")
     mn0 = tl.min(tl.where(mask, x, inf), axis=1)  # [BLOCK_T]
     mx0 = tl.max(tl.where(mask, x, -inf), axis=1)
