@@ -51,7 +51,15 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.paged_kv import LOG2E, as_pairs, check_attention_inputs, rotate_halves, rotation_args, split_pairs
+from engine.kernels.paged_kv import (
+    LOG2E,
+    as_pairs,
+    check_attention_inputs,
+    rotate_halves,
+    rotate_halves_fp16,
+    rotation_args,
+    split_pairs,
+)
 from engine.kernels.pdl import launch_options, release_next, wait_for_previous
 
 DEFAULT_SM_COUNT = 4  # stands in for the multiprocessor count off-GPU (TRITON_INTERPRET): keeps CPU grids small
@@ -270,7 +278,7 @@ def _decode_kernel(
     DOT_DTYPE: tl.constexpr,  # operand type of both dots
     CVT: tl.constexpr,  # quantized: how codes become dot operands (_codes_to_dot)
     DOT_PRECISION: tl.constexpr,
-    ROT_PRECISION: tl.constexpr,  # q's rotation: "tf32" (exact for 16-bit q) or "ieee"
+    ROT_PRECISION: tl.constexpr,  # the rotations: "ieee" (fp32 models) or anything else (fp16 dots)
     USE_PDL: tl.constexpr,
 ):
     # q is the previous kernel's output (block tables and kv lengths are treated as such too), and the counters
@@ -301,7 +309,10 @@ def _decode_kernel(
     q_lo = tl.load(q_ptrs, mask=mask_hd, other=0.0)
     q_hi = tl.load(q_ptrs + HALF_D, mask=mask_hd, other=0.0)
     if ROTATE:  # q H . k H = q . k
-        q_lo, q_hi = rotate_halves(q_lo.to(tl.float32), q_hi.to(tl.float32), rot_scale, HALF_D, ROT_PRECISION)
+        if ROT_PRECISION == "ieee":
+            q_lo, q_hi = rotate_halves(q_lo.to(tl.float32), q_hi.to(tl.float32), rot_scale, HALF_D, "ieee")
+        else:  # q becomes fp16 for the dots anyway (DOT_DTYPE)
+            q_lo, q_hi = rotate_halves_fp16(q_lo, q_hi, rot_scale, HALF_D, False, 0)
     q_lo = q_lo.to(DOT_DTYPE)
     q_hi = q_hi.to(DOT_DTYPE)
     if QUANT_POLICY != 0:
@@ -403,11 +414,14 @@ def _decode_kernel(
         l_i = tl.sum(l_acc, axis=1)
         acc_lo += tl.sum(p_min_lo_acc, axis=1)[:, None]
         acc_hi += tl.sum(p_min_hi_acc, axis=1)[:, None]
-        if ROTATE:  # the output in the cache's rotated basis: rotate it back (H H = I), before normalizing
-            acc_lo, acc_hi = rotate_halves(acc_lo, acc_hi, rot_scale, HALF_D, "ieee")
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # an empty split leaves l = 0: its output is 0, its lse -inf
     acc_lo = acc_lo / l_safe[:, None]
     acc_hi = acc_hi / l_safe[:, None]
+    if ROTATE:  # the output in the cache's rotated basis: rotate it back (H H = I), once normalized
+        if ROT_PRECISION == "ieee":
+            acc_lo, acc_hi = rotate_halves(acc_lo, acc_hi, rot_scale, HALF_D, "ieee")
+        else:  # on fp16 tensor cores: the fp32 FMA dot would spill registers
+            acc_lo, acc_hi = rotate_halves_fp16(acc_lo, acc_hi, rot_scale, HALF_D, True, 1)
     if not SPLIT or live == 1:  # one split holds the whole context: its output is final
         out_ptrs = out_ptr + batch * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptrs, acc_lo.to(out_ptr.dtype.element_ty), mask=mask_hd)
@@ -579,7 +593,7 @@ def decode_attention_launch(
         DOT_DTYPE=dot_dtype,
         CVT=cvt,
         DOT_PRECISION=precision,
-        ROT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # 16-bit q: exact in tf32
+        ROT_PRECISION="ieee" if q.dtype == torch.float32 else "fp16",
         num_warps=num_warps,
         num_stages=num_stages,
         **launch_options(q),

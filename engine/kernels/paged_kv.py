@@ -31,11 +31,16 @@ def split_pairs(pairs):
 
 
 @triton.jit
-def hadamard_signs(HALF_D: tl.constexpr):
+def hadamard_signs(HALF_D: tl.constexpr, VARIANT: tl.constexpr = 0):
     """[HALF_D, HALF_D] fp32 Sylvester Hadamard signs (-1)^popcount(i & j), made in registers (HALF_D a power of
-    two <= 256)."""
+    two <= 128). VARIANT 1 computes the same matrix as ((i | HALF_D) & j): a kernel that needs the signs before and
+    after its main loop uses one variant each, so the compiler cannot merge them into one value kept in registers
+    through the loop."""
     i = tl.arange(0, HALF_D)
-    b = i[:, None] & i[None, :]
+    if VARIANT:
+        b = (i[:, None] | HALF_D) & i[None, :]
+    else:
+        b = i[:, None] & i[None, :]
     b = b ^ (b >> 4)
     b = b ^ (b >> 2)
     b = b ^ (b >> 1)
@@ -51,6 +56,27 @@ def rotate_halves(x1, x2, rot_scale, HALF_D: tl.constexpr, PRECISION: tl.constex
     a = tl.dot(x1, signs, input_precision=PRECISION)
     b = tl.dot(x2, signs, input_precision=PRECISION)
     return (a + b) * rot_scale, (a - b) * rot_scale
+
+
+@triton.jit
+def rotate_halves_fp16(x1, x2, rot_scale, HALF_D: tl.constexpr, RESIDUAL: tl.constexpr, VARIANT: tl.constexpr):
+    """rotate_halves on fp16 tensor-core dots (fp32 results): the signs are exact in fp16 and the dots accumulate in
+    fp32. Without RESIDUAL the inputs are taken as fp16 (exact for fp16 values; the decode kernel's dots round q to
+    fp16 anyway). With RESIDUAL fp32 inputs are split into an fp16 part and its fp16 residual (|r| <= 2^-11 |x|),
+    which keeps about fp32 accuracy (2^-22) for values within fp16's range (normalized attention outputs); the fp32
+    FMA dot of rotate_halves "ieee" would need far more registers. VARIANT: hadamard_signs'."""
+    signs = hadamard_signs(HALF_D, VARIANT).to(tl.float16)
+    a1 = x1.to(tl.float16)
+    a2 = x2.to(tl.float16)
+    if RESIDUAL:
+        y1 = tl.dot((x1 - a1.to(tl.float32)).to(tl.float16), signs)
+        y1 = tl.dot(a1, signs, y1)
+        y2 = tl.dot((x2 - a2.to(tl.float32)).to(tl.float16), signs)
+        y2 = tl.dot(a2, signs, y2)
+    else:
+        y1 = tl.dot(a1, signs)
+        y2 = tl.dot(a2, signs)
+    return (y1 + y2) * rot_scale, (y1 - y2) * rot_scale
 
 
 def rotation_args(head_dim: int, quant_policy: int) -> tuple[bool, float]:

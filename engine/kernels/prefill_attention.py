@@ -17,7 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.paged_kv import LOG2E, as_pairs, check_attention_inputs, rotate_halves, rotation_args, split_pairs
+from engine.kernels.paged_kv import (
+    LOG2E,
+    as_pairs,
+    check_attention_inputs,
+    rotate_halves,
+    rotate_halves_fp16,
+    rotation_args,
+    split_pairs,
+)
 
 
 @triton.jit
@@ -165,7 +173,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     V_TOKEN_MINOR: tl.constexpr,  # quantized V stored token-minor (reference.py), as the model runner allocates it
     DOT_PRECISION: tl.constexpr,
-    ROT_PRECISION: tl.constexpr,  # q's rotation: "tf32" (exact for 16-bit q) or "ieee"
+    ROT_PRECISION: tl.constexpr,  # the rotations: "ieee" (fp32 models) or anything else (fp16 dots)
 ):
     m_block = tl.program_id(0)
     head = tl.program_id(1)
@@ -190,7 +198,10 @@ def _prefill_kernel(
     q_lo = tl.load(q_ptrs, mask=mask_md, other=0.0)
     q_hi = tl.load(q_ptrs + HALF_D, mask=mask_md, other=0.0)
     if ROTATE:  # q H . k H = q . k
-        r_lo, r_hi = rotate_halves(q_lo.to(tl.float32), q_hi.to(tl.float32), rot_scale, HALF_D, ROT_PRECISION)
+        if ROT_PRECISION == "ieee":
+            r_lo, r_hi = rotate_halves(q_lo.to(tl.float32), q_hi.to(tl.float32), rot_scale, HALF_D, "ieee")
+        else:  # 16-bit q: exact in fp16 (bf16 within fp16's range), the dots accumulate in fp32
+            r_lo, r_hi = rotate_halves_fp16(q_lo, q_hi, rot_scale, HALF_D, False, 0)
         q_lo = r_lo.to(q_ptr.dtype.element_ty)
         q_hi = r_hi.to(q_ptr.dtype.element_ty)
 
@@ -240,10 +251,13 @@ def _prefill_kernel(
         acc_lo = tl.dot(p, v_lo.to(q_lo.dtype), acc_lo * alpha[:, None], input_precision=DOT_PRECISION)
         acc_hi = tl.dot(p, v_hi.to(q_lo.dtype), acc_hi * alpha[:, None], input_precision=DOT_PRECISION)
 
-    if ROTATE:  # the output in the cache's rotated basis: rotate it back (H H = I)
-        acc_lo, acc_hi = rotate_halves(acc_lo, acc_hi, rot_scale, HALF_D, "ieee")
     acc_lo = acc_lo / l_i[:, None]
     acc_hi = acc_hi / l_i[:, None]
+    if ROTATE:  # the output in the cache's rotated basis: rotate it back (H H = I), once normalized
+        if ROT_PRECISION == "ieee":
+            acc_lo, acc_hi = rotate_halves(acc_lo, acc_hi, rot_scale, HALF_D, "ieee")
+        else:  # on fp16 tensor cores: the fp32 FMA dot would spill registers
+            acc_lo, acc_hi = rotate_halves_fp16(acc_lo, acc_hi, rot_scale, HALF_D, True, 1)
     out_ptrs = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(out_ptrs, acc_lo.to(out_ptr.dtype.element_ty), mask=mask_md)
     tl.store(out_ptrs + HALF_D, acc_hi.to(out_ptr.dtype.element_ty), mask=mask_md)
@@ -327,7 +341,7 @@ def prefill_attention_launch(
         BLOCK_N=block_n,
         V_TOKEN_MINOR=v_token_minor,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        ROT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # 16-bit q: exact in tf32
+        ROT_PRECISION="ieee" if q.dtype == torch.float32 else "fp16",
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.paged_kv import CLIP_DENOM, check_scale_zero, rotate_halves, rotation_args
+from engine.kernels.paged_kv import CLIP_DENOM, check_scale_zero, rotate_halves, rotate_halves_fp16, rotation_args
 from engine.kernels.pdl import launch_options, release_next, wait_for_previous
 from engine.kernels.reference import KV_CLIP_RATIOS
 from engine.kernels.rotary import rotate_half, rotate_heads
@@ -116,8 +116,10 @@ def _quantize_half(x, mask, valid, QMAX: tl.constexpr, NUM_CLIPS: tl.constexpr):
         best_err = tl.full(mn0.shape, inf, tl.float32)
         mn = mn0
         scale = tl.full(mn0.shape, 1.0, tl.float32)
-        for i in range(NUM_CLIPS):
-            ratio = tl.math.div_rn(tl.full(mn0.shape, _CLIP_DENOM - i, tl.float32), _CLIP_DENOM * 1.0)
+        for i in range(NUM_CLIPS):  # a loop, not unrolled: fewer live registers
+            # correctly rounded, so the very fp32 numbers of the reference's ratios (checked for these)
+            denom = tl.full(mn0.shape, _CLIP_DENOM, tl.float32)
+            ratio = tl.math.div_rn(denom - i, denom)
             c_mn = mn0 * ratio
             c_scale = tl.maximum(tl.math.div_rn(mx0 * ratio - c_mn, QMAX * 1.0), 1e-8)
             c_inv = tl.math.div_rn(tl.full(mn0.shape, 1.0, tl.float32), c_scale)
@@ -190,8 +192,11 @@ def _store_quantized_tile(
         r1, r2 = rotate_half(x1, x2, cos, sin)
         x1 = r1.to(x_ptr.dtype.element_ty).to(tl.float32)
         x2 = r2.to(x_ptr.dtype.element_ty).to(tl.float32)
-    if ROTATE:  # BLOCK_DH == HALF_D here (reference.kv_rotates)
-        x1, x2 = rotate_halves(x1, x2, rot_scale, HALF_D, PRECISION)
+    if ROTATE:  # BLOCK_DH == HALF_D here (reference.kv_rotates); x holds 16-bit values (or fp32: "ieee")
+        if PRECISION == "fp16":
+            x1, x2 = rotate_halves_fp16(x1, x2, rot_scale, HALF_D, False, 0)
+        else:
+            x1, x2 = rotate_halves(x1, x2, rot_scale, HALF_D, PRECISION)
 
     q1, scale1, mn1 = _quantize_half(x1, mask, valid, QMAX, NUM_CLIPS)
     q2, scale2, mn2 = _quantize_half(x2, mask, valid, QMAX, NUM_CLIPS)
@@ -462,7 +467,7 @@ def _launch(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale_zero, v_s
         ROTATE=rotate,
         QUANT_POLICY=quant_policy,
         NUM_CLIPS=len(KV_CLIP_RATIOS[quant_policy]),
-        PRECISION="ieee" if k.dtype == torch.float32 else "tf32",  # 16-bit values are exact in tf32
+        PRECISION={torch.float32: "ieee", torch.float16: "fp16"}.get(k.dtype, "tf32"),  # exact for 16-bit values
         BLOCK_SIZE=k_cache.shape[1],
         HALF_D=half_d,
         BLOCK_DH=triton.next_power_of_2(half_d),
