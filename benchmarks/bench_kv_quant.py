@@ -7,7 +7,10 @@ within 3% of the one-pair scheme's batch-1 decode and fixed256 throughput).
     python benchmarks/bench_kv_quant.py --configs kv4                                  # this checkout
 
 Prints one JSON line per config: decode_tok_s (median of --repeats runs of --new-tokens steps), decode_ctx_tok_s
-(at --context tokens; 0 skips it), fixed256_output_tok_s and kv_bytes_per_token.
+(at --context tokens; 0 skips it), fixed256_output_tok_s and kv_bytes_per_token. --kernels instead times the KV
+kernels alone at Llama-2-7B shape with the checkout's benchmarks/bench_kernels.py (its cache layout): decode
+attention graph-timed like a decode step (32 calls) at a few (batch, context) cases, for each of --decode-warps, then
+store_kv and prefill rows; one JSON line each.
 """
 
 from __future__ import annotations
@@ -32,9 +35,15 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--fixed-requests", type=int, default=256)
+    parser.add_argument("--kernels", action="store_true", help="time the KV kernels alone (see above)")
+    parser.add_argument("--decode-warps", default="2,4")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(args.repo.resolve()))
     import torch
+
+    if args.kernels:
+        bench_kernels(args, torch)
+        return
 
     from benchmarks.common import RequestTimer, make_shape_folder
     from engine import EngineConfig, pipeline
@@ -42,6 +51,36 @@ def main(argv=None):
     folder = make_shape_folder(args.shape, Path(tempfile.mkdtemp()))
     for config in args.configs.split(","):
         print(json.dumps(bench_config(folder, config, args, torch, RequestTimer, EngineConfig, pipeline)), flush=True)
+
+
+KERNEL_CASES = ((1, 4096), (1, 256), (64, 1024), (256, 256))  # decode (batch, context)
+
+
+def bench_kernels(args, torch) -> None:
+    from benchmarks import bench_kernels as bk
+    from engine.kernels.decode_attention import decode_attention_launch, pick_num_splits
+
+    device = torch.device("cuda")
+    copy_bw = bk.copy_bandwidth(device)
+    cfg = bk.MODELS["llama2-7b"]
+    for kv in args.configs.replace("kv", "int").split(","):
+        cache = bk.PagedKV(8 * 65536, cfg["hk"], cfg["d"], bk.KV_FORMATS[kv], device)
+        for batch, context in KERNEL_CASES:
+            q = torch.randn(batch, cfg["hq"], cfg["d"], dtype=bk.DTYPE, device=device)
+            splits = pick_num_splits(batch, cfg["hk"], context, 64, device)
+            for warps in [int(w) for w in args.decode_warps.split(",")]:
+                def launch(*a, warps=warps, splits=splits):
+                    return decode_attention_launch(*a, num_splits=splits, block_n=64, num_warps=warps, num_stages=2)
+
+                us = bk.decode_graph_us(launch, cache, q, batch, context)
+                print(json.dumps({"repo": str(args.repo), "kernel": "decode_attention", "kv": kv, "batch": batch,
+                                  "context": context, "warps": warps, "splits": splits, "graph_us_32_calls": us}),
+                      flush=True)
+        for r in bk.bench_store_kv("llama2-7b", cfg, cache, kv, copy_bw, device) + bk.bench_prefill(
+                "llama2-7b", cfg, cache, kv, copy_bw, device):
+            print(json.dumps({"repo": str(args.repo), **r}), flush=True)
+        del cache
+        torch.cuda.empty_cache()
 
 
 def bench_config(folder, config, args, torch, RequestTimer, EngineConfig, pipeline) -> dict:
