@@ -55,6 +55,7 @@ from engine.kernels.paged_kv import (
     LOG2E,
     as_pairs,
     check_attention_inputs,
+    group_stride,
     rotate_halves,
     rotate_halves_fp16,
     rotation_args,
@@ -520,7 +521,7 @@ def decode_attention_launch(
     check_attention_inputs(q, k_cache, v_cache, k_scale_zero, v_scale_zero, block_tables, kv_lens, quant_policy)
     assert num_splits >= 1
     if quant_policy:
-        k_pairs, v_pairs = as_pairs(k_scale_zero), as_pairs(v_scale_zero)  # [nb, Hk, 2, block_size] int32 / int64
+        k_pairs, v_pairs = as_pairs(k_scale_zero), as_pairs(v_scale_zero)  # [nb, Hk, G, block_size] int32 / int64
     else:
         k_pairs, v_pairs = k_cache, v_cache  # unused placeholders (QUANT_POLICY=0)
 
@@ -567,10 +568,10 @@ def decode_attention_launch(
         v_cache.stride(3),
         k_pairs.stride(0),
         k_pairs.stride(1),
-        k_pairs.stride(2),
+        group_stride(k_pairs) if quant_policy else 0,
         v_pairs.stride(0),
         v_pairs.stride(1),
-        v_pairs.stride(2),
+        group_stride(v_pairs) if quant_policy else 0,
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
@@ -608,7 +609,7 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # [B, max_blocks]
     kv_lens: torch.Tensor,  # [B], the new token included
     scale: float,
-    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, Hk, 2, block_size, 2]
+    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, Hk, G, block_size, 2]
     v_scale_zero: torch.Tensor | None = None,
     quant_policy: int = 0,
 ) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.reference import KV_CLIP_RATIOS, kv_rotates
+from engine.kernels.reference import KV_CLIP_RATIOS, KV_GROUPS, kv_rotates
 
 LOG2E = 1.4426950408889634
 CLIP_DENOM = 40  # int4 clipping ratios (CLIP_DENOM - i) / CLIP_DENOM, i < len(KV_CLIP_RATIOS[4]): the kernel's formula
@@ -107,18 +107,25 @@ def _check_cache(cache, scale_zero, num_kv_heads, head_dim, quant_policy, is_v=F
     assert cache.stride(-1) == 1 or token_minor, "cache head_dim must be contiguous (quantized V: or token-minor)"
     if quant_policy:
         assert cache.dtype == torch.uint8, "quantized caches are uint8"
-        check_scale_zero(scale_zero, cache)
+        check_scale_zero(scale_zero, cache, quant_policy)
 
 
-def check_scale_zero(scale_zero, cache):
+def check_scale_zero(scale_zero, cache, quant_policy):
     nb, bs, hk = cache.shape[:3]
-    assert scale_zero is not None and scale_zero.shape == (nb, hk, 2, bs, 2), "scale_zero: [nb, Hk, 2, block_size, 2]"
+    groups = KV_GROUPS[quant_policy]
+    assert scale_zero is not None and scale_zero.shape == (nb, hk, groups, bs, 2), \
+        f"scale_zero: [nb, Hk, {groups}, block_size, 2]"
     assert scale_zero.stride(-1) == 1, "scale_zero last dim must be contiguous"
 
 
+def group_stride(scale_zero: torch.Tensor) -> int:
+    """The stride from the first half's (scale, min) group to the second half's: 0 when one group serves both."""
+    return scale_zero.stride(2) if scale_zero.shape[2] == 2 else 0
+
+
 def as_pairs(scale_zero: torch.Tensor) -> torch.Tensor:
-    """[nb, Hk, 2, bs, 2] fp16 / fp32 -> the same bytes as [nb, Hk, 2, bs] int32 / int64, one (scale, min) pair
+    """[nb, Hk, G, bs, 2] fp16 / fp32 -> the same bytes as [nb, Hk, G, bs] int32 / int64, one (scale, min) pair
     each."""
     pairs = scale_zero.view(torch.int32 if scale_zero.element_size() == 2 else torch.int64)[..., 0]
-    assert pairs.stride(3) == 1, "scale_zero: a block's pairs for one head and half must be contiguous"
+    assert pairs.stride(3) == 1, "scale_zero: a block's pairs for one head and group must be contiguous"
     return pairs

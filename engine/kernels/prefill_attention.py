@@ -21,6 +21,7 @@ from engine.kernels.paged_kv import (
     LOG2E,
     as_pairs,
     check_attention_inputs,
+    group_stride,
     rotate_halves,
     rotate_halves_fp16,
     rotation_args,
@@ -318,11 +319,11 @@ def prefill_attention_launch(
         v_cache.stride(3),
         k_scale_zero.stride(0),
         k_scale_zero.stride(1),
-        k_scale_zero.stride(2),
+        group_stride(k_scale_zero) if quant_policy else 0,
         k_scale_zero.stride(3),
         v_scale_zero.stride(0),
         v_scale_zero.stride(1),
-        v_scale_zero.stride(2),
+        group_stride(v_scale_zero) if quant_policy else 0,
         v_scale_zero.stride(3),
         block_tables.stride(0),
         out.stride(0),
@@ -330,7 +331,7 @@ def prefill_attention_launch(
         v_pairs,
         v_pairs.stride(0),
         v_pairs.stride(1),
-        v_pairs.stride(2),
+        group_stride(v_pairs) if v_token_minor else 0,
         GROUP=num_q_heads // num_kv_heads,
         QUANT_POLICY=quant_policy,
         ROTATE=rotate,
@@ -356,7 +357,7 @@ def paged_prefill_attention(
     cu_seqlens_q: torch.Tensor,  # [B + 1] offsets of each sequence's new tokens in q
     kv_lens: torch.Tensor,  # [B] tokens in cache per sequence, new ones included (already stored)
     scale: float,
-    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, Hk, 2, block_size, 2]
+    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, Hk, G, block_size, 2]
     v_scale_zero: torch.Tensor | None = None,
     quant_policy: int = 0,
     max_seqlen_q: int | None = None,  # host-side hint; computing it from cu_seqlens_q syncs the device

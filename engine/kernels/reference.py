@@ -11,19 +11,20 @@ Paged KV cache layout (one pair of tensors per layer):
         a [num_blocks, num_kv_heads, head_dim_stored, block_size] tensor viewed through .permute(0, 3, 1, 2).
         (Decode's P @ V dot reduces over tokens; with a block's tokens adjacent, 8-bit codes reach it four to a
         word instead of byte by byte.) Code below indexes logically and works with either storage.
-    k_scale_zero, v_scale_zero: [num_blocks, num_kv_heads, 2, block_size, 2], only when quantized: [b, h, g, s] is
-        the (scale, min) pair of half g (g = 0: elements d < head_dim / 2, g = 1: the rest) of the token in slot s of
-        block b, head h; fp32 for fp32 models, else fp16. (Head-major, then half, so a block's pairs for one head and
-        half are contiguous: decode loads a tile's worth with one vector load.)
+    k_scale_zero, v_scale_zero: [num_blocks, num_kv_heads, G, block_size, 2], only when quantized: [b, h, g, s] is
+        the (scale, min) pair of group g of the token in slot s of block b, head h; G = KV_GROUPS[quant_policy]: int4
+        has one pair per half (g = 0: elements d < head_dim / 2, g = 1: the rest), int8 one for the whole vector.
+        fp32 for fp32 models, else fp16. (Head-major, then group, so a block's pairs for one head and group are
+        contiguous: decode loads a tile's worth with one vector load.)
 Quantization (kv_rotates / quantize_kv): a head vector is first rotated by the orthonormal Hadamard matrix of
 head_dim (when head_dim / 2 is a power of two >= 16; Sylvester order, so H = [[A, A], [A, -A]] on the halves and
-H = H^T = H^-1), which spreads outlier channels over the whole vector; then each half is quantized asymmetrically
-on its own, with the zero point stored as the clipped minimum: q = clamp(round((x - min) / scale), 0, 2**bits - 1),
-x ~= q * scale + min. int4 picks, per half, the clipping ratio r of KV_CLIP_RATIOS (min = r * min(x),
-max = r * max(x)) with the smallest squared error. The cache thus holds K H and V H: attention kernels rotate q
-(q.k = qH . kH) and rotate the attention output back (sum p_n v_n = (sum p_n v_n H) H). (Storing min rather than an
-integer zero point keeps both numbers representable in fp16: a zero point of -min / scale overflows fp16 for vectors
-whose range is tiny next to their mean, and a constant vector would need scale 0.)
+H = H^T = H^-1), which spreads outlier channels over the whole vector; then each group (int4: each half, int8: the
+vector) is quantized asymmetrically on its own, with the zero point stored as the clipped minimum:
+q = clamp(round((x - min) / scale), 0, 2**bits - 1), x ~= q * scale + min. int4 picks, per half, the clipping ratio r
+of KV_CLIP_RATIOS (min = r * min(x), max = r * max(x)) with the smallest squared error. The cache thus holds K H and
+V H: attention kernels rotate q (q.k = qH . kH) and rotate the attention output back (sum p_n v_n = (sum p_n v_n H) H).
+(Storing min rather than an integer zero point keeps both numbers representable in fp16: a zero point of -min / scale
+overflows fp16 for vectors whose range is tiny next to their mean, and a constant vector would need scale 0.)
 A token's slot is block_id * block_size + offset; slot_mapping gives each new token's slot (-1: skip).
 """
 
@@ -74,6 +75,7 @@ def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 KV_CLIP_RATIOS = {8: (1.0,), 4: tuple((40 - i) / 40 for i in range(8))}  # bits -> clipping ratios searched
+KV_GROUPS = {8: 1, 4: 2}  # bits -> (scale, min) groups per head vector: int4 one per half (+4 bytes a head)
 
 
 def kv_rotates(head_dim: int) -> bool:
@@ -96,14 +98,15 @@ def hadamard(head_dim: int, device=None) -> torch.Tensor:
 
 
 def quantize_kv(x: torch.Tensor, bits: int):
-    """x: [N, H, D] -> (q uint8 [N, H, D or D // 2], scale_zero [N, H, 2, 2] float32 holding (scale, min) per half),
+    """x: [N, H, D] -> (q uint8 [N, H, D or D // 2], scale_zero [N, H, G, 2] float32 holding (scale, min) per group),
     of x rotated when kv_rotates(D) (the layout notes above)."""
     qmax = (1 << bits) - 1
     xf = x.float()
     head_dim = xf.shape[-1]
     if kv_rotates(head_dim):
         xf = xf @ hadamard(head_dim, xf.device)
-    xf = xf.unflatten(-1, (2, head_dim // 2))  # [N, H, 2, D / 2]
+    groups = KV_GROUPS[bits]
+    xf = xf.unflatten(-1, (groups, head_dim // groups))  # [N, H, G, D / G]
     mn0, mx0 = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
     best = None
     for r in torch.tensor(KV_CLIP_RATIOS[bits], dtype=torch.float32).tolist():  # fp32 ratios, first best kept
@@ -117,21 +120,20 @@ def quantize_kv(x: torch.Tensor, bits: int):
             better = err < best[3]
             best = tuple(torch.where(better, new, old) for new, old in zip((q, scale, mn, err), best))
     q, scale, mn, _ = best
-    q = q.to(torch.uint8)
+    q = q.to(torch.uint8).flatten(-2)
     if bits == 4:
-        q = q[..., 0, :] | (q[..., 1, :] << 4)
-    else:
-        q = q.flatten(-2)
+        q = q[..., : head_dim // 2] | (q[..., head_dim // 2 :] << 4)
     return q, torch.cat([scale, mn], dim=-1)
 
 
 def dequantize_kv(q: torch.Tensor, scale_zero: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of quantize_kv (rotation undone): q [..., D or D // 2] uint8, scale_zero [..., 2, 2] -> [..., D]."""
+    """Inverse of quantize_kv (rotation undone): q [..., D or D // 2] uint8, scale_zero [..., G, 2] -> [..., D]."""
     if bits == 4:
         q = torch.cat([q & 0xF, q >> 4], dim=-1)
     head_dim = q.shape[-1]
-    scale, mn = scale_zero[..., :1].float(), scale_zero[..., 1:].float()  # [..., 2, 1]
-    x = (q.unflatten(-1, (2, head_dim // 2)).float() * scale + mn).flatten(-2)
+    scale, mn = scale_zero[..., :1].float(), scale_zero[..., 1:].float()  # [..., G, 1]
+    groups = scale_zero.shape[-2]
+    x = (q.unflatten(-1, (groups, head_dim // groups)).float() * scale + mn).flatten(-2)
     if kv_rotates(head_dim):
         x = x @ hadamard(head_dim, x.device)
     return x.to(dtype)
@@ -158,7 +160,7 @@ def store_kv(
         v_cache[blocks, offsets] = v.to(v_cache.dtype)
         return
     for x, cache, sz in ((k, k_cache, k_scale_zero), (v, v_cache, v_scale_zero)):
-        q, scale_zero = quantize_kv(x, quant_policy)  # [N, Hk, D or D // 2], [N, Hk, 2, 2]
+        q, scale_zero = quantize_kv(x, quant_policy)  # [N, Hk, D or D // 2], [N, Hk, G, 2]
         cache[blocks, offsets] = q
         sz[blocks, :, :, offsets] = scale_zero.to(sz.dtype)  # indices split by slices: indexed dim first
 
@@ -199,7 +201,7 @@ def gather_kv(
     x = cache[ids].flatten(0, 1)[:length]
     if quant_policy == 0:
         return x.to(dtype)
-    sz = scale_zero[ids].permute(0, 3, 1, 2, 4).flatten(0, 1)[:length]  # [nb, Hk, 2, bs, 2] -> [length, Hk, 2, 2]
+    sz = scale_zero[ids].permute(0, 3, 1, 2, 4).flatten(0, 1)[:length]  # [nb, Hk, G, bs, 2] -> [length, Hk, G, 2]
     return dequantize_kv(x, sz, quant_policy, dtype)
 
 

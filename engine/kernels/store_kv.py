@@ -30,9 +30,16 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.paged_kv import CLIP_DENOM, check_scale_zero, rotate_halves, rotate_halves_fp16, rotation_args
+from engine.kernels.paged_kv import (
+    CLIP_DENOM,
+    check_scale_zero,
+    group_stride,
+    rotate_halves,
+    rotate_halves_fp16,
+    rotation_args,
+)
 from engine.kernels.pdl import launch_options, release_next, wait_for_previous
-from engine.kernels.reference import KV_CLIP_RATIOS
+from engine.kernels.reference import KV_CLIP_RATIOS, KV_GROUPS
 from engine.kernels.rotary import rotate_half, rotate_heads
 
 _CLIP_DENOM = tl.constexpr(CLIP_DENOM)
@@ -100,15 +107,20 @@ def _store_heads(
 
 
 @triton.jit
-def _quantize_half(x, mask, valid, QMAX: tl.constexpr, NUM_CLIPS: tl.constexpr):
-    """x: [BLOCK_T, BLOCK_DH] fp32 halves of BLOCK_T vectors -> (codes uint8, scale, min) per row: the clipping
-    ratio (CLIP_DENOM - i) / CLIP_DENOM (paged_kv.py), i < NUM_CLIPS, with the smallest squared error (the first on
-    a tie), as reference.quantize_kv picks it."""
+def _row_range(x, mask, valid):
+    """x: [BLOCK_T, BLOCK_DH] fp32 -> (min, max) per row over `mask` (0 for skipped tokens: the math stays finite)."""
     inf = float("inf")
-    mn0 = tl.min(tl.where(mask, x, inf), axis=1)  # [BLOCK_T]
-    mx0 = tl.max(tl.where(mask, x, -inf), axis=1)
-    mn0 = tl.where(valid, mn0, 0.0)  # skipped tokens: keep the math finite
-    mx0 = tl.where(valid, mx0, 0.0)
+    mn = tl.min(tl.where(mask, x, inf), axis=1)  # [BLOCK_T]
+    mx = tl.max(tl.where(mask, x, -inf), axis=1)
+    return tl.where(valid, mn, 0.0), tl.where(valid, mx, 0.0)
+
+
+@triton.jit
+def _quantize_half(x, mn0, mx0, mask, QMAX: tl.constexpr, NUM_CLIPS: tl.constexpr):
+    """x: [BLOCK_T, BLOCK_DH] fp32 halves of BLOCK_T vectors, their group's range (mn0, mx0) -> (codes uint8, scale,
+    min) per row: the clipping ratio (CLIP_DENOM - i) / CLIP_DENOM (paged_kv.py), i < NUM_CLIPS, with the smallest
+    squared error (the first on a tie), as reference.quantize_kv picks it (NUM_CLIPS > 1: one group per half)."""
+    inf = float("inf")
     if NUM_CLIPS == 1:
         mn = mn0
         scale = tl.maximum(tl.math.div_rn(mx0 - mn0, QMAX * 1.0), 1e-8)
@@ -165,6 +177,7 @@ def _store_quantized_tile(
     ROPE: tl.constexpr,
     ROTATE: tl.constexpr,
     QUANT_POLICY: tl.constexpr,
+    GROUPS: tl.constexpr,
     NUM_CLIPS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HALF_D: tl.constexpr,
@@ -198,8 +211,15 @@ def _store_quantized_tile(
         else:
             x1, x2 = rotate_halves(x1, x2, rot_scale, HALF_D, PRECISION)
 
-    q1, scale1, mn1 = _quantize_half(x1, mask, valid, QMAX, NUM_CLIPS)
-    q2, scale2, mn2 = _quantize_half(x2, mask, valid, QMAX, NUM_CLIPS)
+    mn1, mx1 = _row_range(x1, mask, valid)
+    mn2, mx2 = _row_range(x2, mask, valid)
+    if GROUPS == 1:  # one (scale, min) for the whole vector
+        mn1 = tl.minimum(mn1, mn2)
+        mx1 = tl.maximum(mx1, mx2)
+        mn2 = mn1
+        mx2 = mx1
+    q1, scale1, mn1 = _quantize_half(x1, mn1, mx1, mask, QMAX, NUM_CLIPS)
+    q2, scale2, mn2 = _quantize_half(x2, mn2, mx2, mask, QMAX, NUM_CLIPS)
     if QUANT_POLICY == 4:
         q1 = q1 | (q2 << 4)
 
@@ -215,12 +235,12 @@ def _store_quantized_tile(
         run_dst = cache_ptr + (slot0 // BLOCK_SIZE) * stride_cb + head * stride_ch + run[:, None] * stride_cs
         run_sz = sz_ptr + (slot0 // BLOCK_SIZE) * stride_szb + head * stride_szh + run * stride_szs
         _store_codes(run_dst + offs_d[None, :] * stride_cd, run_sz, q1, q2, scale1, mn1, scale2, mn2, mask, valid,
-                     stride_cd, stride_szg, QUANT_POLICY, HALF_D)
+                     stride_cd, stride_szg, QUANT_POLICY, GROUPS, HALF_D)
     else:
         rows_at = (slot // BLOCK_SIZE) * stride_cb + head * stride_ch + (slot % BLOCK_SIZE) * stride_cs  # [BLOCK_T]
         pairs_at = (slot // BLOCK_SIZE) * stride_szb + head * stride_szh + (slot % BLOCK_SIZE) * stride_szs
         _store_codes(cache_ptr + rows_at[:, None] + offs_d[None, :] * stride_cd, sz_ptr + pairs_at, q1, q2, scale1,
-                     mn1, scale2, mn2, mask, valid, stride_cd, stride_szg, QUANT_POLICY, HALF_D)
+                     mn1, scale2, mn2, mask, valid, stride_cd, stride_szg, QUANT_POLICY, GROUPS, HALF_D)
 
 
 @triton.jit
@@ -267,14 +287,15 @@ def _rotate_q_tile(
 
 @triton.jit
 def _store_codes(dst, sz, q1, q2, scale1, mn1, scale2, mn2, mask, valid, stride_cd, stride_szg,
-                 QUANT_POLICY: tl.constexpr, HALF_D: tl.constexpr):
+                 QUANT_POLICY: tl.constexpr, GROUPS: tl.constexpr, HALF_D: tl.constexpr):
     tl.store(dst, q1, mask=mask)
     if QUANT_POLICY == 8:
         tl.store(dst + HALF_D * stride_cd, q2, mask=mask)
     tl.store(sz, scale1.to(sz.dtype.element_ty), mask=valid)
     tl.store(sz + 1, mn1.to(sz.dtype.element_ty), mask=valid)
-    tl.store(sz + stride_szg, scale2.to(sz.dtype.element_ty), mask=valid)
-    tl.store(sz + stride_szg + 1, mn2.to(sz.dtype.element_ty), mask=valid)
+    if GROUPS == 2:
+        tl.store(sz + stride_szg, scale2.to(sz.dtype.element_ty), mask=valid)
+        tl.store(sz + stride_szg + 1, mn2.to(sz.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -384,6 +405,7 @@ def _store_quantized_kernel(
     ROPE: tl.constexpr,
     ROTATE: tl.constexpr,
     QUANT_POLICY: tl.constexpr,
+    GROUPS: tl.constexpr,
     NUM_CLIPS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HALF_D: tl.constexpr,
@@ -404,12 +426,14 @@ def _store_quantized_kernel(
         _store_quantized_tile(k_ptr, k_cache_ptr, k_sz_ptr, slot_ptr, cos_ptr, sin_ptr, tile, head, num_tokens,
                               rot_scale, stride_kn, stride_kh, stride_kcb, stride_kcs, stride_kch, stride_kcd,
                               stride_kszb, stride_kszh, stride_kszg, stride_kszs, stride_cosn, stride_sinn, ROPE,
-                              ROTATE, QUANT_POLICY, NUM_CLIPS, BLOCK_SIZE, HALF_D, BLOCK_DH, BLOCK_T, PRECISION)
+                              ROTATE, QUANT_POLICY, GROUPS, NUM_CLIPS, BLOCK_SIZE, HALF_D, BLOCK_DH, BLOCK_T,
+                              PRECISION)
     elif which == 1:
         _store_quantized_tile(v_ptr, v_cache_ptr, v_sz_ptr, slot_ptr, cos_ptr, sin_ptr, tile, head, num_tokens,
                               rot_scale, stride_vn, stride_vh, stride_vcb, stride_vcs, stride_vch, stride_vcd,
                               stride_vszb, stride_vszh, stride_vszg, stride_vszs, stride_cosn, stride_sinn, False,
-                              ROTATE, QUANT_POLICY, NUM_CLIPS, BLOCK_SIZE, HALF_D, BLOCK_DH, BLOCK_T, PRECISION)
+                              ROTATE, QUANT_POLICY, GROUPS, NUM_CLIPS, BLOCK_SIZE, HALF_D, BLOCK_DH, BLOCK_T,
+                              PRECISION)
     else:
         if ROPE:  # (launched only with ROPE; the constexpr keeps the code out of plain store_kv)
             _rotate_q_tile(q_ptr, cos_ptr, sin_ptr, tile, head, num_tokens, q_per_kv, stride_qn, stride_qh,
@@ -431,7 +455,7 @@ def _check_kv(k, v, k_cache, v_cache, slot_mapping, k_scale_zero, v_scale_zero, 
     if quant_policy:
         assert k_cache.dtype == torch.uint8 and v_cache.dtype == torch.uint8, "quantized caches are uint8"
         for sz in (k_scale_zero, v_scale_zero):
-            check_scale_zero(sz, k_cache)
+            check_scale_zero(sz, k_cache, quant_policy)
 
 
 def _launch(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale_zero, v_scale_zero, quant_policy) -> None:
@@ -461,11 +485,13 @@ def _launch(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale_zero, v_s
     rotate, rot_scale = rotation_args(head_dim, quant_policy)
     _store_quantized_kernel[(triton.cdiv(num_tokens, block_t), programs_per_tile, num_kv_heads)](
         q, k, v, cos, sin, k_cache, v_cache, k_scale_zero, v_scale_zero, slot_mapping, num_tokens,
-        q.shape[1] // num_kv_heads, rot_scale, *rope_strides, *strides, *k_scale_zero.stride()[:4],
-        *v_scale_zero.stride()[:4],
+        q.shape[1] // num_kv_heads, rot_scale, *rope_strides, *strides,
+        *[s for sz in (k_scale_zero, v_scale_zero)
+          for s in (sz.stride(0), sz.stride(1), group_stride(sz), sz.stride(3))],
         ROPE=rope,
         ROTATE=rotate,
         QUANT_POLICY=quant_policy,
+        GROUPS=KV_GROUPS[quant_policy],
         NUM_CLIPS=len(KV_CLIP_RATIOS[quant_policy]),
         PRECISION={torch.float32: "ieee", torch.float16: "fp16"}.get(k.dtype, "tf32"),  # exact for 16-bit values
         BLOCK_SIZE=k_cache.shape[1],
@@ -483,7 +509,7 @@ def store_kv(
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D or D // 2]
     v_cache: torch.Tensor,  # same shape; quantized: may be token-minor (reference.py)
     slot_mapping: torch.Tensor,  # [N] int, -1 = skip
-    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, Hk, 2, block_size, 2]
+    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, Hk, G, block_size, 2]
     v_scale_zero: torch.Tensor | None = None,
     quant_policy: int = 0,
 ) -> None:

@@ -24,10 +24,10 @@ def test_capacity_counts_scales_and_zeros_at_llama2_7b_shape():
                              "num_attention_heads": 32, "intermediate_size": 11008, "vocab_size": 32000})
     fp16 = kv_bytes_per_token(spec, torch.float16, 0)
     assert fp16 == 2 * 32 * 32 * 128 * 2  # 512 KiB per token
-    # two fp16 (scale, min) pairs per token and head, one per half of head_dim
-    assert kv_bytes_per_token(spec, torch.float16, 8) == 2 * 32 * 32 * (128 + 8)
+    # fp16 (scale, min) pairs per token and head: one for int8, one per half of head_dim for int4
+    assert kv_bytes_per_token(spec, torch.float16, 8) == 2 * 32 * 32 * (128 + 4)
     assert kv_bytes_per_token(spec, torch.float16, 4) == 2 * 32 * 32 * (64 + 8)
-    assert fp16 / kv_bytes_per_token(spec, torch.float16, 8) >= 1.88
+    assert fp16 / kv_bytes_per_token(spec, torch.float16, 8) >= 1.9
     assert fp16 / kv_bytes_per_token(spec, torch.float16, 4) >= 3.55
 
 
@@ -47,8 +47,8 @@ def test_same_budget_holds_more_tokens(make_pipe, llama_gqa_path, quant_policy):
     base = make_pipe(llama_gqa_path, dtype="float16")
     quant = make_pipe(llama_gqa_path, dtype="float16", quant_policy=quant_policy)
     ratio = quant.memory()["kv_capacity_tokens"] / base.memory()["kv_capacity_tokens"]
-    # head_dim 16 here, so the 8 bytes of (scale, min) pairs per head weigh more than at head_dim 128
-    expected = (16 * 2) / ((16 if quant_policy == 8 else 8) + 8)
+    # head_dim 16 here, so the (scale, min) pairs per head (4 bytes for int8, 8 for int4) weigh more than at 128
+    expected = (16 * 2) / (16 + 4 if quant_policy == 8 else 8 + 8)
     assert ratio == pytest.approx(expected, rel=0.01)
     assert quant.memory()["kv_bytes_per_token"] < base.memory()["kv_bytes_per_token"]
 

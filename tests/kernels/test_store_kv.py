@@ -58,7 +58,7 @@ def _caches(num_blocks, block_size, num_kv_heads, head_dim, quant_policy, dtype,
     caches = [torch.randint(0, 256, shape, dtype=torch.uint8, device=device),
               new_quantized_v_cache(shape, device, v_token_minor)]
     sz_dtype = torch.float32 if dtype == torch.float32 else torch.float16
-    sz_shape = (num_blocks, num_kv_heads, 2, block_size, 2)  # (scale, min) per half, head-major
+    sz_shape = (num_blocks, num_kv_heads, reference.KV_GROUPS[quant_policy], block_size, 2)  # head-major
     return caches + [torch.full(sz_shape, float("nan"), dtype=sz_dtype, device=device) for _ in range(2)]
 
 
