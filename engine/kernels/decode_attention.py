@@ -62,6 +62,7 @@ from engine.kernels.paged_kv import (
     split_pairs,
 )
 from engine.kernels.pdl import launch_options, release_next, wait_for_previous
+from engine.kernels.reference import KV_GROUPS
 
 DEFAULT_SM_COUNT = 4  # stands in for the multiprocessor count off-GPU (TRITON_INTERPRET): keeps CPU grids small
 PROGRAMS_PER_SM = 4  # programs to aim for per multiprocessor: enough loads in flight to saturate HBM
@@ -267,6 +268,7 @@ def _decode_kernel(
     stride_lseh,
     GROUP: tl.constexpr,
     QUANT_POLICY: tl.constexpr,
+    GROUPS: tl.constexpr,  # quantized: (scale, min) pairs per head vector, 1 or 2 (one per half)
     ROTATE: tl.constexpr,  # the cache holds Hadamard-rotated vectors: q is rotated, the output rotated back
     BLOCK_SIZE: tl.constexpr,
     HALF_D: tl.constexpr,
@@ -317,13 +319,16 @@ def _decode_kernel(
     q_lo = q_lo.to(DOT_DTYPE)
     q_hi = q_hi.to(DOT_DTYPE)
     if QUANT_POLICY != 0:
-        q_sum_lo = tl.sum(q_lo.to(tl.float32), axis=1)  # [BLOCK_H], one per half: each has its own min
+        q_sum_lo = tl.sum(q_lo.to(tl.float32), axis=1)  # [BLOCK_H], one per half (GROUPS 2: each has its own min)
         q_sum_hi = tl.sum(q_hi.to(tl.float32), axis=1)
-        # sum_n p_n and sum_n p_n * min_n (per half) kept per lane and reduced once after the loop (no per-tile
+        if GROUPS == 1:
+            q_sum_lo += q_sum_hi
+        # sum_n p_n and sum_n p_n * min_n (per group) kept per lane and reduced once after the loop (no per-tile
         # reductions)
         l_acc = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
         p_min_lo_acc = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
-        p_min_hi_acc = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+        if GROUPS == 2:
+            p_min_hi_acc = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
     if CVT != 0:
         K_OFFSET: tl.constexpr = 1024.0  # K codes enter the dot as 1024 + code (_codes_to_dot, KEEP_OFFSET)
     else:
@@ -371,22 +376,27 @@ def _decode_kernel(
             k_t_ptrs = k_cache_ptr + k_rows[None, :] + offs_d[:, None]  # [BLOCK_DH, BLOCK_N]
             k_lo, k_hi = _load_codes(k_t_ptrs, HALF_D, QUANT_POLICY, DOT_DTYPE, CVT, True)  # [BLOCK_DH, BLOCK_N]
             v_lo, v_hi = _load_codes(v_ptrs, HALF_D * stride_vcd, QUANT_POLICY, DOT_DTYPE, CVT, False)
-            # (scale, min) pairs of each half, contiguous inside a block, each read as one integer twice their
+            # (scale, min) pairs of each group, contiguous inside a block, each read as one integer twice their
             # width: [BLOCK_N]
             k_pairs_at = k_sz_ptr + block_ids * stride_kszb + tok
             v_pairs_at = v_sz_ptr + block_ids * stride_vszb + tok
             k_scale_lo, k_min_lo = split_pairs(tl.load(k_pairs_at))
-            k_scale_hi, k_min_hi = split_pairs(tl.load(k_pairs_at + stride_kszg))
             v_scale_lo, v_min_lo = split_pairs(tl.load(v_pairs_at))
-            v_scale_hi, v_min_hi = split_pairs(tl.load(v_pairs_at + stride_vszg))
-            s_lo = tl.dot(q_lo, k_lo, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]: q . (K_OFFSET + code)
-            s_hi = tl.dot(q_hi, k_hi, input_precision=DOT_PRECISION)
+            s = tl.dot(q_lo, k_lo, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]: q . (K_OFFSET + code)
+            if GROUPS == 1:  # one (scale, min) for the whole vector
+                s = tl.dot(q_hi, k_hi, s, input_precision=DOT_PRECISION)
+            else:  # the halves' dots scaled on their own
+                k_scale_hi, k_min_hi = split_pairs(tl.load(k_pairs_at + stride_kszg))
+                v_scale_hi, v_min_hi = split_pairs(tl.load(v_pairs_at + stride_vszg))
+                s_hi = tl.dot(q_hi, k_hi, input_precision=DOT_PRECISION)
+                k_scale_hi = k_scale_hi * qk_scale
+                k_bias_hi = k_min_hi * qk_scale - K_OFFSET * k_scale_hi
+                s_hi = s_hi * k_scale_hi[None, :] + q_sum_hi[:, None] * k_bias_hi[None, :]
             k_scale_lo = k_scale_lo * qk_scale
-            k_scale_hi = k_scale_hi * qk_scale
             k_bias_lo = k_min_lo * qk_scale - K_OFFSET * k_scale_lo
-            k_bias_hi = k_min_hi * qk_scale - K_OFFSET * k_scale_hi
-            s = s_lo * k_scale_lo[None, :] + q_sum_lo[:, None] * k_bias_lo[None, :]
-            s += s_hi * k_scale_hi[None, :] + q_sum_hi[:, None] * k_bias_hi[None, :]
+            s = s * k_scale_lo[None, :] + q_sum_lo[:, None] * k_bias_lo[None, :]
+            if GROUPS == 2:
+                s += s_hi
         s = tl.where(mask_n[None, :], s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -400,21 +410,28 @@ def _decode_kernel(
         else:
             # past-the-context scales and mins may be anything (NaN)
             v_scale_lo = tl.where(mask_n, v_scale_lo, 0.0)
-            v_scale_hi = tl.where(mask_n, v_scale_hi, 0.0)
             v_min_lo = tl.where(mask_n, v_min_lo, 0.0)
-            v_min_hi = tl.where(mask_n, v_min_hi, 0.0)
             l_acc = l_acc * alpha[:, None] + p
             p_min_lo_acc = p_min_lo_acc * alpha[:, None] + p * v_min_lo[None, :]
-            p_min_hi_acc = p_min_hi_acc * alpha[:, None] + p * v_min_hi[None, :]
             p_lo = (p * v_scale_lo[None, :]).to(DOT_DTYPE)
-            p_hi = (p * v_scale_hi[None, :]).to(DOT_DTYPE)
+            if GROUPS == 1:
+                p_hi = p_lo
+            else:
+                v_scale_hi = tl.where(mask_n, v_scale_hi, 0.0)
+                v_min_hi = tl.where(mask_n, v_min_hi, 0.0)
+                p_min_hi_acc = p_min_hi_acc * alpha[:, None] + p * v_min_hi[None, :]
+                p_hi = (p * v_scale_hi[None, :]).to(DOT_DTYPE)
         acc_lo = tl.dot(p_lo, v_lo, acc_lo * alpha[:, None], input_precision=DOT_PRECISION)
         acc_hi = tl.dot(p_hi, v_hi, acc_hi * alpha[:, None], input_precision=DOT_PRECISION)
 
     if QUANT_POLICY != 0:
         l_i = tl.sum(l_acc, axis=1)
-        acc_lo += tl.sum(p_min_lo_acc, axis=1)[:, None]
-        acc_hi += tl.sum(p_min_hi_acc, axis=1)[:, None]
+        p_min_lo = tl.sum(p_min_lo_acc, axis=1)
+        acc_lo += p_min_lo[:, None]
+        if GROUPS == 1:
+            acc_hi += p_min_lo[:, None]
+        else:
+            acc_hi += tl.sum(p_min_hi_acc, axis=1)[:, None]
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # an empty split leaves l = 0: its output is 0, its lse -inf
     acc_lo = acc_lo / l_safe[:, None]
     acc_hi = acc_hi / l_safe[:, None]
@@ -582,6 +599,7 @@ def decode_attention_launch(
         lse.stride(1),
         GROUP=group,
         QUANT_POLICY=quant_policy,
+        GROUPS=KV_GROUPS[quant_policy] if quant_policy else 1,
         ROTATE=rotate,
         BLOCK_SIZE=k_cache.shape[1],
         HALF_D=half_d,
