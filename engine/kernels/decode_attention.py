@@ -19,7 +19,10 @@ torch.empty, and the counters are allocated before capture. The kernel takes par
 merging programs reset them) and lets the next kernel launch at once.
 
 Head vectors are handled as two halves (d < D/2, d >= D/2), the int4 packing of reference.py, so one code path
-serves all cache formats: q.k = q_lo.k_lo + q_hi.k_hi.
+serves all cache formats: q.k = q_lo.k_lo + q_hi.k_hi. Quantized caches hold Hadamard-rotated vectors
+(reference.kv_rotates): the program rotates q once before the loop (qH . kH = q . k) and its normalized output once
+after it (fp16 tensor-core dots, the output split into fp16 + residual; an fp32 FMA dot spilled registers). int4
+caches have a (scale, min) pair per half, so the halves' score dots are scaled apart and P is scaled per half.
 
 Quantized caches (x = code * scale + min per token and head) are never dequantized element by element: the
 per-token affine map moves onto the small operands,

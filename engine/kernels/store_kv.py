@@ -3,11 +3,14 @@ position embedding optionally fused in (rotary_store_kv).
 
 Grid (tokens, 2): one program writes one token's keys (or values) for every kv head, so a decode step's few
 tokens get K and V written in parallel. Cache layout and quantization are those documented at the top of
-reference.py: quant_policy 8 stores uint8 codes, 4 packs two codes per byte as halves (byte j = element j low
-nibble | element j + D/2 high nibble), each with a per-token, per-head (scale, min) pair: x ~= q * scale + min,
-stored as [num_blocks, Hk, block_size, 2]. Caches are addressed through all four strides, so the token-minor
-quantized V layout (head_dim stride = block_size) needs no special case. Head vectors are handled as two halves
-throughout, which is exactly the int4 packing, and slot -1 is skipped.
+reference.py: quantized vectors are first rotated by the Hadamard matrix of head_dim (when reference.kv_rotates; a
+pair of tensor-core dots with a sign matrix made in registers, paged_kv.rotate_halves*); quant_policy 8 stores uint8
+codes with one (scale, min) pair per token and head, 4 packs two codes per byte as halves (byte j = element j low
+nibble | element j + D/2 high nibble) with a pair per half, each half's clipping ratio picked by squared error (a
+loop over reference.KV_CLIP_RATIOS): x ~= q * scale + min, pairs stored as [num_blocks, Hk, G, block_size, 2].
+Caches are addressed through all four strides, so the token-minor quantized V layout (head_dim stride = block_size)
+needs no special case. Head vectors are handled as two halves throughout, which is exactly the int4 packing, and
+slot -1 is skipped.
 
 rotary_store_kv is rotary.apply_rotary followed by store_kv in one launch (ROPE=True), one kernel fewer per decoder
 layer. Rotate-half RoPE works on the same two halves, so it slots in between the loads and the stores: the key
