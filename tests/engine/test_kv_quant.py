@@ -82,3 +82,44 @@ def test_works_with_prefix_cache_preemption_and_chunks(make_pipe, demo_model_pat
     same = sum(a == b for x, y in zip(expected, outs) for a, b in zip(x, y)) / sum(len(x) for x in expected)
     assert same >= 0.9, f"only {same:.2f} of tokens agree"
     assert crowded.engine.block_manager.num_free_blocks == 14
+
+
+@pytest.mark.parametrize("quant_policy", [8, 4])
+def test_image_prompts_with_quantized_kv_stay_close(tmp_path, make_pipe, monkeypatch, quant_policy):
+    """A tiny LLaVA-1.5 whose text heads are 32 wide, so the cache's Hadamard rotation applies: an image prompt's
+    logits with int8 / int4 KV stay within this file's bounds of the unquantized cache's."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.config import GenerationConfig
+    from engine.kernels.reference import kv_rotates
+    from engine.sequence import SamplingState, Sequence
+    from tests import llava_factory
+
+    monkeypatch.setitem(llava_factory.TEXT, "num_attention_heads", 2)  # head_dim 64 / 2 = 32
+    monkeypatch.setitem(llava_factory.TEXT, "num_key_value_heads", 1)
+    path = llava_factory.make_llava(tmp_path / "llava")
+    img = Image.fromarray((np.random.RandomState(0).rand(60, 80, 3) * 255).astype("uint8"))
+
+    def logits(pipe):
+        request_input = pipe.prompt_input(("What is in the picture?", img))
+        assert len(request_input.mm_items) == 1
+        eng, ids = pipe.engine, request_input.token_ids
+        seq = Sequence(ids, SamplingState(GenerationConfig(), 0, frozenset()), len(ids) + 1, eng.block_size,
+                       request_input.mm_items)
+
+        def run():
+            assert eng.block_manager.allocate_private(seq)
+            try:
+                return eng.runner.prompt_logits(seq)
+            finally:
+                eng.block_manager.deallocate(seq)
+
+        return eng.run_on_engine_thread(run)
+
+    base, quant = make_pipe(path), make_pipe(path, quant_policy=quant_policy)
+    assert kv_rotates(base.engine.spec.head_dim)
+    ref, got = logits(base), logits(quant)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    print(f"\ntiny LLaVA, image prompt, quant_policy={quant_policy}: relative logit error {rel:.4f}")
+    assert 0.0 < rel < REL_ERROR_BOUND[quant_policy]
