@@ -76,11 +76,15 @@ MIN_ARRIVAL_COUNTERS = 1 << 14  # (sequence, kv head) counters allocated up fron
 
 
 @triton.jit
-def _codes_to_dot(codes, DOT_DTYPE: tl.constexpr, CVT: tl.constexpr, KEEP_OFFSET: tl.constexpr):
-    """uint8 codes (0..255) -> exactly equal DOT_DTYPE values (plus 1024 with KEEP_OFFSET, CVT > 0).
-    CVT 0: a plain conversion. 1: (code | 0x6400) read as fp16 is exactly 1024 + code, and subtracting 1024 is exact
-    too. 2: the same in PTX, four codes at a time (two byte permutes, and two fp16x2 subtractions unless
-    KEEP_OFFSET; CUDA only). The int->float conversion instructions run at a quarter of the integer rate."""
+def _codes_to_dot(codes, DOT_DTYPE: tl.constexpr, CVT: tl.constexpr, KEEP_OFFSET: tl.constexpr,
+                  CENTER: tl.constexpr):
+    """uint8 codes (0..255) -> exactly equal DOT_DTYPE values: code + 1024 with KEEP_OFFSET (CVT > 0; code with
+    CVT 0), else the centered code - CENTER (CENTER 128 for 8-bit codes, 8 for 4-bit ones: the P @ V dot's rounding
+    of P then leaves no common-mode error across head_dim, which the Hadamard rotation back would pile onto one
+    output element). CVT 0: a plain conversion. 1: (code | 0x6400) read as fp16 is exactly 1024 + code, and
+    subtracting 1024 + CENTER is exact too. 2: the same in PTX, four codes at a time (two byte permutes, and two
+    fp16x2 subtractions unless KEEP_OFFSET; CUDA only). The int->float conversion instructions run at a quarter of
+    the integer rate."""
     if CVT == 2:
         if KEEP_OFFSET:
             x = tl.inline_asm_elementwise(
@@ -97,11 +101,12 @@ def _codes_to_dot(codes, DOT_DTYPE: tl.constexpr, CVT: tl.constexpr, KEEP_OFFSET
                 pack=4,
             )
         else:
+            tl.static_assert(CENTER == 128, "PTX conversion of centered 8-bit codes only")
             x = tl.inline_asm_elementwise(
                 asm="""{
                 .reg .b32 magic, offset;
                 mov.b32 magic, 0x64646464;
-                mov.b32 offset, 0x64006400;
+                mov.b32 offset, 0x64806480;
                 prmt.b32 $0, $2, magic, 0x4140;
                 prmt.b32 $1, $2, magic, 0x4342;
                 sub.f16x2 $0, $0, offset;
@@ -116,15 +121,18 @@ def _codes_to_dot(codes, DOT_DTYPE: tl.constexpr, CVT: tl.constexpr, KEEP_OFFSET
     elif CVT == 1:
         x = (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
         if not KEEP_OFFSET:
-            x = x - 1024.0
+            x = x - (1024.0 + CENTER)
     else:
         x = codes.to(DOT_DTYPE)
+        if not KEEP_OFFSET:
+            x = x - CENTER
     return x
 
 
 @triton.jit
 def _nibbles_to_dot(packed, DOT_DTYPE: tl.constexpr, CVT: tl.constexpr, KEEP_OFFSET: tl.constexpr):
-    """uint8 bytes of two 4-bit codes -> (low nibbles, high nibbles) as _codes_to_dot converts codes."""
+    """uint8 bytes of two 4-bit codes -> (low nibbles, high nibbles) as _codes_to_dot converts codes (centered:
+    code - 8)."""
     if CVT == 2 and KEEP_OFFSET:
         lo, hi = tl.inline_asm_elementwise(
             asm="""{
@@ -149,7 +157,7 @@ def _nibbles_to_dot(packed, DOT_DTYPE: tl.constexpr, CVT: tl.constexpr, KEEP_OFF
             asm="""{
             .reg .b32 magic, offset, l, h;
             mov.b32 magic, 0x64646464;
-            mov.b32 offset, 0x64006400;
+            mov.b32 offset, 0x64086408;
             and.b32 l, $4, 0x0F0F0F0F;
             shr.u32 h, $4, 4;
             and.b32 h, h, 0x0F0F0F0F;
@@ -169,8 +177,8 @@ def _nibbles_to_dot(packed, DOT_DTYPE: tl.constexpr, CVT: tl.constexpr, KEEP_OFF
             pack=4,
         )
     else:
-        lo = _codes_to_dot(packed & 0xF, DOT_DTYPE, CVT, KEEP_OFFSET)
-        hi = _codes_to_dot(packed >> 4, DOT_DTYPE, CVT, KEEP_OFFSET)
+        lo = _codes_to_dot(packed & 0xF, DOT_DTYPE, CVT, KEEP_OFFSET, 8)
+        hi = _codes_to_dot(packed >> 4, DOT_DTYPE, CVT, KEEP_OFFSET, 8)
     return lo, hi
 
 
@@ -182,8 +190,8 @@ def _load_codes(ptrs, hi_offset, QUANT_POLICY: tl.constexpr, DOT_DTYPE: tl.const
     if QUANT_POLICY == 4:
         lo, hi = _nibbles_to_dot(tl.load(ptrs), DOT_DTYPE, CVT, KEEP_OFFSET)  # element d low nibble, d + D/2 high
     else:
-        lo = _codes_to_dot(tl.load(ptrs), DOT_DTYPE, CVT, KEEP_OFFSET)
-        hi = _codes_to_dot(tl.load(ptrs + hi_offset), DOT_DTYPE, CVT, KEEP_OFFSET)
+        lo = _codes_to_dot(tl.load(ptrs), DOT_DTYPE, CVT, KEEP_OFFSET, 128)
+        hi = _codes_to_dot(tl.load(ptrs + hi_offset), DOT_DTYPE, CVT, KEEP_OFFSET, 128)
     return lo, hi
 
 
@@ -336,6 +344,10 @@ def _decode_kernel(
         K_OFFSET: tl.constexpr = 1024.0  # K codes enter the dot as 1024 + code (_codes_to_dot, KEEP_OFFSET)
     else:
         K_OFFSET: tl.constexpr = 0.0
+    if QUANT_POLICY == 4:  # V codes enter the dot centered: code - V_CENTER (_codes_to_dot)
+        V_CENTER: tl.constexpr = 8.0
+    else:
+        V_CENTER: tl.constexpr = 128.0
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -385,12 +397,14 @@ def _decode_kernel(
             v_pairs_at = v_sz_ptr + block_ids * stride_vszb + tok
             k_scale_lo, k_min_lo = split_pairs(tl.load(k_pairs_at))
             v_scale_lo, v_min_lo = split_pairs(tl.load(v_pairs_at))
+            v_min_lo = v_min_lo + V_CENTER * v_scale_lo  # v = (code - V_CENTER) * scale + (min + V_CENTER * scale)
             s = tl.dot(q_lo, k_lo, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]: q . (K_OFFSET + code)
             if GROUPS == 1:  # one (scale, min) for the whole vector
                 s = tl.dot(q_hi, k_hi, s, input_precision=DOT_PRECISION)
             else:  # the halves' dots scaled on their own
                 k_scale_hi, k_min_hi = split_pairs(tl.load(k_pairs_at + stride_kszg))
                 v_scale_hi, v_min_hi = split_pairs(tl.load(v_pairs_at + stride_vszg))
+                v_min_hi = v_min_hi + V_CENTER * v_scale_hi
                 s_hi = tl.dot(q_hi, k_hi, input_precision=DOT_PRECISION)
                 k_scale_hi = k_scale_hi * qk_scale
                 k_bias_hi = k_min_hi * qk_scale - K_OFFSET * k_scale_hi
