@@ -30,7 +30,9 @@ per-token affine map moves onto the small operands,
     sum_n p_n v_n = (p * scale) @ codes + sum_n p_n * min_n         (P is scaled before the P @ V dot)
 so the [tokens, D] code tiles only have to become 16-bit dot operands, which is done with integer ops:
 code | 0x6400 read as fp16 is exactly 1024 + code (inline PTX: two byte permutes per four codes). V's 1024 is
-subtracted in fp16x2 (exact); K keeps it and the score fix-up takes 1024 * scale * sum(q) off instead (the
+subtracted in fp16x2 (exact) together with the codes' midpoint (128 / 8: centered codes, the min takes
+midpoint * scale, so rounding P to fp16 leaves no error common to all of head_dim, which the rotation back would
+gather into one output element); K keeps it and the score fix-up takes 1024 * scale * sum(q) off instead (the
 tensor cores' fp32 accumulation of V's offset would not be exact enough; K's rounding stays far below the
 softmax's). The old path converted every code with int->float instructions (a quarter of the integer rate),
 did the affine math on [tokens, D] fp32 tiles, read per-token scales with strided scalar loads that the
