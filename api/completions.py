@@ -98,28 +98,44 @@ def add_completion_routes(service: Service, router: APIRouter) -> None:
             raw = [raw]
         elif isinstance(raw[0], int):
             raw = [raw]
-        service.admission.check(len(raw) * n)  # refuse oversized or untimely batches before tokenizing them
+        weight = len(raw) * n
+        service.admission.check(weight)  # refuse oversized or untimely batches before tokenizing them
+        token_id_total = sum(len(p) for p in raw if not isinstance(p, str))
+        service.limits.check_prompt_tokens(token_id_total * n)
         prompts: list[tuple[list[int], str]] = []
         for p in raw:
             ids = await service.encode(pipe, p, False, "prompt") if isinstance(p, str) else list(p)
             service.check_prompt(pipe, ids, "prompt")
             prompts.append((ids, p if isinstance(p, str) else ""))
+        num_prompt_tokens = sum(len(ids) for ids, _ in prompts) * n
+        service.limits.check_prompt_tokens(num_prompt_tokens)
+        scoring = bool(body.echo and body.logprobs is not None)
+        if scoring:
+            service.limits.check_scoring_size(num_prompt_tokens, body.logprobs, bool(body.stream))
         echo_texts = [(text or pipe.tokenizer.decode(ids, skip_special_tokens=False)) if body.echo else ""
                       for ids, text in prompts]
-        max_new = [service.max_new_tokens(pipe, body.max_tokens, len(ids)) for ids, _ in prompts]
+        max_new = [service.max_new_tokens(pipe, body.max_tokens, len(ids), len(prompts) * n, body.logprobs,
+                                          bool(body.stream)) for ids, _ in prompts]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         jobs = service.make_jobs(pipe, body, [(ids, None) for ids, _ in prompts], max_new, body.logprobs, request_id)
         prompt_logprobs = None
-        if body.echo and body.logprobs is not None:
+        release = None
+        if scoring:  # scoring is engine work too: it holds its admission slots like generation
+            release = service.acquire(weight, big=True)
             try:
                 prompt_logprobs = [await asyncio.to_thread(pipe.score, input_ids=ids, top_logprobs=body.logprobs)
                                    for ids, _ in prompts]
-            except Exception as e:
-                raise from_engine_error(e) from e
+            except BaseException as e:
+                release()
+                if isinstance(e, Exception):
+                    raise from_engine_error(e) from e
+                raise
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         endpoint = CompletionEndpoint(request_id, model, body.logprobs, service.token_texts(pipe), include_usage, jobs,
                                       echo_texts, prompt_logprobs, frozenset(pipe.tokenizer.all_special_ids))
         if body.max_tokens == 0:  # scoring only: the echoed prompts (and their logprobs), nothing generated
+            if release is not None:
+                release()
             results = [ChoiceResult(finish_reason="length", num_prompt_tokens=len(job.input_ids)) for job in jobs]
             usage = service.usage(results, jobs)
             if not body.stream:
@@ -127,4 +143,4 @@ def add_completion_routes(service: Service, router: APIRouter) -> None:
             chunks = endpoint.head(jobs) + [endpoint.finish(job, "length") for job in jobs]
             chunks += [endpoint.usage_chunk(usage)] if include_usage else []
             return StreamingResponse(iter(chunks + [DONE]), media_type="text/event-stream")
-        return await service.run(request, pipe, jobs, bool(body.stream), endpoint)
+        return await service.run(request, pipe, jobs, bool(body.stream), endpoint, release)

@@ -31,6 +31,7 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 HEADER_TIMEOUT_S = 10.0  # from a connection's first byte (or a kept-alive one's next byte) to the end of its headers
 BODY_TIMEOUT_S = 60.0  # from the end of the headers to the end of the body (32 MiB at ~4 Mbit/s)
 MAX_CONNECTIONS = 1024  # open sockets; past it a new connection is closed at once
+MAX_UNTRUSTED_CONNECTIONS = 64  # with a login / keys: sockets without credentials; past it the oldest is closed
 LOGIN_DELAY_S = 0.5  # per recent failed login of the same client, up to LOGIN_MAX_DELAY_S
 LOGIN_MAX_DELAY_S = 5.0
 LOGIN_FAILURE_WINDOW_S = 300.0
@@ -243,16 +244,58 @@ class LoginThrottle:
             self.failures.pop(client, None)
 
 
+class ConnectionBudget:
+    """Which open connections have shown credentials. With a login or API keys configured, the connections that have
+    not (idle sockets, requests without credentials, the login page and its assets) share `max_untrusted` slots:
+    past it the oldest of them is closed, so they can never take the slots authenticated clients need. A connection
+    is trusted from its first request that carries a valid key or UI session (LoginGate says so)."""
+
+    def __init__(self, max_untrusted: int | None = None):
+        self.max_untrusted = max_untrusted  # None: no distinction (nothing is protected)
+        self._untrusted: dict[object, asyncio.Transport] = {}  # peer -> transport, oldest first
+        self.num_evicted = 0
+
+    def opened(self, peer, transport) -> None:
+        if self.max_untrusted is None or peer is None:
+            return
+        self._untrusted[peer] = transport
+        while len(self._untrusted) > self.max_untrusted:
+            oldest = next(iter(self._untrusted))
+            self.num_evicted += 1
+            self._untrusted.pop(oldest).close()
+
+    def closed(self, peer) -> None:
+        self._untrusted.pop(peer, None)
+
+    def trust(self, peer) -> None:
+        if peer is not None:
+            self._untrusted.pop(tuple(peer), None)
+
+    @property
+    def num_untrusted(self) -> int:
+        return len(self._untrusted)
+
+
+HALF_CLOSE_PROBE_S = (0.1, 0.2, 0.4, 0.8, 1.6)  # then every 2 s; see eof_received
+INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
 def protocol_class(header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S,
-                   max_connections: int = MAX_CONNECTIONS) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with read deadlines and a connection cap: a client that takes longer than
-    `header_timeout_s` to send its request headers, or `body_timeout_s` to send its body, is disconnected;
-    past `max_connections` open sockets a new one is closed at once. (uvicorn itself only times out idle
-    keep-alive connections.)"""
+                   max_connections: int = MAX_CONNECTIONS, budget: ConnectionBudget | None = None) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with read deadlines, a connection cap and an untrusted-connection budget: a client that
+    takes longer than `header_timeout_s` to send its request headers, or `body_timeout_s` to send its body, is
+    disconnected; past `max_connections` open sockets a new one is closed at once; connections without credentials
+    share `budget`'s slots. A client that half-closes its socket after sending its whole request still gets its
+    answer (uvicorn would close the connection)."""
+    budget = budget or ConnectionBudget()
 
     class DeadlineH11Protocol(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
         _phase: str | None = None
+        _peer = None
+        _half_closed = False
+        _probe: asyncio.TimerHandle | None = None
+        _probes_sent = 0
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -260,7 +303,10 @@ def protocol_class(header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s: f
                 log.warning("connection limit (%d) reached: closing a new connection", max_connections)
                 transport.close()
                 return
+            self._peer = transport.get_extra_info("peername")
+            self._peer = tuple(self._peer) if isinstance(self._peer, list | tuple) else None
             self._arm("headers", header_timeout_s)
+            budget.opened(self._peer, transport)
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
@@ -268,11 +314,42 @@ def protocol_class(header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s: f
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
+            if self._half_closed:  # the client sends nothing more: the answer is out, close
+                self.transport.close()
+                return
             self._track()
 
         def connection_lost(self, exc) -> None:
             self._disarm()
+            if self._probe is not None:
+                self._probe.cancel()
+            budget.closed(self._peer)
             super().connection_lost(exc)
+
+        def eof_received(self) -> bool | None:
+            """The client shut down its sending side. Mid-request-body or between requests it is gone: close. After a
+            whole request it may be a half-close (it still reads), or a full close: keep the socket open to answer,
+            and tell the two apart by writing interim "100 Continue" lines (every client skips them) while no
+            response has started: a closed socket answers with a reset, the next write fails, and the request sees
+            a disconnect as before."""
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete or self.conn.their_state is not h11.DONE:
+                return None
+            self._half_closed = True
+            self._send_probe()
+            return True
+
+        def _send_probe(self) -> None:
+            self._probe = None
+            cycle = self.cycle
+            if self.transport.is_closing() or cycle is None or cycle.response_complete:
+                return
+            if not cycle.response_started:
+                self.transport.write(INTERIM)
+            delays = HALF_CLOSE_PROBE_S
+            delay = delays[self._probes_sent] if self._probes_sent < len(delays) else 2.0
+            self._probes_sent += 1
+            self._probe = self.loop.call_later(delay, self._send_probe)
 
         def _track(self) -> None:
             state = self.conn.their_state

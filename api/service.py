@@ -9,6 +9,8 @@ inside a stream (an error event, then [DONE]), disconnects and shutdown are hand
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +21,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from api.errors import UNLOADED_MESSAGE, APIError, from_engine_error, sse_error
 from api.guard import Admission
+from api.limits import RequestLimits
 from api.metrics import APIMetrics
 from api.schemas import UsageInfo
 from api.serving import (
@@ -37,6 +40,16 @@ from engine.manager import ModelManager
 log = logging.getLogger("api")
 
 DONE = "data: [DONE]\n\n"
+BIG_REQUEST_TOKENS = 2**15  # after a request that could hold this many tokens' outputs, memory goes back to the OS
+
+
+def return_memory() -> None:
+    """Give freed heap back to the operating system after a big answer (glibc keeps it otherwise: RSS stays up)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -95,8 +108,10 @@ class _SSEResponse(StreamingResponse):
 
 
 class Service:
-    def __init__(self, manager: ModelManager, served_model_name: str | None, max_concurrent_requests: int):
+    def __init__(self, manager: ModelManager, served_model_name: str | None, max_concurrent_requests: int,
+                 limits: RequestLimits | None = None):
         self.manager = manager
+        self.limits = limits or RequestLimits()
         self.served_model_name = served_model_name
         self.metrics = APIMetrics()
         self.started = int(time.time())
@@ -165,11 +180,12 @@ class Service:
         except ValueError as e:
             raise APIError(400, str(e), param=param) from e
 
-    @staticmethod
-    def max_new_tokens(pipe, requested: int | None, num_prompt_tokens: int) -> int:
-        """Up to what fits in session_len; a larger request is clamped (it then finishes with 'length')."""
+    def max_new_tokens(self, pipe, requested: int | None, num_prompt_tokens: int, n: int = 1,
+                       top_logprobs: int | None = None, stream: bool = True) -> int:
+        """Up to what fits in session_len (a larger request is clamped: it then finishes with 'length'), within the
+        request limits (api/limits.py: a 400 past them; unset, the largest that fits)."""
         room = pipe.session_len - num_prompt_tokens
-        return room if requested is None else max(1, min(requested, room))
+        return self.limits.fit_max_tokens(requested, room, n, top_logprobs, stream)
 
     @staticmethod
     def make_jobs(pipe, req, prompts: list[tuple[list[int], str | list[dict] | None]], max_new: list[int],
@@ -185,7 +201,7 @@ class Service:
                     pipe.check_prompt(ids, gen_config)
                 except ValueError as e:
                     raise APIError(400, str(e)) from e
-                jobs.append(Job(index, p, ids, gen_config, f"{request_id}-{index}", raw_prompt))
+                jobs.append(Job(index, p, ids, gen_config, f"{request_id}-{index}", raw_prompt, group=request_id))
         return jobs
 
     @staticmethod
@@ -200,8 +216,25 @@ class Service:
         return stream_choices(pipe, jobs, request.is_disconnected, self.is_current(pipe),
                               is_stopping=lambda: self.stopping)
 
-    async def run(self, request: Request, pipe, jobs: list[Job], stream: bool, endpoint: Endpoint) -> Response:
-        release = self.admission.acquire(len(jobs))
+    def acquire(self, weight: int, big: bool = False) -> Callable[[], None]:
+        """An admission slot for `weight` generations (or scored prompts); its release, after a `big` request,
+        also returns the freed memory to the OS."""
+        release = self.admission.acquire(weight)
+        if not big:
+            return release
+
+        def release_and_trim() -> None:
+            release()
+            return_memory()
+
+        return release_and_trim
+
+    async def run(self, request: Request, pipe, jobs: list[Job], stream: bool, endpoint: Endpoint,
+                  release: Callable[[], None] | None = None) -> Response:
+        """Run the jobs under an admission slot (`release`: one already taken, e.g. for scoring first)."""
+        if release is None:
+            big = sum(job.gen_config.max_new_tokens * (1 + (job.gen_config.logprobs or 0)) for job in jobs)
+            release = self.acquire(len(jobs), big >= BIG_REQUEST_TOKENS)
         if stream:
             try:
                 return _SSEResponse(self._guarded_stream(self._stream(request, pipe, jobs, endpoint)), release)
