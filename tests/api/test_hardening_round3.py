@@ -268,7 +268,7 @@ def test_a_request_s_prompt_tokens_have_a_budget(limited):
         "model": MODEL_NAME, "prompt": [[5] * 400] * 4, "n": 1, "echo": True, "logprobs": 1, "max_tokens": 0})
     assert r.status_code == 200, r.text  # 1,600 tokens: under 2,000
     r = httpx.post(srv.url + "/v1/completions", timeout=60, json={
-        "model": MODEL_NAME, "prompt": [[5] * 400] * 4, "n": 2, "max_tokens": 1})
+        "model": MODEL_NAME, "prompt": [[5] * 510] * 4, "echo": True, "logprobs": 1, "max_tokens": 0})
     assert r.status_code == 400 and "--max-prompt-tokens-per-request" in r.json()["error"]["message"]
 
 
