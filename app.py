@@ -23,7 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from api import begin_shutdown, build_api, uvicorn_options
-from api.gate import UPLOAD_MAX_BODY_BYTES, BodyLimit, LoginGate
+from api.gate import UPLOAD_MAX_BODY_BYTES, BodyLimit, LoginGate, OpenAIShapedMisses
 from api.guard import MAX_CONNECTIONS, MAX_UNTRUSTED_CONNECTIONS, ConnectionBudget, LoginThrottle, PreLoginPageFilter
 from api.limits import add_limit_args, limits_from_args
 from engine.cli import add_engine_args, engine_config_from_args
@@ -160,6 +160,7 @@ def create_app(args: argparse.Namespace) -> tuple[FastAPI, ModelManager]:
             app.add_middleware(LoginThrottle)
             app.add_middleware(PreLoginPageFilter)
             session_ok = ui_session_check(app)
+        app.add_middleware(OpenAIShapedMisses)
         app.add_middleware(BodyLimit, upload_bytes=int(args.max_upload_mb * 2**20),
                            other_bytes=limits.max_body_bytes)
     app.add_middleware(LoginGate, session_ok=session_ok, api_keys=args.api_keys, budget=budget)

@@ -144,3 +144,46 @@ class BodyLimit:
     def _too_large(limit: int) -> JSONResponse:
         return JSONResponse(error_body(413, f"request body over {limit} bytes on this route"), status_code=413,
                             headers={"Connection": "close"})
+
+
+GENERIC_ANSWERS = {b'{"detail":"Not Found"}': "no route", b'{"detail":"Method Not Allowed"}': "method not allowed on"}
+
+
+class OpenAIShapedMisses:
+    """ASGI middleware: the UI's router answers an unknown route (404) or a wrong method (405) with Starlette's
+    generic `{"detail": ...}`; here they become OpenAI error JSON like the API's own. Other answers pass untouched
+    (only a 404 / 405 JSON response is looked at, and only Starlette's two generic bodies are rewritten)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held: dict | None = None
+        chunks: list[bytes] = []
+
+        async def shaping_send(message) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start" and message["status"] in (404, 405) and \
+                    dict(message.get("headers") or []).get(b"content-type", b"").startswith(b"application/json"):
+                held = message
+                return
+            if held is None or message["type"] != "http.response.body":
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = b"".join(chunks)
+            what = GENERIC_ANSWERS.get(body)
+            if what is not None:
+                body = JSONResponse(error_body(held["status"], f"{what} {scope.get('method')} {scope.get('path')}",
+                                               code="not_found" if held["status"] == 404 else "method_not_allowed")
+                                    ).body
+            headers = [(k, v) for k, v in held.get("headers") or [] if k != b"content-length"]
+            await send({**held, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, shaping_send)

@@ -334,6 +334,10 @@ def test_wrong_methods_and_options_get_openai_errors(keyed, demo_model_path):
             assert r.status_code == 405, (method, path, r.text)
             assert r.json()["error"]["type"] == "invalid_request_error" and r.headers["allow"]
         assert c.get("/v1/nope", headers=AUTH).json()["error"]["code"] == "not_found"
+        c.cookies = login_cookies(srv.url)
+        for method, path, status in (("GET", "/nope", 404), ("POST", "/gradio_api/nope", 404), ("DELETE", "/", 405)):
+            r = c.request(method, path)  # the UI's own router, logged in: OpenAI's shape too
+            assert r.status_code == status and r.json()["error"]["type"] == "invalid_request_error", (path, r.text)
     app, _ = studio_app.create_app(parse("--no-model", "--demo-model-dir", str(demo_model_path), "--allow-origins",
                                          "https://app.example"))
     with TestClient(app) as client:
