@@ -94,7 +94,7 @@ def add_chat_routes(service: Service, router: APIRouter) -> None:
         service.check_prompt(pipe, ids, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         n = body.n or 1
-        service.limits.check_prompt_tokens(len(ids) * n, "messages")
+        service.limits.check_prompt_tokens(len(ids) * n, pipe.session_len, "messages")
         max_new = service.max_new_tokens(pipe, body.max_completion_tokens or body.max_tokens, len(ids), n, logprobs,
                                          bool(body.stream))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"

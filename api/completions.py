@@ -23,7 +23,7 @@ from api.schemas import (
     CompletionResponse,
     UsageInfo,
 )
-from api.service import DONE, Endpoint, Service, finish_reason
+from api.service import BIG_REQUEST_TOKENS, DONE, Endpoint, Service, finish_reason
 from api.serving import ChoiceResult, Job, TokenTexts, completion_logprobs, merge_logprobs
 
 
@@ -101,14 +101,14 @@ def add_completion_routes(service: Service, router: APIRouter) -> None:
         weight = len(raw) * n
         service.admission.check(weight)  # refuse oversized or untimely batches before tokenizing them
         token_id_total = sum(len(p) for p in raw if not isinstance(p, str))
-        service.limits.check_prompt_tokens(token_id_total * n)
+        service.limits.check_prompt_tokens(token_id_total * n, pipe.session_len)
         prompts: list[tuple[list[int], str]] = []
         for p in raw:
             ids = await service.encode(pipe, p, False, "prompt") if isinstance(p, str) else list(p)
             service.check_prompt(pipe, ids, "prompt")
             prompts.append((ids, p if isinstance(p, str) else ""))
         num_prompt_tokens = sum(len(ids) for ids, _ in prompts) * n
-        service.limits.check_prompt_tokens(num_prompt_tokens)
+        service.limits.check_prompt_tokens(num_prompt_tokens, pipe.session_len)
         scoring = bool(body.echo and body.logprobs is not None)
         if scoring:
             service.limits.check_scoring_size(num_prompt_tokens, body.logprobs, bool(body.stream))
@@ -121,7 +121,7 @@ def add_completion_routes(service: Service, router: APIRouter) -> None:
         prompt_logprobs = None
         release = None
         if scoring:  # scoring is engine work too: it holds its admission slots like generation
-            release = service.acquire(weight, big=True)
+            release = service.acquire(weight, big=num_prompt_tokens * (1 + body.logprobs) >= BIG_REQUEST_TOKENS)
             try:
                 prompt_logprobs = [await asyncio.to_thread(pipe.score, input_ids=ids, top_logprobs=body.logprobs)
                                    for ids, _ in prompts]

@@ -21,7 +21,7 @@ LOGPROB_BYTES = 96  # per logprob entry (the chosen token or one top alternative
 @dataclass(frozen=True)
 class RequestLimits:
     max_body_bytes: int = 32 * 2**20  # --max-body-mb: request bodies, counted on the bytes read
-    max_prompt_tokens: int = 2**16  # --max-prompt-tokens-per-request: prompt tokens x n, over all prompts
+    max_prompt_tokens: int = 2**16  # --max-prompt-tokens-per-request: prompt tokens x n (at least session_len)
     max_output_tokens: int = 2**19  # --max-output-tokens-per-request: n x max_tokens x (1 + top_logprobs)
     max_response_bytes: int = 64 * 2**20  # --max-response-mb: a non-streamed answer's estimated size
 
@@ -30,11 +30,13 @@ class RequestLimits:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
-    def check_prompt_tokens(self, num_tokens: int, param: str = "prompt") -> None:
-        if num_tokens > self.max_prompt_tokens:
+    def check_prompt_tokens(self, num_tokens: int, session_len: int = 0, param: str = "prompt") -> None:
+        """At most max_prompt_tokens, or session_len if larger: one prompt that fits the session always passes."""
+        limit = max(self.max_prompt_tokens, session_len)
+        if num_tokens > limit:
             raise APIError(400, f"this request has {num_tokens:,} prompt tokens (prompts x their length x n), over "
-                                f"this server's --max-prompt-tokens-per-request ({self.max_prompt_tokens:,}); send "
-                                "fewer or shorter prompts per request", param=param, code="request_too_large")
+                                f"this server's --max-prompt-tokens-per-request ({limit:,}); send fewer or shorter "
+                                "prompts per request", param=param, code="request_too_large")
 
     def check_scoring_size(self, num_tokens: int, logprobs: int, stream: bool) -> None:
         """An echoed, scored prompt's logprob entries count toward a non-streamed answer's size."""
