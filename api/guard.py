@@ -253,6 +253,7 @@ class ConnectionBudget:
     def __init__(self, max_untrusted: int | None = None):
         self.max_untrusted = max_untrusted  # None: no distinction (nothing is protected)
         self._untrusted: dict[object, asyncio.Transport] = {}  # peer -> transport, oldest first
+        self._closing: set = set()  # evicted, their connection_lost still to come: they hold no slot any more
         self.num_evicted = 0
 
     def opened(self, peer, transport) -> None:
@@ -262,10 +263,16 @@ class ConnectionBudget:
         while len(self._untrusted) > self.max_untrusted:
             oldest = next(iter(self._untrusted))
             self.num_evicted += 1
+            self._closing.add(oldest)
             self._untrusted.pop(oldest).close()
 
     def closed(self, peer) -> None:
         self._untrusted.pop(peer, None)
+        self._closing.discard(peer)
+
+    @property
+    def num_closing(self) -> int:
+        return len(self._closing)
 
     def trust(self, peer) -> None:
         if peer is not None:
@@ -299,14 +306,14 @@ def protocol_class(header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s: f
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            if len(self.connections) > max_connections:
+            peer = transport.get_extra_info("peername")
+            self._peer = tuple(peer) if isinstance(peer, list | tuple) else None
+            budget.opened(self._peer, transport)  # first: it may close an older untrusted one to make room
+            if len(self.connections) - budget.num_closing > max_connections:
                 log.warning("connection limit (%d) reached: closing a new connection", max_connections)
                 transport.close()
                 return
-            self._peer = transport.get_extra_info("peername")
-            self._peer = tuple(self._peer) if isinstance(self._peer, list | tuple) else None
             self._arm("headers", header_timeout_s)
-            budget.opened(self._peer, transport)
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
