@@ -58,9 +58,12 @@ class LoginGate:
         has_session = self.session_ok is not None and self.session_ok(headers)
         if has_key or has_session or (api and path != "/health" and not self.api_keys):
             self.budget.trust(scope.get("client"))
+        if api and self.api_keys and not has_key and path != "/health" and scope.get("method") != "OPTIONS":
+            self.budget.refused(scope.get("client"))  # Guard answers it 401
         if api or self.session_ok is None or has_session or self._open(scope, path):
             await self.app(scope, receive, send)
             return
+        self.budget.refused(scope.get("client"))
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return

@@ -9,6 +9,7 @@ through untouched.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import logging
 import re
@@ -247,13 +248,15 @@ class LoginThrottle:
 class ConnectionBudget:
     """Which open connections have shown credentials. With a login or API keys configured, the connections that have
     not (idle sockets, requests without credentials, the login page and its assets) share `max_untrusted` slots:
-    past it the oldest of them is closed, so they can never take the slots authenticated clients need. A connection
-    is trusted from its first request that carries a valid key or UI session (LoginGate says so)."""
+    past it one of them is closed (a refused one first, from the address holding the most, the oldest), so they
+    can never take the slots authenticated clients need. A connection is trusted from its first request that
+    carries a valid key or UI session (LoginGate says so)."""
 
     def __init__(self, max_untrusted: int | None = None):
         self.max_untrusted = max_untrusted  # None: no distinction (nothing is protected)
         self._untrusted: dict[object, asyncio.Transport] = {}  # peer -> transport, oldest first
         self._closing: set = set()  # evicted, their connection_lost still to come: they hold no slot any more
+        self._refused: set = set()  # untrusted connections that asked for something without credentials
         self.num_evicted = 0
 
     def opened(self, peer, transport) -> None:
@@ -261,14 +264,29 @@ class ConnectionBudget:
             return
         self._untrusted[peer] = transport
         while len(self._untrusted) > self.max_untrusted:
-            oldest = next(iter(self._untrusted))
+            victim = self._victim()
             self.num_evicted += 1
-            self._closing.add(oldest)
-            self._untrusted.pop(oldest).close()
+            self._closing.add(victim)
+            self._refused.discard(victim)
+            self._untrusted.pop(victim).close()
+
+    def _victim(self):
+        """Which untrusted connection goes: one that was refused (sent a request without credentials) before one
+        that has sent nothing yet, from the address holding the most of them, the oldest of those."""
+        pool = [p for p in self._untrusted if p in self._refused] or list(self._untrusted)
+        per_host = collections.Counter(p[0] for p in pool)
+        top = max(per_host.values())
+        return next(p for p in pool if per_host[p[0]] == top)
+
+    def refused(self, peer) -> None:
+        """The gate answered this connection's request 401: it is first in line to go."""
+        if peer is not None and tuple(peer) in self._untrusted:
+            self._refused.add(tuple(peer))
 
     def closed(self, peer) -> None:
         self._untrusted.pop(peer, None)
         self._closing.discard(peer)
+        self._refused.discard(peer)
 
     @property
     def num_closing(self) -> int:
@@ -277,6 +295,7 @@ class ConnectionBudget:
     def trust(self, peer) -> None:
         if peer is not None:
             self._untrusted.pop(tuple(peer), None)
+            self._refused.discard(tuple(peer))
 
     @property
     def num_untrusted(self) -> int:

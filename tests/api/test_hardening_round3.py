@@ -106,6 +106,28 @@ def test_a_thousand_unauthenticated_sockets_cannot_starve_an_authenticated_clien
             s.close()
 
 
+def test_the_address_holding_most_unauthenticated_sockets_loses_them_first(keyed):
+    srv, app = keyed
+    budget = app.state.connection_budget
+    evicted = budget.num_evicted
+    early = socket.create_connection((srv.host, srv.port), timeout=60)  # opened first, request not sent yet
+    flood = []
+    try:
+        for _ in range(3 * budget.max_untrusted):
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))  # another loopback address as the source; the server is still 127.0.0.1
+            s.settimeout(30)
+            s.connect((srv.host, srv.port))
+            flood.append(s)
+        _wait_for(lambda: budget.num_evicted - evicted >= 2 * budget.max_untrusted, "the flood to be cut")
+        early.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n")
+        assert early.recv(65536).startswith(b"HTTP/1.1 200")  # the oldest, yet kept: its address held one
+    finally:
+        early.close()
+        for s in flood:
+            s.close()
+
+
 # ---- 2. body caps ---------------------------------------------------------------------------------------------
 MULTIPART_HEAD = (b"--B\r\nContent-Disposition: form-data; name=\"username\"\r\n\r\nme\r\n"
                   b"--B\r\nContent-Disposition: form-data; name=\"password\"; filename=\"p\"\r\n"
