@@ -111,7 +111,7 @@ def add_completion_routes(service: Service, router: APIRouter) -> None:
         service.limits.check_prompt_tokens(num_prompt_tokens, pipe.session_len)
         scoring = bool(body.echo and body.logprobs is not None)
         if scoring:
-            service.limits.check_scoring_size(num_prompt_tokens, body.logprobs, bool(body.stream))
+            service.limits.check_scoring_size(num_prompt_tokens, body.logprobs)
         echo_texts = [(text or pipe.tokenizer.decode(ids, skip_special_tokens=False)) if body.echo else ""
                       for ids, text in prompts]
         max_new = [service.max_new_tokens(pipe, body.max_tokens, len(ids), len(prompts) * n, body.logprobs,

@@ -38,10 +38,12 @@ class RequestLimits:
                                 f"this server's --max-prompt-tokens-per-request ({limit:,}); send fewer or shorter "
                                 "prompts per request", param=param, code="request_too_large")
 
-    def check_scoring_size(self, num_tokens: int, logprobs: int, stream: bool) -> None:
-        """An echoed, scored prompt's logprob entries count toward a non-streamed answer's size."""
-        if not stream:
-            self._check_bytes(num_tokens * (TOKEN_BYTES + LOGPROB_BYTES * (1 + logprobs)), "echo")
+    def check_scoring_size(self, num_tokens: int, logprobs: int) -> None:
+        """Echoed, scored prompts' logprob entries are built at once, streamed or not: they count toward the answer
+        size bound either way."""
+        self._check_bytes(num_tokens * (TOKEN_BYTES + LOGPROB_BYTES * (1 + logprobs)), "logprobs",
+                          "scored prompts' logprobs", "score fewer or shorter prompts per request, or ask for fewer "
+                          "logprobs")
 
     def fit_max_tokens(self, requested: int | None, room: int, n: int, top_logprobs: int | None, stream: bool) -> int:
         """max_tokens for each choice: at most `room` (session_len minus the prompt). A value asked for that makes
@@ -64,12 +66,12 @@ class RequestLimits:
             self._check_bytes(n * max_new * per_token, "max_tokens")
         return max_new
 
-    def _check_bytes(self, estimate: int, param: str) -> None:
+    def _check_bytes(self, estimate: int, param: str, what: str = "an answer that is not streamed",
+                     hint: str = "send stream: true, or ask for less") -> None:
         if estimate > self.max_response_bytes:
-            raise APIError(400, f"the answer could take about {estimate / 2**20:,.0f} MiB, over this server's "
-                                f"--max-response-mb ({self.max_response_bytes / 2**20:,.0f}) for an answer that is "
-                                "not streamed: send stream: true, or ask for less", param=param,
-                           code="response_too_large")
+            raise APIError(400, f"the answer could take about {estimate / 2**20:,.1f} MiB, over this server's "
+                                f"--max-response-mb ({self.max_response_bytes / 2**20:,.1f}) for {what}: {hint}",
+                           param=param, code="response_too_large")
 
 
 def add_limit_args(p: argparse.ArgumentParser) -> None:

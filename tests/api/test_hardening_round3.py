@@ -292,6 +292,9 @@ def test_a_request_s_prompt_tokens_have_a_budget(limited):
     r = httpx.post(srv.url + "/v1/completions", timeout=60, json={
         "model": MODEL_NAME, "prompt": [[5] * 510] * 4, "echo": True, "logprobs": 1, "max_tokens": 0})
     assert r.status_code == 400 and "--max-prompt-tokens-per-request" in r.json()["error"]["message"]
+    r = httpx.post(srv.url + "/v1/completions", timeout=60, json={  # 1,600 tokens x 21 logprobs: over 0.5 MiB
+        "model": MODEL_NAME, "prompt": [[5] * 400] * 4, "echo": True, "logprobs": 20, "max_tokens": 0, "stream": True})
+    assert r.status_code == 400 and "--max-response-mb" in r.json()["error"]["message"]
 
 
 def test_unbounded_answers_are_refused_or_capped(http, pipe):
