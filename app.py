@@ -23,8 +23,9 @@ import uvicorn
 from fastapi import FastAPI
 
 from api import begin_shutdown, build_api, uvicorn_options
+from api.connections import MAX_CONNECTIONS, MAX_UNTRUSTED_CONNECTIONS, ConnectionBudget
 from api.gate import UPLOAD_MAX_BODY_BYTES, BodyLimit, LoginGate, OpenAIShapedMisses
-from api.guard import MAX_CONNECTIONS, MAX_UNTRUSTED_CONNECTIONS, ConnectionBudget, LoginThrottle, PreLoginPageFilter
+from api.guard import LoginThrottle, PreLoginPageFilter
 from api.limits import add_limit_args, limits_from_args
 from engine.cli import add_engine_args, engine_config_from_args
 from engine.demo_model import DEMO_MODEL_NOTE, build_demo_model, default_demo_model_dir

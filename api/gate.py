@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 from fastapi.responses import JSONResponse
 
+from api.connections import ConnectionBudget
 from api.errors import error_body
-from api.guard import DRAIN_BYTES, ConnectionBudget, bearer_ok, drain
+from api.guard import DRAIN_BYTES, bearer_ok, drain
 
 API_PREFIXES = ("/v1", "/metrics")
 # What a browser needs to show the login page and log in; everything else of the UI needs the login first.

@@ -21,8 +21,9 @@ from starlette.middleware.cors import CORSMiddleware
 
 from api.chat import add_chat_routes
 from api.completions import add_completion_routes
+from api.connections import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_CONNECTIONS, ConnectionBudget, protocol_class
 from api.errors import APIError, install_error_handlers
-from api.guard import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_CONNECTIONS, ConnectionBudget, Guard, protocol_class
+from api.guard import Guard
 from api.limits import RequestLimits
 from api.metrics import render_metrics
 from api.models import add_model_routes
