@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open connections at most; slow clients are also cut after read deadlines")
     p.add_argument("--max-unauthenticated-connections", type=int, default=MAX_UNTRUSTED_CONNECTIONS,
                    help="with --api-keys or --auth: open connections that have shown no credentials at most (past "
-                        "it the oldest is closed), so they never take the slots of logged-in clients")
+                        "it one is closed, a refused one from the busiest address first), so they never take the "
+                        "slots of logged-in clients")
     p.add_argument("--max-upload-mb", type=float, default=UPLOAD_MAX_BODY_BYTES / 2**20,
                    help="largest file upload to the UI (calibration data, images), counted on the bytes read")
     p.add_argument("--allow-origins", nargs="+", default=None, metavar="ORIGIN", help="CORS origins for the API")
@@ -121,6 +122,9 @@ def create_app(args: argparse.Namespace) -> tuple[FastAPI, ModelManager]:
     --no-model. Raises on a model that fails to load at startup (the UI reports later load errors itself)."""
     auth = ui_auth(args)
     limits = limits_from_args(args)
+    if args.max_unauthenticated_connections < 1:
+        raise SystemExit(f"--max-unauthenticated-connections must be at least 1, got "
+                         f"{args.max_unauthenticated_connections}")
     engine_config = engine_config_from_args(args)
     settings = StudioSettings(
         engine_config=engine_config,

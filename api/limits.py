@@ -88,6 +88,10 @@ def add_limit_args(p: argparse.ArgumentParser) -> None:
 
 
 def limits_from_args(args: argparse.Namespace) -> RequestLimits:
+    """The flags as RequestLimits; SystemExit naming the flag for a value below 1 (or 0 MiB)."""
+    for flag in ("max_body_mb", "max_prompt_tokens_per_request", "max_output_tokens_per_request", "max_response_mb"):
+        if not getattr(args, flag) > 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     return RequestLimits(max_body_bytes=int(args.max_body_mb * 2**20),
                          max_prompt_tokens=args.max_prompt_tokens_per_request,
                          max_output_tokens=args.max_output_tokens_per_request,
