@@ -13,6 +13,7 @@ import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from api.errors import APIError, from_engine_error
 from api.schemas import (
@@ -23,7 +24,7 @@ from api.schemas import (
     CompletionResponse,
     UsageInfo,
 )
-from api.service import BIG_REQUEST_TOKENS, DONE, Endpoint, Service, finish_reason
+from api.service import BIG_REQUEST_TOKENS, DONE, Endpoint, Service, answer, finish_reason, return_memory
 from api.serving import ChoiceResult, Job, TokenTexts, completion_logprobs, merge_logprobs
 
 
@@ -120,8 +121,9 @@ def add_completion_routes(service: Service, router: APIRouter) -> None:
         jobs = service.make_jobs(pipe, body, [(ids, None) for ids, _ in prompts], max_new, body.logprobs, request_id)
         prompt_logprobs = None
         release = None
+        big = scoring and num_prompt_tokens * (1 + body.logprobs) >= BIG_REQUEST_TOKENS
         if scoring:  # scoring is engine work too: it holds its admission slots like generation
-            release = service.acquire(weight, big=num_prompt_tokens * (1 + body.logprobs) >= BIG_REQUEST_TOKENS)
+            release = service.admission.acquire(weight)
             try:
                 prompt_logprobs = [await asyncio.to_thread(pipe.score, input_ids=ids, top_logprobs=body.logprobs)
                                    for ids, _ in prompts]
@@ -130,17 +132,29 @@ def add_completion_routes(service: Service, router: APIRouter) -> None:
                 if isinstance(e, Exception):
                     raise from_engine_error(e) from e
                 raise
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        endpoint = CompletionEndpoint(request_id, model, body.logprobs, service.token_texts(pipe), include_usage, jobs,
-                                      echo_texts, prompt_logprobs, frozenset(pipe.tokenizer.all_special_ids))
-        if body.max_tokens == 0:  # scoring only: the echoed prompts (and their logprobs), nothing generated
+        try:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            endpoint = CompletionEndpoint(request_id, model, body.logprobs, service.token_texts(pipe), include_usage,
+                                          jobs, echo_texts, prompt_logprobs, frozenset(pipe.tokenizer.all_special_ids))
+            if body.max_tokens == 0:  # scoring only: the echoed prompts (and their logprobs), nothing generated
+                return scored(endpoint, jobs, service.usage, bool(body.stream), include_usage, big)
+        except BaseException:
             if release is not None:
                 release()
-            results = [ChoiceResult(finish_reason="length", num_prompt_tokens=len(job.input_ids)) for job in jobs]
-            usage = service.usage(results, jobs)
-            if not body.stream:
-                return endpoint.response(results, usage)
-            chunks = endpoint.head(jobs) + [endpoint.finish(job, "length") for job in jobs]
-            chunks += [endpoint.usage_chunk(usage)] if include_usage else []
-            return StreamingResponse(iter(chunks + [DONE]), media_type="text/event-stream")
-        return await service.run(request, pipe, jobs, bool(body.stream), endpoint, release)
+            raise
+        finally:
+            if body.max_tokens == 0 and release is not None:
+                release()  # (a second call does nothing)
+        return await service.run(request, pipe, jobs, bool(body.stream), endpoint, release, big)
+
+
+def scored(endpoint: CompletionEndpoint, jobs: list[Job], usage_of, stream: bool, include_usage: bool, big: bool):
+    """The answer of a scoring-only request (max_tokens 0): the echoed prompts and their logprobs, built at once."""
+    results = [ChoiceResult(finish_reason="length", num_prompt_tokens=len(job.input_ids)) for job in jobs]
+    usage = usage_of(results, jobs)
+    if not stream:
+        return answer(endpoint.response(results, usage), big)
+    chunks = endpoint.head(jobs) + [endpoint.finish(job, "length") for job in jobs]
+    chunks += [endpoint.usage_chunk(usage)] if include_usage else []
+    return StreamingResponse(iter(chunks + [DONE]), media_type="text/event-stream",
+                             background=BackgroundTask(return_memory) if big else None)

@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from api.errors import UNLOADED_MESSAGE, APIError, from_engine_error, sse_error
 from api.guard import Admission
@@ -65,6 +66,14 @@ def check_finished(reason: str | None, error: str | None) -> None:
         raise APIError(503, UNLOADED_MESSAGE, code="model_unloaded")
 
 
+def answer(response, big: bool):
+    """A response model as the route's answer; after a big one, the freed memory goes back to the OS once it is
+    sent (a background task)."""
+    if not big:
+        return response
+    return JSONResponse(response.model_dump(mode="json"), background=BackgroundTask(return_memory))
+
+
 class Endpoint:
     """What one endpoint family's responses look like. Subclasses fill the chunk and response builders."""
 
@@ -91,10 +100,10 @@ class _SSEResponse(StreamingResponse):
     """An event stream that always closes its body (aborting what the engine still runs) and releases its
     admission slot, however the response ends: finished, client gone, or server shutting down."""
 
-    def __init__(self, content: AsyncIterator[str], release: Callable[[], None]):
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None], trim: bool = False):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._release = release
+        self._release, self._trim = release, trim
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -105,6 +114,8 @@ class _SSEResponse(StreamingResponse):
             except BaseException:  # noqa: BLE001 - already closed, or we are being cancelled
                 pass
             self._release()
+            if self._trim:
+                return_memory()
 
 
 class Service:
@@ -216,28 +227,18 @@ class Service:
         return stream_choices(pipe, jobs, request.is_disconnected, self.is_current(pipe),
                               is_stopping=lambda: self.stopping)
 
-    def acquire(self, weight: int, big: bool = False) -> Callable[[], None]:
-        """An admission slot for `weight` generations (or scored prompts); its release, after a `big` request,
-        also returns the freed memory to the OS."""
-        release = self.admission.acquire(weight)
-        if not big:
-            return release
-
-        def release_and_trim() -> None:
-            release()
-            return_memory()
-
-        return release_and_trim
-
     async def run(self, request: Request, pipe, jobs: list[Job], stream: bool, endpoint: Endpoint,
-                  release: Callable[[], None] | None = None) -> Response:
-        """Run the jobs under an admission slot (`release`: one already taken, e.g. for scoring first)."""
-        if release is None:
-            big = sum(job.gen_config.max_new_tokens * (1 + (job.gen_config.logprobs or 0)) for job in jobs)
-            release = self.acquire(len(jobs), big >= BIG_REQUEST_TOKENS)
+                  release: Callable[[], None] | None = None, big: bool = False) -> Response:
+        """Run the jobs under an admission slot (`release`: one already taken, e.g. for scoring first). After a big
+        request (`big`, or outputs of BIG_REQUEST_TOKENS or more) the freed memory goes back to the OS once the
+        answer is sent."""
+        big = big or sum(job.gen_config.max_new_tokens * (1 + (job.gen_config.logprobs or 0))
+                         for job in jobs) >= BIG_REQUEST_TOKENS
+        release = release or self.admission.acquire(len(jobs))
         if stream:
             try:
-                return _SSEResponse(self._guarded_stream(self._stream(request, pipe, jobs, endpoint)), release)
+                return _SSEResponse(self._guarded_stream(self._stream(request, pipe, jobs, endpoint)), release,
+                                    trim=big)
             except BaseException:
                 release()
                 raise
@@ -247,7 +248,7 @@ class Service:
             release()
         if results is None:
             return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
-        return endpoint.response(results, self.usage(results, jobs))
+        return answer(endpoint.response(results, self.usage(results, jobs)), big)
 
     async def _collect(self, request: Request, pipe, jobs: list[Job]) -> list[ChoiceResult] | None:
         """Run the jobs to the end; None when the client went away first (its requests are then aborted)."""
