@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -41,12 +40,12 @@ from engine.manager import ModelManager
 log = logging.getLogger("api")
 
 DONE = "data: [DONE]\n\n"
-BIG_REQUEST_TOKENS = 2**15  # after a request that could hold this many tokens' outputs, memory goes back to the OS
+BIG_REQUEST_TOKENS = 2**15  # after an answer of this many tokens' outputs (x logprob entries), memory goes back
 
 
 def return_memory() -> None:
-    """Give freed heap back to the operating system after a big answer (glibc keeps it otherwise: RSS stays up)."""
-    gc.collect()
+    """Give freed heap back to the operating system after a big answer (glibc keeps it otherwise: RSS stays up).
+    Blocking (it walks the heap, without the GIL): call it from a worker thread."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
@@ -115,7 +114,10 @@ class _SSEResponse(StreamingResponse):
                 pass
             self._release()
             if self._trim:
-                return_memory()
+                try:
+                    asyncio.get_running_loop().run_in_executor(None, return_memory)
+                except RuntimeError:  # the server is shutting down: its memory goes back anyway
+                    pass
 
 
 class Service:
@@ -232,13 +234,13 @@ class Service:
         """Run the jobs under an admission slot (`release`: one already taken, e.g. for scoring first). After a big
         request (`big`, or outputs of BIG_REQUEST_TOKENS or more) the freed memory goes back to the OS once the
         answer is sent."""
-        big = big or sum(job.gen_config.max_new_tokens * (1 + (job.gen_config.logprobs or 0))
-                         for job in jobs) >= BIG_REQUEST_TOKENS
         release = release or self.admission.acquire(len(jobs))
         if stream:
+            could_be_big = sum(job.gen_config.max_new_tokens * (1 + (job.gen_config.logprobs or 0))
+                               for job in jobs) >= BIG_REQUEST_TOKENS
             try:
                 return _SSEResponse(self._guarded_stream(self._stream(request, pipe, jobs, endpoint)), release,
-                                    trim=big)
+                                    trim=big or could_be_big)
             except BaseException:
                 release()
                 raise
@@ -248,6 +250,8 @@ class Service:
             release()
         if results is None:
             return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
+        big = big or sum(r.num_generated_tokens * (1 + (job.gen_config.logprobs or 0))
+                         for job, r in zip(jobs, results)) >= BIG_REQUEST_TOKENS
         return answer(endpoint.response(results, self.usage(results, jobs)), big)
 
     async def _collect(self, request: Request, pipe, jobs: list[Job]) -> list[ChoiceResult] | None:
