@@ -23,7 +23,10 @@ import uvicorn
 from fastapi import FastAPI
 
 from api import begin_shutdown, build_api, uvicorn_options
-from api.guard import MAX_CONNECTIONS, LoginThrottle, PreLoginPageFilter
+from api.connections import MAX_CONNECTIONS, MAX_UNTRUSTED_CONNECTIONS, ConnectionBudget
+from api.gate import UPLOAD_MAX_BODY_BYTES, BodyLimit, LoginGate, OpenAIShapedMisses
+from api.guard import LoginThrottle, PreLoginPageFilter
+from api.limits import add_limit_args, limits_from_args
 from engine.cli import add_engine_args, engine_config_from_args
 from engine.demo_model import DEMO_MODEL_NOTE, build_demo_model, default_demo_model_dir
 from engine.manager import ModelManager
@@ -55,8 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "output inside --quant-output-root")
     p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
                    help="open connections at most; slow clients are also cut after read deadlines")
+    p.add_argument("--max-unauthenticated-connections", type=int, default=MAX_UNTRUSTED_CONNECTIONS,
+                   help="with --api-keys or --auth: open connections that have shown no credentials at most (past "
+                        "it one is closed, a refused one from the busiest address first), so they never take the "
+                        "slots of logged-in clients")
+    p.add_argument("--max-upload-mb", type=float, default=UPLOAD_MAX_BODY_BYTES / 2**20,
+                   help="largest file upload to the UI (calibration data, images), counted on the bytes read")
     p.add_argument("--allow-origins", nargs="+", default=None, metavar="ORIGIN", help="CORS origins for the API")
-    p.add_argument("--max-concurrent-requests", type=int, default=256, help="API requests in flight at once")
+    p.add_argument("--max-concurrent-requests", type=int, default=256,
+                   help="API generations in flight at once (a request counts prompts x n; scoring too)")
+    add_limit_args(p)
     p.add_argument("--served-model-name", default=None, help="model id API clients see (default: folder name)")
     p.add_argument("--quant-output-root", default="quantized", help="where the Quantize tab writes by default")
     p.add_argument("--demo-model-dir", default=None, help="where the demo model is built (default: user cache)")
@@ -110,6 +121,10 @@ def create_app(args: argparse.Namespace) -> tuple[FastAPI, ModelManager]:
     """The FastAPI app (API routes first, Gradio mounted at "/") and its ModelManager; loads MODEL unless
     --no-model. Raises on a model that fails to load at startup (the UI reports later load errors itself)."""
     auth = ui_auth(args)
+    limits = limits_from_args(args)
+    if args.max_unauthenticated_connections < 1:
+        raise SystemExit(f"--max-unauthenticated-connections must be at least 1, got "
+                         f"{args.max_unauthenticated_connections}")
     engine_config = engine_config_from_args(args)
     settings = StudioSettings(
         engine_config=engine_config,
@@ -135,7 +150,10 @@ def create_app(args: argparse.Namespace) -> tuple[FastAPI, ModelManager]:
             manager.load(default.path, engine_config, name=default.name, is_demo=default.is_demo,
                          source=default.source)
     app = build_api(manager, api_keys=args.api_keys, allow_origins=args.allow_origins,
-                    max_concurrent_requests=args.max_concurrent_requests, served_model_name=args.served_model_name)
+                    max_concurrent_requests=args.max_concurrent_requests, served_model_name=args.served_model_name,
+                    limits=limits)
+    budget = ConnectionBudget(args.max_unauthenticated_connections if auth is not None else None)
+    session_ok = None
     if not args.no_ui:
         state = StudioState(manager=manager, settings=settings)
         app.state.studio = state  # for introspection and tests: the UI's shared state
@@ -146,7 +164,31 @@ def create_app(args: argparse.Namespace) -> tuple[FastAPI, ModelManager]:
         if auth is not None:
             app.add_middleware(LoginThrottle)
             app.add_middleware(PreLoginPageFilter)
+            session_ok = ui_session_check(app)
+        app.add_middleware(OpenAIShapedMisses)
+        app.add_middleware(BodyLimit, upload_bytes=int(args.max_upload_mb * 2**20),
+                           other_bytes=limits.max_body_bytes)
+    app.add_middleware(LoginGate, session_ok=session_ok, api_keys=args.api_keys, budget=budget)
+    app.state.connection_budget = budget  # main() hands it to the HTTP protocol
     return app, manager
+
+
+def ui_session_check(app: FastAPI) -> Callable[[dict], bool]:
+    """headers -> does the request carry a session cookie of a logged-in UI user (Gradio's access token)?"""
+    from starlette.requests import cookie_parser
+    from starlette.routing import Mount
+
+    gradio_app = next(r.app for r in app.routes if isinstance(r, Mount))
+    names = (f"access-token-{gradio_app.cookie_id}", f"access-token-unsecure-{gradio_app.cookie_id}")
+
+    def session_ok(headers: dict) -> bool:
+        raw = headers.get(b"cookie")
+        if not raw:
+            return False
+        cookies = cookie_parser(raw.decode("latin-1"))
+        return any(cookies.get(name) in gradio_app.tokens for name in names if cookies.get(name))
+
+    return session_ok
 
 
 def banner(args: argparse.Namespace, manager: ModelManager) -> str:
@@ -247,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = uvicorn.Config(app, host=args.server_name, port=args.server_port, log_level=args.log_level,
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-                            **uvicorn_options(max_connections=args.max_connections))
+                            **uvicorn_options(max_connections=args.max_connections,
+                                              budget=app.state.connection_budget))
     server = StudioServer(config, on_started=lambda: print(banner(args, manager), flush=True),
                           on_stopping=lambda: begin_shutdown(app))
     try:

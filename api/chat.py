@@ -93,7 +93,10 @@ def add_chat_routes(service: Service, router: APIRouter) -> None:
         ids = await service.encode(pipe, messages, True, "messages")
         service.check_prompt(pipe, ids, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        max_new = service.max_new_tokens(pipe, body.max_completion_tokens or body.max_tokens, len(ids))
+        n = body.n or 1
+        service.limits.check_prompt_tokens(len(ids) * n, pipe.session_len, "messages")
+        max_new = service.max_new_tokens(pipe, body.max_completion_tokens or body.max_tokens, len(ids), n, logprobs,
+                                         bool(body.stream))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         jobs = service.make_jobs(pipe, body, [(ids, messages if has_images else None)], [max_new], logprobs,
                                  request_id)

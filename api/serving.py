@@ -32,6 +32,7 @@ class Job:
     gen_config: GenerationConfig
     request_id: str
     prompt: str | list[dict] | None = None  # given instead of input_ids only when the prompt holds images
+    group: str | None = None  # the API request it belongs to: the engine shares the batch fairly between them
 
 
 @dataclass
@@ -113,7 +114,7 @@ async def stream_choices(pipe, jobs: list[Job], is_disconnected: Callable[[], Aw
     async def drive(job: Job) -> None:
         try:
             stream = pipe.generate(job.prompt, job.gen_config, request_id=job.request_id,
-                                   input_ids=None if job.prompt is not None else job.input_ids)
+                                   input_ids=None if job.prompt is not None else job.input_ids, group=job.group)
             async for out in stream:
                 queue.put_nowait((job, out))
         except asyncio.CancelledError:

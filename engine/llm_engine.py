@@ -213,9 +213,11 @@ class LLMEngine:
             raise ValueError("the prompt is empty")
 
     def add_request(self, prompt_token_ids: list[int] | RequestInput, gen_config: GenerationConfig,
-                    callback: Callable[[RequestOutput], None], request_id: str | None = None) -> str:
+                    callback: Callable[[RequestOutput], None], request_id: str | None = None,
+                    group: str | None = None) -> str:
         """Queue a request; `callback` gets its updates on the engine thread. Raises on a prompt that can't fit.
-        A RequestInput carries images (engine/inputs.py) besides the token ids."""
+        A RequestInput carries images (engine/inputs.py) besides the token ids. Requests of one `group` (an API
+        request's choices) share one fair share of the batch (scheduler.py); by default each request is its own."""
         if self._stopped:
             raise EngineStoppedError(self.fatal_error or "the engine is shut down")
         mm_items = ()
@@ -229,7 +231,8 @@ class LLMEngine:
         seed = gen_config.seed if gen_config.seed is not None else self._seed_rng.getrandbits(63)
         eos = frozenset() if gen_config.ignore_eos else self.eos_token_ids
         max_tokens = min(self.session_len, len(prompt_token_ids) + gen_config.max_new_tokens, self.capacity_tokens)
-        seq = Sequence(prompt_token_ids, SamplingState(gen_config, seed, eos), max_tokens, self.block_size, mm_items)
+        seq = Sequence(prompt_token_ids, SamplingState(gen_config, seed, eos), max_tokens, self.block_size, mm_items,
+                       group=group or request_id)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, gen_config.skip_special_tokens)
         request = RequestState(request_id, seq, detok, callback, list(gen_config.stop_words))
         self._put(AddRequest(request))

@@ -125,10 +125,10 @@ class Pipeline:
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         raise ValueError(f"a prompt is a string or a list of messages, got {type(prompt).__name__}")
 
-    def _submit(self, prompt, gen_config, callback, request_id, apply_chat_template, input_ids) -> str:
+    def _submit(self, prompt, gen_config, callback, request_id, apply_chat_template, input_ids, group=None) -> str:
         ids = input_ids if input_ids is not None else self.prompt_input(prompt, apply_chat_template)
         ids = ids if isinstance(ids, RequestInput) else list(ids)
-        return self.engine.add_request(ids, gen_config or GenerationConfig(), callback, request_id)
+        return self.engine.add_request(ids, gen_config or GenerationConfig(), callback, request_id, group=group)
 
     # ---- sync -----------------------------------------------------------------------------------------
     def __call__(self, prompts: Prompt | list[Prompt], gen_config: GenerationConfig | None = None,
@@ -179,8 +179,9 @@ class Pipeline:
     # ---- async ----------------------------------------------------------------------------------------
     async def generate(self, prompt: Prompt | None, gen_config: GenerationConfig | None = None, *,
                        request_id: str | None = None, apply_chat_template: bool = True,
-                       input_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:
-        """Async stream of RequestOutput deltas. Cancelling or closing it aborts the request at once."""
+                       input_ids: list[int] | None = None, group: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Async stream of RequestOutput deltas. Cancelling or closing it aborts the request at once. Requests given
+        one `group` share one fair share of the batch (an API request's n choices)."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
 
@@ -190,7 +191,7 @@ class Pipeline:
             except RuntimeError:  # the consumer's event loop has closed: nobody is listening any more
                 pass
 
-        rid = self._submit(prompt, gen_config, deliver, request_id, apply_chat_template, input_ids)
+        rid = self._submit(prompt, gen_config, deliver, request_id, apply_chat_template, input_ids, group)
         finished = False
         try:
             while not finished:

@@ -31,8 +31,9 @@ PENDING = -1  # a token sampled on the device whose value the host has not read 
 
 class Sequence:
     def __init__(self, token_ids: list[int], sampling: SamplingState, max_tokens: int, block_size: int,
-                 mm_items: tuple[MultiModalItem, ...] = ()):
+                 mm_items: tuple[MultiModalItem, ...] = (), group: object = None):
         self.seq_id = next(_seq_counter)
+        self.group = self.seq_id if group is None else group  # the scheduler shares the batch fairly between groups
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)

@@ -96,6 +96,9 @@ def build_spec(state: StudioState, model, awq_model, settings, session_lens, fra
                concurrency, gpu_memory, quantize=False) -> CompareSpec:
     """The form's values -> a validated CompareSpec (ValueError with a sentence for anything wrong)."""
     model = (model or "").strip() or str(state.settings.default_model_path)
+    for path in (model, (awq_model or "").strip()):  # the Model tab's folder policy (--model-dir), same answer
+        if path:
+            state.settings.check_model_path(path)
     if not settings:
         raise ValueError("tick at least one setting to compare")
     workload = Workload(whole_number(prompt_len, "Prompt length", minimum=1),

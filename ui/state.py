@@ -43,8 +43,9 @@ class StudioSettings:
         return (*(self.model_roots or ()), self.demo_model_dir, *extra, self.quant_output_root)
 
     def check_model_path(self, path: str | Path) -> None:
-        """Refuse a model (or calibration) path outside the configured roots, before anything touches it. A hub id
-        ("org/name") that is no local path passes: it goes to the Hugging Face cache."""
+        """The one policy for every path a UI route reads (Model, Quantize, Compare and its AWQ folder, calibration
+        files): refuse one outside the configured roots before anything touches it, with one answer whether it
+        exists or not. A hub id ("org/name") that is no local path passes: it goes to the Hugging Face cache."""
         if self.model_roots is None:
             return
         from engine.checkpoint import is_hub_id
