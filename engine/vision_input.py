@@ -88,7 +88,7 @@ class VisionPrompter:
     def __init__(self, tokenizer, chat_template: str | None, processor, spec, config):
         self.tokenizer, self.chat_template, self.processor = tokenizer, chat_template, processor
         self.policy = media_policy(config)
-        self.marker = "<image>"
+        self.marker = getattr(processor, "image_marker", "<image>")  # the template's image slot (Qwen2-VL's own)
         vision = spec.vision
         vocab = spec.vocab_size
         marker_id = tokenizer.convert_tokens_to_ids(self.marker)

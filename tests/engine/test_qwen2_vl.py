@@ -1,0 +1,240 @@
+"""Qwen2-VL / Qwen2.5-VL through the engine agree with transformers on the same tiny random weights (fp32, greedy):
+prompt logits with one image and with two images of different sizes (dynamic resolution, the vision tower's
+per-image and window attention, M-RoPE), 16 greedy tokens against `generate`, a batch mixing image and text
+requests, both config spellings (nested text_config, flat hub), tied embeddings; plus the prefix cache with images,
+chunked prefill through an image, KV int8 / int4, and bad images refused without disturbing another request."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine import GenerationConfig, InvalidImageError
+from tests.engine.conftest import greedy
+from tests.engine.test_llava import data_url, engine_logits, image_part
+from tests.qwen_vl_factory import MAX_PIXELS, MIN_PIXELS, hf_model, make_qwen_vl
+
+N = 16
+
+
+def image(h: int, w: int, seed: int) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def qwen25(tmp_path_factory):
+    return make_qwen_vl(tmp_path_factory.mktemp("qwen25") / "qwen2.5-vl", v25=True)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    return make_qwen_vl(tmp_path_factory.mktemp("qwen2") / "qwen2-vl", v25=False, tie=True, flat=True)
+
+
+@pytest.fixture(scope="module")
+def ref25(qwen25):
+    return hf_model(qwen25, v25=True)
+
+
+@pytest.fixture(scope="module")
+def ref2(qwen2):
+    return hf_model(qwen2, v25=False)
+
+
+def hf_inputs(request_input, config) -> dict:
+    """transformers' inputs for the engine's RequestInput: its ids, the patches, the grids, the token types."""
+    ids = torch.tensor([request_input.token_ids])
+    items = request_input.mm_items
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if items:
+        patch = config.vision_config.patch_size
+        inputs["pixel_values"] = torch.cat([m.pixel_values for m in items])
+        inputs["image_grid_thw"] = torch.tensor([[1, m.image_size[0] // patch, m.image_size[1] // patch]
+                                                 for m in items])
+        inputs["mm_token_type_ids"] = (ids == config.image_token_id).int()
+    return inputs
+
+
+@torch.no_grad()
+def hf_logits(model, request_input) -> torch.Tensor:
+    return model(**hf_inputs(request_input, model.config)).logits[0]
+
+
+@torch.no_grad()
+def hf_generate(model, request_input, n: int = N) -> list[int]:
+    inputs = hf_inputs(request_input, model.config)
+    out = model.generate(**inputs, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def hf_processed(path, img):
+    from engine.models.qwen2_vl import hf_image_processor_class
+
+    return hf_image_processor_class().from_pretrained(str(path))(images=img, return_tensors="pt")
+
+
+# ---- agreement with transformers ------------------------------------------------------------------------------
+@pytest.mark.parametrize("v25", [True, False], ids=["qwen2.5-vl", "qwen2-vl"])
+def test_one_image_prompt_logits_and_greedy_match_transformers(v25, request, make_pipe):
+    path = request.getfixturevalue("qwen25" if v25 else "qwen2")
+    ref = request.getfixturevalue("ref25" if v25 else "ref2")
+    pipe = make_pipe(path)
+    img = image(100, 150, seed=0)
+    prompt = ("What is in the picture?", img)
+    request_input = pipe.prompt_input(prompt)
+    (item,) = request_input.mm_items
+    theirs = hf_processed(path, img)
+    t, h, w = theirs["image_grid_thw"][0].tolist()
+    assert item.length == h * w // 4 and item.image_size == (h * 14, w * 14)
+    assert MIN_PIXELS <= h * w * 196 <= MAX_PIXELS  # the folder's min_pixels / max_pixels decided the size
+    torch.testing.assert_close(item.pixel_values, theirs["pixel_values"])
+    text = pipe.tokenizer.decode(request_input.token_ids)
+    assert "<|vision_start|>" + "<|image_pad|>" * item.length + "<|vision_end|>What is in the picture?" in text
+    torch.testing.assert_close(engine_logits(pipe, request_input), hf_logits(ref, request_input),
+                               atol=2e-4, rtol=2e-4)
+    assert pipe(prompt, greedy(N)).token_ids == hf_generate(ref, request_input)
+
+
+@pytest.mark.parametrize("v25", [True, False], ids=["qwen2.5-vl", "qwen2-vl"])
+def test_two_images_of_different_sizes_match_transformers(v25, request, make_pipe):
+    """Different grids in one tower pass (per-image attention; 2.5: windows with padding at the edges), and M-RoPE
+    text positions continuing after each image."""
+    path = request.getfixturevalue("qwen25" if v25 else "qwen2")
+    ref = request.getfixturevalue("ref25" if v25 else "ref2")
+    pipe = make_pipe(path)
+    a, b = image(60, 130, seed=1), image(140, 84, seed=2)
+    messages = [{"role": "user", "content": [image_part(a), {"type": "text", "text": "Compare with"},
+                                             image_part(b), {"type": "text", "text": "please."}]}]
+    request_input = pipe.prompt_input(messages)
+    items = request_input.mm_items
+    assert len(items) == 2 and items[0].image_size != items[1].image_size and items[0].length != items[1].length
+    torch.testing.assert_close(engine_logits(pipe, request_input), hf_logits(ref, request_input),
+                               atol=2e-4, rtol=2e-4)
+    assert pipe(messages, greedy(N)).token_ids == hf_generate(ref, request_input)
+
+
+def test_nested_and_flat_configs_load_the_same(qwen25, ref25, tmp_path, make_pipe):
+    """transformers 5 writes text_config nested; hub checkpoints are flat (rope_scaling type mrope): both load."""
+    from tests.qwen_vl_factory import flatten_config
+
+    flat = tmp_path / "flat"
+    import shutil
+
+    shutil.copytree(qwen25, flat)
+    flatten_config(flat)
+    pipe = make_pipe(flat)
+    spec = pipe.engine.spec
+    assert spec.rope_theta == 1e6 and spec.rope_scaling is None and spec.vision.mrope_section == (2, 3, 3)
+    request_input = pipe.prompt_input(("Hi", image(90, 90, seed=3)))
+    torch.testing.assert_close(engine_logits(pipe, request_input), hf_logits(ref25, request_input),
+                               atol=2e-4, rtol=2e-4)
+
+
+def test_batch_mixing_image_and_text_requests(qwen25, ref25, make_pipe):
+    pipe = make_pipe(qwen25)
+    model = pipe.engine.runner.model
+    calls = []
+    encode = model.encode_images
+    model.encode_images = lambda items: calls.append(len(items)) or encode(items)
+    prompts = [("First picture.", image(70, 70, seed=4)), "Just some text, no image at all.",
+               [{"role": "user", "content": [image_part(image(50, 120, seed=5)), image_part(image(120, 50, seed=6)),
+                                             {"type": "text", "text": "Two more."}]}]]
+    replies = pipe(prompts, greedy(N))
+    assert calls == [3]  # the three images of the step in one tower pass
+    for prompt, reply in zip(prompts, replies):
+        assert reply.token_ids == hf_generate(ref25, pipe.prompt_input(prompt))
+
+
+# ---- prefix cache, chunked prefill --------------------------------------------------------------------------------
+def test_prefix_cache_same_image_hits_different_image_misses(qwen25, ref25, make_pipe):
+    pipe = make_pipe(qwen25)
+    manager = pipe.engine.block_manager
+    x, y = image(84, 84, seed=7), image(84, 84, seed=8)
+    text = "Tell me everything about this image, in great detail, please."
+    first = pipe((text, x), greedy(N))
+    ids = pipe.encode((text, x))
+    full_blocks = (len(ids) - 1) // 16
+    assert full_blocks >= 3
+    hits = manager.num_prefix_hits
+    again = pipe((text, x), greedy(N))
+    assert manager.num_prefix_hits - hits == full_blocks and again.token_ids == first.token_ids
+    hits = manager.num_prefix_hits
+    other = pipe((text, y), greedy(N))
+    first_image_block = pipe.prompt_input((text, y)).mm_items[0].offset // 16
+    assert manager.num_prefix_hits - hits == first_image_block  # only the blocks before the image are shared
+    assert other.token_ids == hf_generate(ref25, pipe.prompt_input((text, y)))
+    assert other.token_ids != first.token_ids
+
+
+@pytest.mark.parametrize("encoder_cache_bytes", [0, 2**20])
+def test_chunked_prefill_splits_an_image(encoder_cache_bytes, qwen25, ref25, make_pipe):
+    pipe = make_pipe(qwen25, max_prefill_token_num=16, encoder_cache_bytes=encoder_cache_bytes)
+    img = image(112, 140, seed=9)  # 4 x 5 tokens
+    prompt = ("Say something about this picture.", img)
+    request_input = pipe.prompt_input(prompt)
+    item = request_input.mm_items[0]
+    assert item.offset < 16 < item.end or item.offset < 32 < item.end  # a chunk boundary inside the image
+    assert pipe(prompt, greedy(N)).token_ids == hf_generate(ref25, request_input)
+    # a raw prompt that ends in the image: its last image token is fed by a decode step
+    raw = pipe.prompt_input(("", img), apply_chat_template=False)
+    end = raw.mm_items[0].end
+    raw_end = type(raw)(raw.token_ids[:end], raw.mm_items)
+    outputs, done = [], threading.Event()
+
+    def collect(out):
+        outputs.append(out)
+        if out.finished:
+            done.set()
+
+    pipe.engine.add_request(raw_end, greedy(N), collect)
+    assert done.wait(120)
+    assert [t for out in outputs for t in out.token_ids] == hf_generate(ref25, raw_end)
+
+
+# ---- KV quantization ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("quant_policy,bound", [(8, 0.05), (4, 0.35)])
+def test_kv_int8_int4_logits_stay_close(quant_policy, bound, qwen25, ref25, make_pipe):
+    """Quantized KV: prompt logits stay within a bound of transformers' (max abs error relative to the logits'
+    spread), and greedy decoding of the 16-bit cache is mostly kept."""
+    pipe = make_pipe(qwen25, quant_policy=quant_policy)
+    request_input = pipe.prompt_input(("What is this?", image(100, 100, seed=10)))
+    ours, theirs = engine_logits(pipe, request_input), hf_logits(ref25, request_input)
+    err = (ours - theirs).abs().max() / theirs.std()
+    assert err < bound, f"KV int{quant_policy}: relative logit error {err:.3f}"
+    assert ours[-1].argmax() == theirs[-1].argmax()
+
+
+# ---- errors -------------------------------------------------------------------------------------------------------
+def test_bad_image_refused_without_hurting_others(qwen25, ref25, make_pipe):
+    pipe = make_pipe(qwen25)
+    good = ("Describe.", image(84, 112, seed=11))
+    expected = hf_generate(ref25, pipe.prompt_input(good))
+    outputs, done = [], threading.Event()
+
+    def collect(out):
+        outputs.append(out)
+        if out.finished:
+            done.set()
+
+    pipe.engine.add_request(pipe.prompt_input(good), GenerationConfig(max_new_tokens=N, do_sample=False,
+                                                                       ignore_eos=True), collect)
+    bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                                        {"type": "text", "text": "what?"}]}]
+    with pytest.raises(InvalidImageError):
+        pipe.prompt_input(bad)
+    with pytest.raises(InvalidImageError):  # a wrong image-marker count
+        pipe.prompt_input(("<|image_pad|><|image_pad|> two markers", image(56, 56, seed=12)))
+    assert done.wait(120)
+    assert [t for out in outputs for t in out.token_ids] == expected
+    assert data_url(image(30, 30, seed=13)).startswith("data:image/png;base64,")
+
+
+def test_memory_reports_the_vision_tower(qwen25, make_pipe):
+    pipe = make_pipe(qwen25)
+    model = pipe.engine.runner.model
+    tower = sum(p.numel() * p.element_size() for p in model.visual.parameters())
+    assert pipe.engine.runner.vision_bytes == tower > 0
