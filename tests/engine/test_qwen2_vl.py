@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from engine import GenerationConfig, InvalidImageError
+from engine.inputs import RequestInput
 from tests.engine.conftest import greedy
 from tests.engine.test_llava import data_url, engine_logits, image_part
 from tests.qwen_vl_factory import MAX_PIXELS, MIN_PIXELS, hf_model, make_qwen_vl
@@ -46,7 +47,10 @@ def ref2(qwen2):
 
 
 def hf_inputs(request_input, config) -> dict:
-    """transformers' inputs for the engine's RequestInput: its ids, the patches, the grids, the token types."""
+    """transformers' inputs for the engine's RequestInput (or a text prompt's ids): its ids, the patches, the grids,
+    the token types."""
+    if isinstance(request_input, list):
+        request_input = RequestInput(request_input)
     ids = torch.tensor([request_input.token_ids])
     items = request_input.mm_items
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -192,19 +196,24 @@ def test_chunked_prefill_splits_an_image(encoder_cache_bytes, qwen25, ref25, mak
 
     pipe.engine.add_request(raw_end, greedy(N), collect)
     assert done.wait(120)
-    assert [t for out in outputs for t in out.token_ids] == hf_generate(ref25, raw_end)
+    ours = [t for out in outputs for t in out.token_ids]
+    # transformers' generate drifts after a prompt that ends inside an image (its step-by-step positions), so the
+    # reference is one teacher-forced pass over prompt + our tokens: greedy means each token is its argmax there
+    forced = RequestInput(raw_end.token_ids + ours[:-1], raw_end.mm_items)
+    assert hf_logits(ref25, forced)[end - 1 :].argmax(-1).tolist() == ours
 
 
 # ---- KV quantization ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("quant_policy,bound", [(8, 0.05), (4, 0.35)])
+@pytest.mark.parametrize("quant_policy,bound", [(8, 0.015), (4, 0.15)])
 def test_kv_int8_int4_logits_stay_close(quant_policy, bound, qwen25, ref25, make_pipe):
-    """Quantized KV: prompt logits stay within a bound of transformers' (max abs error relative to the logits'
-    spread), and greedy decoding of the 16-bit cache is mostly kept."""
+    """Quantized KV (image tokens with M-RoPE positions in the cache): the prompt logits' relative error against
+    transformers' stays within the bounds tests/engine/test_kv_quant.py holds text models to."""
     pipe = make_pipe(qwen25, quant_policy=quant_policy)
     request_input = pipe.prompt_input(("What is this?", image(100, 100, seed=10)))
     ours, theirs = engine_logits(pipe, request_input), hf_logits(ref25, request_input)
-    err = (ours - theirs).abs().max() / theirs.std()
-    assert err < bound, f"KV int{quant_policy}: relative logit error {err:.3f}"
+    rel = ((ours - theirs).norm() / theirs.norm()).item()
+    assert rel < bound, f"KV int{quant_policy}: relative logit error {rel:.4f}"
+    assert rel > 0  # the cache really is quantized
     assert ours[-1].argmax() == theirs[-1].argmax()
 
 
