@@ -73,6 +73,24 @@ class QwenVision:
     mrope_section: tuple[int, ...] = ()
     image_token_id: int | None = None
     processor_folder: Path | None = None
+    min_pixels: int = 56 * 56  # the image processor's, as preprocessor_config.json gives them
+    max_pixels: int = 28 * 28 * 1280
+    sizing = "native resolution"  # how the token count follows the image (the Chat tab's card)
+
+    @property
+    def family(self) -> str:
+        return "Qwen2.5-VL" if self.v25 else "Qwen2-VL"
+
+    @property
+    def tower_name(self) -> str:
+        return (f"{self.family} ViT/{self.patch_size} ({self.depth} layers, width {self.width}), "
+                f"{self.min_pixels:,}–{self.max_pixels:,} pixels")
+
+    @property
+    def token_range(self) -> tuple[int, int]:
+        """(fewest, most) tokens one image takes: min_pixels / max_pixels over one token's 28 x 28 pixels."""
+        per_token = self.unit**2
+        return max(1, -(-self.min_pixels // per_token)), max(1, self.max_pixels // per_token)
 
     @property
     def patch_dim(self) -> int:
@@ -157,10 +175,25 @@ def resolve(spec: ModelSpec, path: Path, vision_tower: str | None = None) -> Qwe
         rope_theta=float((v.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
         window_size=int(v.get("window_size", 0)) if v25 else 0,
         fullatt_blocks=tuple(int(i) for i in v.get("fullatt_block_indexes", ())) if v25 else (),
-        mrope_section=tuple(section), image_token_id=raw.get("image_token_id"), processor_folder=path)
+        mrope_section=tuple(section), image_token_id=raw.get("image_token_id"), processor_folder=path,
+        **_pixel_bounds(path))
     if v25 and (vision.window_size % vision.unit or vision.window_size < vision.unit):
         raise UnsupportedModelError(f"{path}: window_size {vision.window_size} is not a multiple of {vision.unit}")
     return vision
+
+
+def _pixel_bounds(path: Path) -> dict:
+    """min_pixels / max_pixels of the folder's preprocessor_config.json (hub: top-level keys; transformers 5:
+    size.shortest_edge / size.longest_edge); transformers' defaults where it has none."""
+    file = path / "preprocessor_config.json"
+    saved = json.loads(file.read_text()) if file.is_file() else {}
+    size = saved.get("size") or {}
+    out = {}
+    for key, size_key in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+        value = saved.get(key, size.get(size_key))
+        if value is not None:
+            out[key] = int(value)
+    return out
 
 
 # ---- tensor names -----------------------------------------------------------------------------------------------
