@@ -521,6 +521,7 @@ class QwenImageProcessor:
     image processor built from the folder's preprocessor_config.json (min_pixels / max_pixels as saved)."""
 
     image_marker = IMAGE_MARKER  # the chat template's image slot (engine/vision_input.py expands it)
+    image_text = "<|vision_start|>" + IMAGE_MARKER + "<|vision_end|>"  # an image in a prompt without the template
 
     def __init__(self, vision: QwenVision):
         self.vision = vision

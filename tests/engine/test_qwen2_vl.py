@@ -186,6 +186,8 @@ def test_chunked_prefill_splits_an_image(encoder_cache_bytes, qwen25, ref25, mak
     # a raw prompt that ends in the image: its last image token is fed by a decode step
     raw = pipe.prompt_input(("", img), apply_chat_template=False)
     end = raw.mm_items[0].end
+    vision_start, vision_end = pipe.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
+    assert raw.token_ids[raw.mm_items[0].offset - 1] == vision_start and raw.token_ids[end] == vision_end
     raw_end = type(raw)(raw.token_ids[:end], raw.mm_items)
     outputs, done = [], threading.Event()
 
@@ -247,3 +249,34 @@ def test_memory_reports_the_vision_tower(qwen25, make_pipe):
     model = pipe.engine.runner.model
     tower = sum(p.numel() * p.element_size() for p in model.visual.parameters())
     assert pipe.engine.runner.vision_bytes == tower > 0
+
+
+# ---- GPU ------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("v25", [True, False], ids=["qwen2.5-vl", "qwen2-vl"])
+def test_qwen_vl_on_the_gpu(v25, request):
+    """Triton kernels, CUDA graphs for decode (1-row positions + mrope_delta) and the overlapped step loop with
+    images, chunks cutting them: fp32 agrees with transformers (on the CPU); fp16 (tower in half) stays close."""
+    from engine import EngineConfig, pipeline
+
+    path = request.getfixturevalue("qwen25" if v25 else "qwen2")
+    ref = request.getfixturevalue("ref25" if v25 else "ref2")
+    prompts = [("Describe it.", image(100, 150, seed=3)), "Plain text, no image.",
+               [{"role": "user", "content": [image_part(image(60, 130, seed=1)), {"type": "text", "text": "and"},
+                                             image_part(image(140, 84, seed=2))]}]]
+    replies = {}
+    for dtype in ("float32", "float16"):
+        pipe = pipeline(path, EngineConfig(dtype=dtype, cache_block_seq_len=16, num_gpu_blocks=256,
+                                           max_prefill_token_num=32))
+        try:
+            assert pipe.engine.device.type == "cuda" and pipe.engine.runner.graphs is not None
+            replies[dtype] = [r.token_ids for r in pipe(prompts, greedy(N))]
+            expected = [hf_generate(ref, pipe.prompt_input(p)) for p in prompts]
+            assert pipe.memory()["vision_bytes"] > 0
+        finally:
+            pipe.close()
+        if dtype == "float32":
+            assert replies[dtype] == expected
+    assert all(len(r) == N for r in replies["float16"])
+    assert sum(a[0] == b[0] for a, b in zip(replies["float16"], replies["float32"])) >= 2
