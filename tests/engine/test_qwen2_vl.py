@@ -280,3 +280,66 @@ def test_qwen_vl_on_the_gpu(v25, request):
             assert replies[dtype] == expected
     assert all(len(r) == N for r in replies["float16"])
     assert sum(a[0] == b[0] for a, b in zip(replies["float16"], replies["float32"])) >= 2
+
+
+# ---- real checkpoints' configs ---------------------------------------------------------------------------------------
+QWEN25_VL_7B = {  # Qwen/Qwen2.5-VL-7B-Instruct's config.json (flat, as on the hub)
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "bos_token_id": 151643, "eos_token_id": 151645,
+    "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
+    "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 3584,
+    "intermediate_size": 18944, "max_position_embeddings": 128000, "max_window_layers": 28,
+    "model_type": "qwen2_5_vl", "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 152064,
+    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                      "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
+                      "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                      "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+}
+QWEN2_VL_2B = {  # Qwen/Qwen2-VL-2B-Instruct's config.json
+    "architectures": ["Qwen2VLForConditionalGeneration"], "bos_token_id": 151643, "eos_token_id": 151645,
+    "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
+    "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 1536,
+    "intermediate_size": 8960, "max_position_embeddings": 32768, "max_window_layers": 28, "model_type": "qwen2_vl",
+    "num_attention_heads": 12, "num_hidden_layers": 28, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+    "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                      "hidden_size": 1536, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+}
+HUB_PREPROCESSOR = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
+                    "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                    "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Qwen2VLImageProcessor",
+                    "processor_class": "Qwen2_5_VLProcessor"}
+
+
+@pytest.mark.parametrize("cfg", [QWEN25_VL_7B, QWEN2_VL_2B], ids=["qwen2.5-vl-7b", "qwen2-vl-2b"])
+def test_hub_configs_read_as_transformers_does(cfg, tmp_path):
+    """The hub's flat configs: M-RoPE section, rope theta, tied embeddings, the tower's sizes, min/max pixels; an
+    image's token count is what transformers' processor gives for it."""
+    import json
+
+    from engine import loader
+    from engine.models.qwen2_vl import image_processor
+
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(HUB_PREPROCESSOR))
+    spec = loader.read_model_spec(tmp_path)
+    v25 = "vision_config" in cfg and "out_hidden_size" in cfg["vision_config"]
+    assert spec.rope_theta == 1e6 and spec.rope_scaling is None and spec.head_dim == 128
+    assert spec.tie_word_embeddings == cfg["tie_word_embeddings"] and spec.attention_bias
+    vision = spec.vision
+    assert vision.v25 == v25 and vision.mrope_section == (16, 24, 24) and vision.width == 1280 and vision.depth == 32
+    assert vision.out_hidden == spec.hidden_size and vision.image_token_id == 151655
+    assert (vision.min_pixels, vision.max_pixels) == (3136, 12845056) and vision.token_range == (4, 16384)
+    if v25:
+        assert vision.window_size == 112 and vision.fullatt_blocks == (7, 15, 23, 31) and vision.mlp_hidden == 3420
+    else:
+        assert vision.mlp_hidden == 5120 and vision.act == "quick_gelu"
+    processor = image_processor(spec)
+    patches, size = processor(image(768, 1024, seed=0))
+    theirs = hf_processed(tmp_path, image(768, 1024, seed=0))
+    assert patches.shape[0] == theirs["image_grid_thw"][0].prod() and patches.shape[1] == 3 * 2 * 14 * 14
+    assert processor.num_features(size) == patches.shape[0] // 4
