@@ -8,8 +8,8 @@
   count and the M-RoPE positions.
 - The tower: full attention in every block (2-VL: LayerNorm, a GELU MLP), or window attention with full-attention
   blocks at `fullatt_block_indexes` (2.5-VL: RMSNorm, a SwiGLU MLP; tokens are reordered window by window and put
-  back after the merger). Images of different sizes go through in one batch, unpadded: attention runs per image
-  (and per window inside one, through a block-diagonal mask).
+  back after the merger). Images of different sizes go through in one batch, unpadded: full attention runs image by
+  image, window attention as one batch of all images' windows (padded to the largest, the padding masked).
 - M-RoPE: the decoder's rotary frequencies are split by `mrope_section` over three position streams (time, height,
   width). Text tokens have the same position in all three; an image's tokens sit at (start, start + row, start +
   col), and the text after it continues from start + max(rows, cols). The runner gives prefill steps 3-row
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import ModelLoadError, UnsupportedModelError
+from engine.errors import InvalidImageError, ModelLoadError, UnsupportedModelError
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.llama import LlamaForCausalLM, plain_linear
 from engine.models.spec import ModelEntry, ModelSpec, parse_decoder_spec
@@ -250,16 +250,46 @@ class VisionAttention(nn.Module):
         self.qkv = _linear(vision.width, 3 * vision.width, dtype)
         self.proj = _linear(vision.width, vision.width, dtype)
 
-    def forward(self, x, cos, sin, segments: list[tuple[int, int, torch.Tensor | None]]):
+    def forward(self, x, cos, sin, segments):
+        """segments: [(lo, hi), ...] rows attending among themselves (one image each), or Windows."""
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         q = (q.float() * cos + _rotate_half(q.float()) * sin).to(x.dtype)
         k = (k.float() * cos + _rotate_half(k.float()) * sin).to(x.dtype)
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [heads, n, head_dim]
-        out = torch.empty_like(q)
-        for lo, hi, mask in segments:  # one image at a time; windows inside it through a block-diagonal mask
-            out[:, lo:hi] = F.scaled_dot_product_attention(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], attn_mask=mask)
-        return self.proj(out.transpose(0, 1).reshape(n, -1))
+        if isinstance(segments, Windows):  # all windows of all images as one padded batch
+            w = segments
+            q, k, v = (t[w.index].transpose(1, 2) for t in (q, k, v))  # [windows, heads, size, head_dim]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=w.key_mask)
+            out = out.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim)[w.valid]
+        else:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [heads, n, head_dim]
+            out = torch.empty_like(q)
+            for lo, hi in segments:  # one image at a time
+                out[:, lo:hi] = F.scaled_dot_product_attention(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi])
+            out = out.transpose(0, 1)
+        return self.proj(out.reshape(n, -1))
+
+
+@dataclass
+class Windows:
+    """2.5-VL's window attention as one batch: window i holds rows index[i] (padded to the largest window by
+    repeating its first row), key_mask [windows, 1, 1, size] hides the padding, valid picks the real rows back out
+    (windows are contiguous and in row order, so they come back in place)."""
+
+    index: torch.Tensor
+    key_mask: torch.Tensor | None
+    valid: torch.Tensor
+
+    @staticmethod
+    def of(sizes: list[int], device) -> Windows:
+        size = max(sizes)
+        lengths = torch.tensor(sizes)
+        starts = torch.cumsum(lengths, 0) - lengths
+        slot = torch.arange(size)
+        valid = slot[None, :] < lengths[:, None]  # [windows, size]
+        index = starts[:, None] + torch.where(valid, slot[None, :], 0)
+        mask = None if bool(valid.all()) else valid[:, None, None, :].to(device)
+        return Windows(index.to(device), mask, valid.reshape(-1).to(device))
 
 
 class VisionMLP(nn.Module):
@@ -358,23 +388,23 @@ class QwenVisionTower(nn.Module):
         pos = torch.cat([self._positions(r, c) for r, c in grids]).to(device)
         freqs = (pos[..., None].float() * self.inv_freq).flatten(1)  # [n, head_dim / 2]: rows' then columns'
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [n, 1, head_dim]
-        full, windowed, order, offset = [], [], [], 0
+        full, window_sizes, order, offset = [], [], [], 0
         for rows, cols in grids:
             n = rows * cols * unit
-            full.append((offset, offset + n, None))
+            full.append((offset, offset + n))
             if v.v25:
                 tokens, sizes = window_order(rows, cols, v.window_size // v.unit)
                 order.append(tokens + offset // unit)
-                seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes) * unit).to(device)
-                windowed.append((offset, offset + n, None if len(sizes) == 1 else seg[:, None] == seg[None, :]))
+                window_sizes += [size * unit for size in sizes]
             offset += n
+        windows = Windows.of(window_sizes, device) if v.v25 else None
         if v.v25:  # reorder the patches window by window (four patches of a merged token stay together)
             token_order = torch.cat(order).to(device)
             patch_order = (token_order[:, None] * unit + torch.arange(unit, device=device)).reshape(-1)
             x, emb = x[patch_order], emb[patch_order]
         cos, sin = emb.cos(), emb.sin()
         for i, block in enumerate(self.blocks):
-            segments = windowed if v.v25 and i not in v.fullatt_blocks else full
+            segments = windows if v.v25 and i not in v.fullatt_blocks else full
             x = block(x, cos, sin, segments)
         out = self.merger(x)
         if v.v25:
@@ -472,6 +502,23 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
 
     def mrope_delta(self, mm_items) -> int:
         return mrope_delta(self.vision, mm_items)
+
+    def check_items(self, mm_items) -> None:
+        """Refuse, before the request runs, images whose size, token count and patches disagree (a RequestInput
+        built by hand); those from the prompter always agree."""
+        unit = self.vision.merge_size**2
+        for item in mm_items:
+            try:
+                rows, cols = _item_grid(self.vision, item)
+            except ValueError as e:
+                raise InvalidImageError(str(e)) from None
+            if item.pixel_values is not None and tuple(item.pixel_values.shape) != (rows * cols * unit,
+                                                                                    self.vision.patch_dim):
+                raise InvalidImageError(f"an image's patches have shape {tuple(item.pixel_values.shape)}, expected "
+                                        f"({rows * cols * unit}, {self.vision.patch_dim})")
+            if item.features is not None and item.features.shape[-1] != self.spec.hidden_size:
+                raise InvalidImageError(f"image features of width {item.features.shape[-1]}, expected "
+                                        f"{self.spec.hidden_size}")
 
     def encode_images(self, items) -> list[torch.Tensor]:
         """MultiModalItems -> their merged features, [item.length, hidden] each; all images in one tower pass."""

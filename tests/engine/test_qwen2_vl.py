@@ -6,6 +6,7 @@ chunked prefill through an image, KV int8 / int4, and bad images refused without
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -239,6 +240,10 @@ def test_bad_image_refused_without_hurting_others(qwen25, ref25, make_pipe):
         pipe.prompt_input(bad)
     with pytest.raises(InvalidImageError):  # a wrong image-marker count
         pipe.prompt_input(("<|image_pad|><|image_pad|> two markers", image(56, 56, seed=12)))
+    item = pipe.prompt_input(("x", image(56, 56, seed=14))).mm_items[0]
+    wrong = dataclasses.replace(item, offset=2, image_size=(112, 56))  # a hand-built input whose size and tokens disagree
+    with pytest.raises(InvalidImageError, match="has 8 tokens, the prompt holds 4"):
+        pipe.engine.add_request(RequestInput([0] * 10, (wrong,)), greedy(2), lambda out: None)
     assert done.wait(120)
     assert [t for out in outputs for t in out.token_ids] == expected
     assert data_url(image(30, 30, seed=13)).startswith("data:image/png;base64,")
