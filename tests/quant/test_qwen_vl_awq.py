@@ -73,3 +73,20 @@ def test_engine_chats_with_an_image_as_the_dequantized_reference(folders, name, 
     assert pipe(prompt, greedy()).token_ids == hf_generate(ref, request_input, N)
     messages = [{"role": "user", "content": [image_part(image(60, 60, seed=12)), {"type": "text", "text": "Hi"}]}]
     assert len(pipe(messages, greedy(4)).token_ids) == 4
+
+
+def test_group_sizes_come_from_the_language_model(folders):
+    """The Quantize tab and the CLI offer and check group sizes against the decoder's widths, from either config
+    spelling (7B: 3584 / 18944 take 128; the tiny ones: hidden 64, intermediate 128)."""
+    from quant.api import fitting_group_sizes, validate_settings
+    from tests.engine.test_qwen2_vl import QWEN2_VL_2B, QWEN25_VL_7B
+    from ui.quantize_tab import fitting_group_size
+
+    for name in ("2.5", "2"):
+        src, _ = folders[name]
+        cfg = json.loads((src / "config.json").read_text())
+        assert fitting_group_sizes(cfg) == [64, 32]
+        assert fitting_group_size(str(src)) == 64
+        with pytest.raises(ValueError, match="--w-group-size 128 does not divide"):
+            validate_settings(cfg, 4, 128)
+    assert fitting_group_sizes(QWEN25_VL_7B) == [128, 64, 32] and fitting_group_sizes(QWEN2_VL_2B) == [128, 64, 32]
