@@ -139,6 +139,25 @@ def test_nested_and_flat_configs_load_the_same(qwen25, ref25, tmp_path, make_pip
                                atol=2e-4, rtol=2e-4)
 
 
+def v5_spelling(name: str) -> str:
+    """transformers >= 4.52's in-memory names: model.language_model.*, model.visual.*, lm_head."""
+    if name.startswith("model."):
+        return "model.language_model." + name[len("model."):]
+    if name.startswith("visual."):
+        return "model." + name
+    return name
+
+
+def test_transformers5_weight_spelling_loads(qwen25, ref25, tmp_path, make_pipe):
+    from tests.llava_factory import rename_checkpoint
+
+    path = rename_checkpoint(qwen25, tmp_path / "v5", v5_spelling)
+    pipe = make_pipe(path)
+    request_input = pipe.prompt_input(("Hi", image(70, 100, seed=15)))
+    torch.testing.assert_close(engine_logits(pipe, request_input), hf_logits(ref25, request_input),
+                               atol=2e-4, rtol=2e-4)
+
+
 def test_batch_mixing_image_and_text_requests(qwen25, ref25, make_pipe):
     pipe = make_pipe(qwen25)
     model = pipe.engine.runner.model
@@ -241,7 +260,8 @@ def test_bad_image_refused_without_hurting_others(qwen25, ref25, make_pipe):
     with pytest.raises(InvalidImageError):  # a wrong image-marker count
         pipe.prompt_input(("<|image_pad|><|image_pad|> two markers", image(56, 56, seed=12)))
     item = pipe.prompt_input(("x", image(56, 56, seed=14))).mm_items[0]
-    wrong = dataclasses.replace(item, offset=2, image_size=(112, 56))  # a hand-built input whose size and tokens disagree
+    # a hand-built input whose image size and token count disagree
+    wrong = dataclasses.replace(item, offset=2, image_size=(112, 56))
     with pytest.raises(InvalidImageError, match="has 8 tokens, the prompt holds 4"):
         pipe.engine.add_request(RequestInput([0] * 10, (wrong,)), greedy(2), lambda out: None)
     assert done.wait(120)

@@ -90,3 +90,24 @@ def test_group_sizes_come_from_the_language_model(folders):
         with pytest.raises(ValueError, match="--w-group-size 128 does not divide"):
             validate_settings(cfg, 4, 128)
     assert fitting_group_sizes(QWEN25_VL_7B) == [128, 64, 32] and fitting_group_sizes(QWEN2_VL_2B) == [128, 64, 32]
+
+
+def test_transformers5_spelling_keeps_its_names(folders, calib_txt, tmp_path, make_pipe):  # noqa: F811
+    """A folder in transformers >= 4.52's names (model.language_model.*, model.visual.*) is written back in them,
+    and quantizes to the same language model as the hub-spelled one."""
+    from tests.engine.test_qwen2_vl import v5_spelling
+    from tests.llava_factory import rename_checkpoint
+
+    src, hub_out = folders["2.5"]
+    v5 = rename_checkpoint(src, tmp_path / "v5", v5_spelling)
+    out = quantize(v5, tmp_path / "v5-awq", calib_txt)
+    before, after, hub = tensors(v5), tensors(out), tensors(hub_out)
+    kept = [k for k in before if k.startswith("model.visual.")]
+    assert kept and all(torch.equal(after[k], before[k]) for k in kept)
+    assert "model.language_model.layers.0.self_attn.q_proj.qweight" in after
+    assert not any(k.startswith("model.layers.") for k in after)
+    for name, t in hub.items():  # the same quantized language model, in the other spelling
+        if name.startswith("model.layers."):
+            assert torch.equal(after[v5_spelling(name)], t), name
+    pipe = make_pipe(out)
+    assert len(pipe(("Describe", image(56, 84, seed=13)), greedy(4)).token_ids) == 4
