@@ -265,7 +265,8 @@ class VisionAttention(nn.Module):
             q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [heads, n, head_dim]
             out = torch.empty_like(q)
             for lo, hi in segments:  # one image at a time
-                out[:, lo:hi] = F.scaled_dot_product_attention(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi])
+                out[:, lo:hi] = F.scaled_dot_product_attention(q[None, :, lo:hi], k[None, :, lo:hi],
+                                                               v[None, :, lo:hi])[0]  # 4-D: the flash kernel
             out = out.transpose(0, 1)
         return self.proj(out.reshape(n, -1))
 
