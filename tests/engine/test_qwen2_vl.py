@@ -122,6 +122,27 @@ def test_two_images_of_different_sizes_match_transformers(v25, request, make_pip
     assert pipe(messages, greedy(N)).token_ids == hf_generate(ref, request_input)
 
 
+def test_mrope_positions_and_delta_equal_transformers_rope_index(qwen25, ref25, make_pipe):
+    """The runner's 3-row positions for any token range (chunks) and the decode delta are transformers'
+    get_rope_index for the whole prompt."""
+    pipe = make_pipe(qwen25)
+    model = pipe.engine.runner.model
+    messages = [{"role": "user", "content": [image_part(image(60, 130, seed=1)), {"type": "text", "text": "x"},
+                                             image_part(image(140, 84, seed=2)), {"type": "text", "text": "y"}]}]
+    request_input = pipe.prompt_input(messages)
+    inputs = hf_inputs(request_input, ref25.config)
+    theirs, delta = ref25.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                               inputs["image_grid_thw"])
+    theirs = theirs[:, 0]
+    n = len(request_input.token_ids)
+    items = request_input.mm_items
+    assert torch.equal(model.mrope_positions(items, 0, n), theirs)
+    cuts = [0, 5, items[0].offset + 3, items[0].end, items[1].offset + 1, n - 1, n]
+    chunks = [model.mrope_positions(items, a, b) for a, b in zip(cuts, cuts[1:])]
+    assert torch.equal(torch.cat(chunks, dim=1), theirs)
+    assert model.mrope_delta(items) == int(delta) and int(delta) < 0
+
+
 def test_nested_and_flat_configs_load_the_same(qwen25, ref25, tmp_path, make_pipe):
     """transformers 5 writes text_config nested; hub checkpoints are flat (rope_scaling type mrope): both load."""
     from tests.qwen_vl_factory import flatten_config
