@@ -173,8 +173,11 @@ class ModelRunner:
 
     def _mrope_positions(self, seqs: list[Sequence], starts: list[int], counts: list[int]) -> torch.Tensor:
         """[3, num_tokens] M-RoPE positions of the tokens [start, start + count) of each sequence."""
-        rows = [self.model.mrope_positions(s.mm_items, a, a + n) for s, a, n in zip(seqs, starts, counts)]
-        return torch.cat(rows, dim=1).to(self.device)
+        rows = torch.cat([self.model.mrope_positions(s.mm_items, a, a + n) for s, a, n in zip(seqs, starts, counts)],
+                         dim=1)
+        if self.device.type == "cuda":  # pinned, as _tensor: a pageable copy would wait for the queued step
+            rows = rows.pin_memory()
+        return rows.to(self.device, non_blocking=True)
 
     def _mrope_delta(self, seq: Sequence) -> int:
         """M-RoPE: a decoded token's position is its index + this per-sequence shift (0 without images)."""
