@@ -225,6 +225,8 @@ class LLMEngine:
             prompt_token_ids, mm_items = prompt_token_ids.token_ids, prompt_token_ids.mm_items
             if mm_items and not getattr(self.runner.model, "is_multimodal", False):
                 raise ImageInputError("this model takes no images: send text only, or load a vision-language model")
+            if mm_items and hasattr(self.runner.model, "check_items"):  # e.g. Qwen2-VL: sizes, tokens, patches agree
+                self.runner.model.check_items(mm_items)
         self.check_prompt_ids(prompt_token_ids)
         gen_config.check_for_model(self.spec.vocab_size)
         request_id = request_id or self.new_request_id()

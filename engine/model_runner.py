@@ -57,6 +57,7 @@ class ModelRunner:
             t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values()
         )
         self.encoder_cache, self.vision_bytes = None, 0
+        self.mrope = getattr(model, "uses_mrope", False)  # Qwen2-VL: 3-row (t, h, w) positions for prefill steps
         if getattr(model, "is_multimodal", False):  # vision tower + projector: reported apart from the LM weights
             self.vision_bytes = model.vision_bytes
             self.weights_bytes -= self.vision_bytes
@@ -164,7 +165,25 @@ class ModelRunner:
             cu_seqlens_q=self._tensor(cu_seqlens, torch.int32) if batch.is_prefill else None,
             max_seqlen_q=max(batch.num_new_tokens),
         )
-        return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta, sample_rows
+        if self.mrope:
+            pos = self._mrope_positions(batch.seqs, [s.num_computed_tokens for s in batch.seqs], batch.num_new_tokens)
+        else:
+            pos = self._tensor(positions, torch.int64)
+        return self._tensor(input_ids, torch.int64), pos, meta, sample_rows
+
+    def _mrope_positions(self, seqs: list[Sequence], starts: list[int], counts: list[int]) -> torch.Tensor:
+        """[3, num_tokens] M-RoPE positions of the tokens [start, start + count) of each sequence."""
+        rows = torch.cat([self.model.mrope_positions(s.mm_items, a, a + n) for s, a, n in zip(seqs, starts, counts)],
+                         dim=1)
+        if self.device.type == "cuda":  # pinned, as _tensor: a pageable copy would wait for the queued step
+            rows = rows.pin_memory()
+        return rows.to(self.device, non_blocking=True)
+
+    def _mrope_delta(self, seq: Sequence) -> int:
+        """M-RoPE: a decoded token's position is its index + this per-sequence shift (0 without images)."""
+        if seq.mrope_delta is None:
+            seq.mrope_delta = self.model.mrope_delta(seq.mm_items)
+        return seq.mrope_delta
 
     def _prepare_decode(self, seqs: list[Sequence]):
         """One token per sequence: its last. Everything goes to the device in one copy."""
@@ -174,7 +193,8 @@ class ModelRunner:
         flat = []
         for s in seqs:
             pos = len(s.token_ids) - 1
-            flat += (s.token_ids[-1], pos, s.block_table[pos // bs] * bs + pos % bs, pos + 1)
+            rope_pos = pos + self._mrope_delta(s) if self.mrope else pos
+            flat += (s.token_ids[-1], rope_pos, s.block_table[pos // bs] * bs + pos % bs, pos + 1)
         for s in seqs:
             flat += s.block_table
             flat += [0] * (max_blocks - len(s.block_table))
@@ -188,7 +208,10 @@ class ModelRunner:
             kv_lens=head[:, 3].to(torch.int32),
             max_seqlen_q=1,
         )
-        return head[:, 0], head[:, 1], meta, list(range(n))
+        positions = head[:, 1]
+        if self.mrope and any(s.mm_items and s.mm_items[-1].end >= len(s) for s in seqs):  # an image token is fed
+            positions = self._mrope_positions(seqs, [len(s) - 1 for s in seqs], [1] * n)
+        return head[:, 0], positions, meta, list(range(n))
 
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         gcs = [s.sampling.gen_config for s in seqs]

@@ -51,6 +51,7 @@ class Sequence:
         self.pending_row = -1  # row of the in-flight step's token tensor holding this sequence's PENDING token
         self.request = None  # the engine's request record (set when the engine takes the request)
         self.mm_items = tuple(mm_items)  # images whose features fill placeholder positions of the prompt
+        self.mrope_delta: int | None = None  # M-RoPE models: rope position - token index after the prompt
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -88,7 +88,8 @@ class VisionPrompter:
     def __init__(self, tokenizer, chat_template: str | None, processor, spec, config):
         self.tokenizer, self.chat_template, self.processor = tokenizer, chat_template, processor
         self.policy = media_policy(config)
-        self.marker = "<image>"
+        self.marker = getattr(processor, "image_marker", "<image>")  # the template's image slot (Qwen2-VL's own)
+        self.image_text = getattr(processor, "image_text", self.marker + "\n")  # an image in text without a template
         vision = spec.vision
         vocab = spec.vocab_size
         marker_id = tokenizer.convert_tokens_to_ids(self.marker)
@@ -113,7 +114,7 @@ class VisionPrompter:
                 text = self.render([{"role": "user", "content": parts}])
                 return self.tokenize(text, refs, add_special_tokens=self._needs_bos(text))
             if self.marker not in text:
-                text = (self.marker + "\n") * len(refs) + text
+                text = self.image_text * len(refs) + text
             return self.tokenize(text, refs, add_special_tokens=True)
         if isinstance(prompt, str) and not apply_chat_template:
             return self.tokenize(prompt, [], add_special_tokens=True)
@@ -160,7 +161,7 @@ class VisionPrompter:
                 return text
         except Exception:  # noqa: BLE001 - a string-only template: render with strings below
             pass
-        as_strings = [{"role": m["role"], "content": "".join(p if isinstance(p, str) else self.marker + "\n"
+        as_strings = [{"role": m["role"], "content": "".join(p if isinstance(p, str) else self.image_text
                                                              for p in m["content"])} for m in messages]
         return self._apply(as_strings)
 

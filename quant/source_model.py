@@ -11,6 +11,11 @@ layout): only the language model is quantized, calibrated on text as LMDeploy do
 `transformers` causal LM of the text backbone (Llama / Mistral / Qwen2); every other tensor (vision tower,
 projector, NeXT's image_newline) is kept aside as it is and written back unchanged (16-bit) by the exporter, and
 the language model's tensors go back under the checkpoint's own names.
+
+Qwen2-VL / Qwen2.5-VL folders (hub `model.*` / `visual.*`, or transformers 5's `model.language_model.*` /
+`model.visual.*`; config.json flat or with a nested text_config) go the same way: the decoder becomes transformers'
+Qwen2ForCausalLM (on text, M-RoPE's three streams hold the same position, so it is the plain rope), the vision
+tower and merger (`visual`) are kept as they are.
 """
 
 from __future__ import annotations
@@ -132,6 +137,8 @@ def load_source_model(model_path: str | Path, dtype: str | torch.dtype = "auto",
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, cfg, torch.device(device))
     if llava_layout(cfg) is not None:
         return _load_llava(path, cfg, torch_dtype)
+    if qwen_vl_layout(cfg):
+        return _load_qwen_vl(path, cfg, torch_dtype)
     model_type = text_config(cfg).get("model_type") or cfg.get("model_type", "")
     arch = arch_for_model_type(model_type)
     if model_type == "internlm2":
@@ -194,6 +201,11 @@ def quant_text_config(cfg: dict) -> dict:
 
     if llava_layout(cfg) == "hf":
         return text_config(complete_config(cfg))
+    if qwen_vl_layout(cfg):
+        from engine.models import language_model_config
+        from engine.models.qwen2_vl import complete_config as complete_qwen_vl
+
+        return language_model_config(complete_qwen_vl(cfg))
     return text_config(cfg)
 
 
@@ -290,3 +302,65 @@ def _load_llava(path: Path, cfg: dict, dtype: torch.dtype) -> SourceModel:
     model.model.rotary_emb = type(model.model.rotary_emb)(config=tcfg)  # its buffers were made on meta
     return SourceModel(prepare_model(model), arch, path, cfg, "llava", dtype, export_name=export_name,
                        kept_tensors=kept, keep_modules=_llava_keep_modules(kept, layout))
+
+
+# ---- Qwen2-VL / Qwen2.5-VL ----------------------------------------------------------------------------------------
+def qwen_vl_layout(cfg: dict) -> bool:
+    from engine.models.qwen2_vl import ARCHS
+
+    return any(a in ARCHS for a in cfg.get("architectures") or [])
+
+
+def _qwen_vl_text_config(cfg: dict):
+    """transformers' Qwen2Config of a Qwen2(.5)-VL's decoder: its text keys, the rope theta, no M-RoPE section."""
+    import transformers
+
+    text = dict(quant_text_config(cfg))
+    theta = text.get("rope_theta", (text.get("rope_parameters") or {}).get("rope_theta", 1e6))
+    skip = ("model_type", "architectures", "auto_map", "quantization_config", "text_config", "vision_config",
+            "transformers_version", "_name_or_path", "rope_scaling", "rope_parameters", "rope_theta", "layer_types",
+            "dtype", "torch_dtype")
+    text = {k: v for k, v in text.items() if k not in skip}
+    return transformers.AutoConfig.for_model("qwen2", rope_parameters={"rope_type": "default", "rope_theta": theta},
+                                             **text)
+
+
+def _qwen_vl_split(tensors: Iterator[tuple[str, torch.Tensor]]):
+    """Checkpoint tensors -> (causal-LM state dict, kept tensors (the tower and merger), export_name)."""
+    lm: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}
+    nested = False  # transformers 5: model.language_model.* / model.visual.*; hub: model.* / visual.*
+    for name, t in tensors:
+        if name.startswith("model.language_model."):
+            lm["model." + name[len("model.language_model."):]] = t
+            nested = True
+        elif name.startswith(("visual.", "model.visual.")):
+            kept[name] = t
+        else:
+            lm[name] = t
+    if nested:
+        return lm, kept, lambda n: "model.language_model." + n[len("model."):] if n.startswith("model.") else n
+    return lm, kept, lambda n: n
+
+
+def _load_qwen_vl(path: Path, cfg: dict, dtype: torch.dtype) -> SourceModel:
+    from transformers import Qwen2ForCausalLM
+
+    tcfg = _qwen_vl_text_config(cfg)
+    lm, kept, export_name = _qwen_vl_split(checkpoint.iter_checkpoint(path))
+    tied = bool(getattr(tcfg, "tie_word_embeddings", False))
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(tcfg)
+    state = {n: t.to(dtype) for n, t in lm.items() if "rotary_emb" not in n}
+    if tied:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (tied and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelLoadError(f"{path}: the Qwen-VL language model's tensors do not match its text config (missing "
+                             f"{missing[:4]}, unexpected {unexpected[:4]})")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=tcfg)  # its buffers were made on meta
+    return SourceModel(prepare_model(model), arch_for_model_type("qwen2"), path, cfg, "qwen2_vl", dtype,
+                       export_name=export_name, kept_tensors=kept, keep_modules=("visual",))
