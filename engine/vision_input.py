@@ -29,7 +29,7 @@ from PIL import Image
 from engine.errors import InvalidImageError
 from engine.inputs import MultiModalItem, RequestInput
 from engine.media import MediaPolicy, as_rgb, decode_image, encoded_image, encoded_size
-from engine.vision.preprocess import image_tensor, preprocess
+from engine.vision.preprocess import image_tensor, preprocess, preprocess_pil
 
 ROLES = ("system", "user", "assistant")
 
@@ -95,7 +95,7 @@ class VisionPrompter:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype if dtype is not None and self.device.type == "cuda" else torch.float32
         self.preprocess_backend = preprocess_backend(self.device)
-        self.torch_config = processor.torch_config() if self.preprocess_backend == "torch" else None
+        self.torch_config = processor.torch_config() if self.preprocess_backend != "hf" else None
         self.memo_bytes = config.image_memo_bytes
         self.policy = media_policy(config)
         self.marker = "<image>"
@@ -246,9 +246,11 @@ class VisionPrompter:
 
     def _preprocess(self, image):
         """RGB PIL image -> (pixel_values, (height, width))."""
-        if self.torch_config is None:
-            return self.processor(image)
         size = (image.height, image.width)
+        if self.preprocess_backend == "hf":
+            return self.processor(image)
+        if self.preprocess_backend == "pil":
+            return preprocess_pil(image, self.torch_config), size
         if self.device.type != "cuda":
             return preprocess(image_tensor(image), self.torch_config), size
         stream = getattr(self._local, "stream", None)
@@ -288,13 +290,15 @@ def content_hash(encoded) -> int:
 
 
 def preprocess_backend(device, requested: str | None = None) -> str:
-    """"torch" (engine/vision/preprocess.py on the engine's device) or "hf" (transformers' PIL processor).
-    Measured on CPU (a 640x480 photo, one core): PIL's resize 2.7 ms, torch's 4.1 ms, and torch's multi-threaded
-    ops contend with the engine's own CPU work; so the CPU engine keeps transformers' processor, a GPU engine
-    preprocesses on the GPU. ENGINE_IMAGE_PREPROCESS=torch|hf overrides."""
+    """How images are preprocessed: "torch" (engine/vision/preprocess.py's tensor ops on the engine's device),
+    "pil" (the same steps with PIL's resize: transformers' PIL processor exactly, without its full-size copies) or
+    "hf" (transformers' processor itself). Measured on CPU (a 640x480 photo, one core): PIL's resize 2.7 ms, torch's
+    4.1 ms, and torch's multi-threaded ops contend with the engine's own CPU work; transformers' processor holds
+    about 3.5 copies of a full-size image (a 40-megapixel PNG: ~550 MB per image being prepared). So a CPU engine
+    uses "pil", a GPU engine "torch" on the GPU. ENGINE_IMAGE_PREPROCESS=torch|pil|hf overrides."""
     requested = requested or os.environ.get("ENGINE_IMAGE_PREPROCESS", "auto")
-    if requested not in ("auto", "torch", "hf"):
-        raise ValueError(f"ENGINE_IMAGE_PREPROCESS must be auto, torch or hf, got {requested!r}")
+    if requested not in ("auto", "torch", "pil", "hf"):
+        raise ValueError(f"ENGINE_IMAGE_PREPROCESS must be auto, torch, pil or hf, got {requested!r}")
     if requested != "auto":
         return requested
-    return "torch" if device is not None and torch.device(device).type == "cuda" else "hf"
+    return "torch" if device is not None and torch.device(device).type == "cuda" else "pil"

@@ -206,3 +206,52 @@ def image_tensor(image, device: torch.device | str = "cpu") -> torch.Tensor:
         warnings.simplefilter("ignore", UserWarning)
         tensor = torch.from_numpy(np.asarray(image))  # [H, W, 3] uint8
     return tensor.to(device).permute(2, 0, 1)
+
+
+# ---- the same steps on PIL images (the CPU engine: no float copy of a large image) ------------------------------
+def _pil_one_tile(image, config: PreprocessConfig):
+    from PIL import Image
+
+    if config.shortest_edge:
+        h, w = shortest_edge_size(image.height, image.width, config.shortest_edge)
+        image = image.resize((w, h), Image.BICUBIC) if (h, w) != (image.height, image.width) else image
+    elif config.resize_hw and config.resize_hw != (image.height, image.width):
+        image = image.resize(config.resize_hw[::-1], Image.BICUBIC)
+    tile = torch.from_numpy(_array(image)).permute(2, 0, 1)  # [C, h, w] uint8
+    return center_crop(tile, *config.crop_hw) if config.crop_hw else tile
+
+
+def _array(image):
+    import numpy as np
+
+    return np.array(image)  # [H, W, 3] uint8, writable
+
+
+def _pil_pad(image, height: int, width: int, fill):
+    from PIL import Image
+
+    canvas = Image.new("RGB", (width, height), tuple(fill))
+    canvas.paste(image, ((width - image.width) // 2, (height - image.height) // 2))
+    return canvas
+
+
+def preprocess_pil(image, config: PreprocessConfig) -> torch.Tensor:
+    """`preprocess` with PIL doing the resizes, padding and cropping: exactly what transformers' PIL processors do
+    (the same PIL calls on the same 8-bit pixels), without their float and channel-first copies of the full-size
+    image; only the small resized tiles become tensors."""
+    from PIL import Image
+
+    if config.square_fill is not None and image.width != image.height:
+        side = max(image.width, image.height)
+        image = _pil_pad(image, side, side, config.square_fill)
+    if not config.pinpoints:
+        return normalize(_pil_one_tile(image, config).float()[None], config)[0]
+    grid_h, grid_w = best_grid(image.height, image.width, config.pinpoints)
+    fit_h, fit_w = fit_size(image.height, image.width, grid_h, grid_w)
+    fitted = image.resize((fit_w, fit_h), Image.BICUBIC) if (fit_h, fit_w) != (image.height, image.width) else image
+    grid = _pil_pad(fitted, grid_h, grid_w, (0, 0, 0))
+    t = config.tile
+    tiles = [grid.crop((x, y, x + t, y + t)) for y in range(0, grid_h, t) for x in range(0, grid_w, t)]
+    base = image.resize(config.base_hw[::-1], Image.BICUBIC) if config.base_hw != (image.height, image.width) \
+        else image
+    return normalize(torch.stack([_pil_one_tile(x, config).float() for x in [base] + tiles]), config)
