@@ -247,6 +247,8 @@ class VisionPrompter:
     def _preprocess(self, image):
         """RGB PIL image -> (pixel_values, (height, width))."""
         size = (image.height, image.width)
+        if self.torch_config is not None and self.torch_config.square_fill is not None:
+            size = (max(size), max(size))  # original LLaVA-1.5 "pad": the image is the padded square, as in "hf"
         if self.preprocess_backend == "hf":
             return self.processor(image)
         if self.preprocess_backend == "pil":
