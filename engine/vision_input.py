@@ -1,7 +1,10 @@
-"""Prompts with images -> RequestInput, for vision-language models (LLaVA): the images are loaded under the media
-policy (engine/media.py), the chat template places an `<image>` marker where each image part was, the text is
-tokenized, and each marker becomes as many placeholder tokens as the image has feature rows (its size decides:
-models/llava.py's `num_features`), with a MultiModalItem (pixels, content hash) over them.
+"""Prompts with images -> RequestInput, for vision-language models (LLaVA): each image's encoded bytes are read under
+the media policy (engine/media.py) and hashed before any work; an image prepared lately (same hash) is taken from a
+small memo, any other is decoded once and preprocessed (engine/vision/preprocess.py: on the GPU, or with PIL on a CPU
+engine); the chat template places an `<image>` marker where each image part was, the text is tokenized, and each
+marker becomes as many placeholder tokens as the image has feature rows (its size decides: models/llava.py's
+`num_features`), with a MultiModalItem (pixels, content hash) over them. The content hash keys the encoder cache and
+the prefix cache too, so a repeated image skips preprocessing, the tower and its prefix blocks' prefill.
 
 Prompt forms: a string (one user turn, or raw text with apply_chat_template=False), OpenAI-style messages whose
 content may hold `{"type": "image_url", "image_url": {"url": ...}}` parts (or HF-style `{"type": "image", "image":
