@@ -156,10 +156,17 @@ def bench_engine(folder: Path, shape: str, config: str, flops_per_s: float, reps
 
     gen1 = GenerationConfig(max_new_tokens=1)
     res = {"shape": shape, "config": config, "preprocess": pipe.vision.preprocess_backend}
-    for _ in range(3):  # warm-up: kernels, allocator, the image workers' streams
-        pipe((QUESTIONS[0], fresh()), gen1)
     prompt_input = pipe.prompt_input((QUESTIONS[0], fresh()))
     item = prompt_input.mm_items[0]
+    # warm-up of every path measured below (Triton specializes kernels by shape on first use: the session's first
+    # run of each prompt length would otherwise time a compile): fresh images, the same image again, both text lengths
+    for _ in range(3):
+        img = fresh()
+        pipe((QUESTIONS[0], img), gen1)
+        pipe((QUESTIONS[-1], img), gen1)
+    text_ttft_ms(pipe, len(prompt_input), 2)
+    text_ttft_ms(pipe, len(prompt_input) - item.length, 2)
+    asyncio.run(concurrent_first_tokens(pipe, [(QUESTIONS[0], fresh()) for _ in range(8)]))
     res["prompt_tokens"], res["image_tokens"] = len(prompt_input), item.length
     num_tiles = item.pixel_values.shape[0] if item.pixel_values.dim() == 4 else 1
     # first token, fresh image (made before the clock starts: a photo takes longer to draw than to preprocess)
