@@ -171,3 +171,22 @@ def test_fresh_images_n_choices_decode_each_image_once(llava_served):
     r = httpx.post(llava_url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200 and len(r.json()["choices"]) == 4, r.text
     assert pipe.memory()["images_decoded"] - before == 2  # not 2 x 4 (choices), not 2 x 2 (check, then run)
+
+
+def test_a_full_image_queue_is_429_and_text_still_served(llava_served):
+    import threading
+
+    llava_url, pipe = llava_served
+    gate = threading.Event()
+    workers = pipe.image_workers
+    blocker = workers.submit(gate.wait, 60, num_images=workers.max_images, num_bytes=1)  # every image slot taken
+    try:
+        r = _ask(llava_url, _png_url(21))
+        assert r.status_code == 429 and r.json()["error"]["code"] == "images_busy", r.text
+        assert "retry" in r.json()["error"]["message"]
+        text = {"model": "llava", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
+        assert httpx.post(llava_url + "/v1/chat/completions", json=text, timeout=60).status_code == 200
+    finally:
+        gate.set()
+        blocker.result(timeout=60)
+    assert _ask(llava_url, _png_url(21)).status_code == 200
