@@ -29,7 +29,7 @@ from api.serving import (
     prompt_chars,
     stream_choices,
 )
-from engine.errors import ImageInputError, ImagesBusyError, PromptTooLongError
+from engine.errors import EngineUnavailableError, ImageInputError, ImagesBusyError, PromptTooLongError
 from engine.inputs import RequestInput
 from engine.llm_engine import RequestOutput
 from engine.manager import ModelManager
@@ -151,6 +151,8 @@ class Service:
             return await pipe.build_input(prompt, apply_chat_template)
         except ImagesBusyError as e:
             raise APIError(429, str(e), param=param, code="images_busy") from e
+        except EngineUnavailableError as e:  # unloaded or swapped while the images were prepared
+            raise from_engine_error(e) from e
         except ImageInputError as e:
             raise APIError(400, str(e), param=param, code="image_input_not_supported") from e
         except ValueError as e:

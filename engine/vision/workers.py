@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from engine.errors import ImagesBusyError
+from engine.errors import EngineStoppedError, ImagesBusyError
 
 
 class ImageWorkers:
@@ -44,6 +44,9 @@ class ImageWorkers:
             self.bytes_in_flight += num_bytes
         try:
             future = self.executor.submit(fn, *args)
+        except RuntimeError as e:  # shut down: the model was unloaded or swapped while this request came in
+            self._release(num_images, num_bytes)
+            raise EngineStoppedError("the model was unloaded while the request arrived; retry") from e
         except BaseException:
             self._release(num_images, num_bytes)
             raise

@@ -121,3 +121,13 @@ def test_a_full_image_queue_is_images_busy_for_build_input(llava15, make_pipe):
         gate.set()
         blocker.result(timeout=30)
     assert asyncio.run(pipe.build_input([turn(data_url(4), "Hi")])).num_images == 1
+
+
+def test_image_workers_after_shutdown_say_the_engine_stopped():
+    from engine.errors import EngineStoppedError
+
+    workers = ImageWorkers(num_workers=1, max_images=4, max_bytes=100)
+    workers.shutdown()
+    with pytest.raises(EngineStoppedError, match="unloaded"):
+        workers.submit(lambda: None, num_images=1, num_bytes=1)
+    assert workers.stats()["images_in_flight"] == 0
