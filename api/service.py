@@ -33,7 +33,8 @@ from api.serving import (
     prompt_chars,
     stream_choices,
 )
-from engine.errors import ImageInputError, PromptTooLongError
+from engine.errors import EngineUnavailableError, ImageInputError, ImagesBusyError, PromptTooLongError
+from engine.inputs import RequestInput
 from engine.llm_engine import RequestOutput
 from engine.manager import ModelManager
 
@@ -164,9 +165,11 @@ class Service:
         return texts
 
     # ---- prompts ------------------------------------------------------------------------------------------
-    async def encode(self, pipe, prompt, apply_chat_template: bool, param: str) -> list[int]:
-        """Token ids of a prompt. A text too long for the session by its characters alone is refused before it is
-        tokenized (a token stands for at most `max_token_chars` characters), so a huge prompt costs no CPU."""
+    async def encode(self, pipe, prompt, apply_chat_template: bool, param: str) -> list[int] | RequestInput:
+        """Token ids of a prompt, or the RequestInput of one with images: built once, off the event loop (images on
+        the engine's bounded image workers: 429 when they are full), checked, then submitted as it is by every
+        choice. A text too long for the session by its characters alone is refused before it is tokenized (a
+        token stands for at most `max_token_chars` characters), so a huge prompt costs no CPU."""
         budget = pipe.session_len * self.token_texts(pipe).max_token_chars
         num_chars = prompt_chars(prompt)
         if num_chars > budget:
@@ -174,7 +177,11 @@ class Service:
                                 f"hold (session_len is {pipe.session_len})", param=param,
                            code="context_length_exceeded")
         try:
-            return await asyncio.to_thread(pipe.encode, prompt, apply_chat_template)
+            return await pipe.build_input(prompt, apply_chat_template)
+        except ImagesBusyError as e:
+            raise APIError(429, str(e), param=param, code="images_busy") from e
+        except EngineUnavailableError as e:  # unloaded or swapped while the images were prepared
+            raise from_engine_error(e) from e
         except ImageInputError as e:
             raise APIError(400, str(e), param=param, code="image_input_not_supported") from e
         except ValueError as e:
@@ -185,7 +192,7 @@ class Service:
             raise
 
     @staticmethod
-    def check_prompt(pipe, ids: list[int], param: str) -> None:
+    def check_prompt(pipe, ids: list[int] | RequestInput, param: str) -> None:
         try:
             pipe.check_prompt(ids)  # before the stream starts: a 200 must not turn into an error later
         except PromptTooLongError as e:
@@ -201,8 +208,8 @@ class Service:
         return self.limits.fit_max_tokens(requested, room, n, top_logprobs, stream)
 
     @staticmethod
-    def make_jobs(pipe, req, prompts: list[tuple[list[int], str | list[dict] | None]], max_new: list[int],
-                  logprobs: int | None, request_id: str) -> list[Job]:
+    def make_jobs(pipe, req, prompts: list[tuple[list[int] | RequestInput, str | list[dict] | None]],
+                  max_new: list[int], logprobs: int | None, request_id: str) -> list[Job]:
         """One Job per (prompt, choice); every generation setting is checked against the model here, at the door."""
         n = req.n or 1
         jobs = []

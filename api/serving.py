@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from api.schemas import ChatTokenLogprob, CompletionLogprobs, SamplingRequest, TopLogprob
 from engine import GenerationConfig
+from engine.inputs import RequestInput
 from engine.llm_engine import RequestOutput
 
 SEED_MASK = 2**63 - 1  # the sampler hashes int64 seeds
@@ -28,7 +29,7 @@ class Job:
 
     index: int  # the choice index in the response
     prompt_index: int
-    input_ids: list[int]
+    input_ids: list[int] | RequestInput  # a RequestInput (images prepared once) is shared by every choice
     gen_config: GenerationConfig
     request_id: str
     prompt: str | list[dict] | None = None  # given instead of input_ids only when the prompt holds images

@@ -34,6 +34,20 @@ def scale_zero_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 else torch.float16
 
 
+def max_vision_tiles(spec: ModelSpec, config: EngineConfig) -> int:
+    """The most tower inputs (tiles) one step can encode: the images a prefill step's tokens can cover (each at
+    least its smallest feature count; one partial image at each end) times the tiles of one image, and no more
+    than the running requests' images."""
+    vision = spec.vision
+    images = min(config.max_prefill_token_num // vision.rows_per_tile + 2,
+                 config.max_batch_size * max(1, config.limit_images_per_prompt))
+    tiles = 1
+    if vision.anyres:
+        tile = vision.clip.image_size
+        tiles = 1 + max(-(-h // tile) * -(-w // tile) for h, w in vision.grid_pinpoints)
+    return images * tiles
+
+
 @dataclass
 class StepHandle:
     """A launched step: its batch, the sequences that sample, and the device/host token buffers."""
@@ -58,10 +72,16 @@ class ModelRunner:
         )
         self.encoder_cache, self.vision_bytes = None, 0
         self.mrope = getattr(model, "uses_mrope", False)  # Qwen2-VL: 3-row (t, h, w) positions for prefill steps
+        self.max_vision_tiles = self.vision_activation_bytes = self.vision_reserved_bytes = 0
         if getattr(model, "is_multimodal", False):  # vision tower + projector: reported apart from the LM weights
             self.vision_bytes = model.vision_bytes
             self.weights_bytes -= self.vision_bytes
             self.encoder_cache = EncoderCache(config.encoder_cache_bytes)
+            self.max_vision_tiles = max_vision_tiles(spec, config)
+            if device.type == "cuda":  # held apart before the KV cache takes its share of what is free
+                self.vision_activation_bytes = self._measure_vision_activations()
+                self.vision_reserved_bytes = (config.encoder_cache_bytes + config.image_memo_bytes
+                                              + self.vision_activation_bytes)
         self.kv_bytes_per_token = kv_bytes_per_token(spec, dtype, config.quant_policy)
         self.num_blocks = self._plan_num_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
@@ -87,7 +107,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * self.config.cache_max_entry_count
+            budget = max(0, free - self.vision_reserved_bytes) * self.config.cache_max_entry_count
         else:
             budget = self.config.cpu_kv_cache_bytes * self.config.cache_max_entry_count
         from engine.distributed import comm  # TP hook: every rank uses the smallest block count of all ranks
@@ -99,6 +119,22 @@ class ModelRunner:
                 f"and the budget is {budget / 2**20:.1f} MiB; raise cache_max_entry_count or use a smaller model"
             )
         return num_blocks
+
+    @torch.inference_mode()
+    def _measure_vision_activations(self) -> int:
+        """Peak bytes the vision tower + projector allocate for the most tiles one step can encode."""
+        clip = self.spec.vision.clip
+        pixels = torch.zeros((self.max_vision_tiles, clip.num_channels, clip.image_size, clip.image_size),
+                             dtype=self.dtype, device=self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.model.multi_modal_projector(self.model.vision_tower(pixels))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del pixels
+        torch.cuda.empty_cache()
+        return int(peak)
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[KVCache]:
         spec, qp = self.spec, self.config.quant_policy
