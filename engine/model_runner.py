@@ -77,9 +77,12 @@ class ModelRunner:
             self.vision_bytes = model.vision_bytes
             self.weights_bytes -= self.vision_bytes
             self.encoder_cache = EncoderCache(config.encoder_cache_bytes)
-            self.max_vision_tiles = max_vision_tiles(spec, config)
+            # tile-based towers (LLaVA): the activations of the most tiles one step can encode are measured; towers
+            # with native-resolution inputs (Qwen2-VL) reserve only the caches for now
+            tiled = hasattr(spec.vision, "rows_per_tile")
+            self.max_vision_tiles = max_vision_tiles(spec, config) if tiled else 0
             if device.type == "cuda":  # held apart before the KV cache takes its share of what is free
-                self.vision_activation_bytes = self._measure_vision_activations()
+                self.vision_activation_bytes = self._measure_vision_activations() if tiled else 0
                 self.vision_reserved_bytes = (config.encoder_cache_bytes + config.image_memo_bytes
                                               + self.vision_activation_bytes)
         self.kv_bytes_per_token = kv_bytes_per_token(spec, dtype, config.quant_policy)

@@ -97,7 +97,9 @@ class VisionPrompter:
         self.tokenizer, self.chat_template, self.processor = tokenizer, chat_template, processor
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype if dtype is not None and self.device.type == "cuda" else torch.float32
-        self.preprocess_backend = preprocess_backend(self.device)
+        # processors with a plain-torch / PIL description of their steps (LLaVA's) use it; the others (Qwen2-VL's
+        # native-resolution processor) run their own transformers steps
+        self.preprocess_backend = preprocess_backend(self.device) if hasattr(processor, "torch_config") else "hf"
         self.torch_config = processor.torch_config() if self.preprocess_backend != "hf" else None
         self.memo_bytes = config.image_memo_bytes
         self.policy = media_policy(config)
