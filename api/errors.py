@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.schemas import ErrorInfo, ErrorResponse
+from api.serving import ClientDisconnected, ModelUnloaded, ServerStopping
 from engine.errors import (
     BadInputError,
     EngineUnavailableError,
@@ -50,8 +51,6 @@ class APIError(Exception):
 def from_engine_error(e: Exception) -> APIError:
     """An exception from running a request as the APIError the client gets: the engine's user-facing errors
     (engine.errors) by class, anything else as a 500 (a bug in this server, logged)."""
-    from api.serving import ClientDisconnected, ModelUnloaded, ServerStopping
-
     if isinstance(e, APIError):
         return e
     if isinstance(e, PromptTooLongError):

@@ -26,7 +26,7 @@ from api.guard import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_CONNECTIONS, Guard, 
 from api.metrics import render_metrics
 from api.models import add_model_routes
 from api.service import Service
-from engine.manager import ModelManager
+from studio.manager import ModelManager
 
 MAX_BODY_BYTES = 32 * 2**20  # a request body past this is refused with 413, counted on the bytes read
 ROUTE_METHODS = {"/models": {"GET"}, "/chat/completions": {"POST"}, "/completions": {"POST"}}

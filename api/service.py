@@ -32,7 +32,7 @@ from api.serving import (
 )
 from engine.errors import ImageInputError, PromptTooLongError
 from engine.llm_engine import RequestOutput
-from engine.manager import ModelManager
+from studio.manager import ModelManager
 
 log = logging.getLogger("api")
 

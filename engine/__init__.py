@@ -1,7 +1,7 @@
 """In-process LLM engine: paged (optionally int8/int4) KV cache, continuous batching, Triton kernels on GPU and
 plain-torch reference ops on CPU. Public surface: pipeline, EngineConfig, GenerationConfig, Response.
 
-The public names are imported lazily (PEP 562 module `__getattr__`), so `import engine.client` (the terminal chat
+The public names are imported lazily (PEP 562 module `__getattr__`), so `import studio.client` (the terminal chat
 client, httpx only) never pulls in torch: `from engine import pipeline` still works as before."""
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from engine.config import EngineConfig, GenerationConfig
 from engine.errors import ImageInputError  # noqa: F401 - re-exported
 from engine.inputs import RequestInput
 from engine.llm_engine import LLMEngine, RequestOutput
+from engine.vision_input import VisionPrompter
 
 Prompt = str | list[dict] | tuple
 NO_IMAGES = "this model takes no images: send text only, or load a vision-language model"
@@ -70,8 +71,6 @@ class Pipeline:
         self.model_name = self.model_path.name
         self.vision = None  # vision-language models: prompts with images -> RequestInput
         if self.engine.image_processor is not None:
-            from engine.vision_input import VisionPrompter
-
             self.vision = VisionPrompter(self.tokenizer, self.engine.chat_template, self.engine.image_processor,
                                          self.engine.spec, self.engine.config)
 
@@ -206,7 +205,7 @@ class Pipeline:
               add_special_tokens: bool = True) -> list[dict]:
         """Per-token log-probabilities of a given text (or ids) under this engine, no generation: entries
         {"token_id", "logprob", "top": [(id, logprob), ...], "text"}; the first token's logprob is None.
-        engine/quality.py turns them into perplexity; /v1/completions serves them as `echo` + `logprobs`."""
+        studio/quality.py turns them into perplexity; /v1/completions serves them as `echo` + `logprobs`."""
         if (text is None) == (input_ids is None):
             raise ValueError("score takes a text or input_ids, exactly one of them")
         if input_ids is None:

@@ -33,6 +33,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from quant.errors import CalibDataError
+
 log = logging.getLogger(__name__)
 
 TEXT_COLUMNS = ("text", "content", "sentence", "document", "prompt", "question", "instruction")
@@ -41,10 +43,6 @@ LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 HUB_TIMEOUT_S = 5.0  # connect timeout of the hub probe; datasets' own retries can take minutes offline
 TOKENIZE_BATCH = 256  # texts per tokenizer call
 TXT_CHUNK_CHARS = 1 << 16  # a .txt file is tokenized in pieces of about this many characters
-
-
-class CalibDataError(ValueError):
-    """A calibration set that cannot be loaded or is too small; the message says what to pass instead."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from torch import nn
 
 from engine.checkpoint import iter_checkpoint
 from quant.primitives import dequantize_awq
-from quant.source_model import internlm2_llama_config, internlm2_to_llama_tensors
+from quant.source_model import internlm2_llama_config, internlm2_to_llama_tensors, llava_layout
 
 
 def dequantized_state_dict(path: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -39,8 +39,6 @@ def load_awq_as_fp(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.M
     if qcfg.get("quant_method") != "awq" or qcfg.get("version", "gemm").lower() != "gemm":
         raise ValueError(f"{path} is not an AutoAWQ GEMM folder (quantization_config: {qcfg})")
     state = dequantized_state_dict(path, dtype)
-    from quant.source_model import llava_layout
-
     if llava_layout(cfg) == "hf":
         return _llava_as_fp(path, cfg, state, dtype)
     if cfg.get("model_type") == "internlm2":

@@ -25,12 +25,12 @@ from torch import nn
 from engine import checkpoint
 from engine.checkpoint import ModelLoadError, text_config
 from engine.models.internlm2 import to_llama_tensors
+from engine.models.llava import HF_ARCHS, ORIGINAL_ARCHS, TEXT_ARCHS, complete_config
 from quant.arch import ArchSpec, UnsupportedArchitectureError, arch_for_model_type
+from quant.calib_data import hub_offline_reason
 
 
 def _hub_offline_reason() -> str | None:
-    from quant.calib_data import hub_offline_reason
-
     return hub_offline_reason()
 
 
@@ -176,8 +176,6 @@ def _load_internlm2(path: Path, cfg: dict, dtype: torch.dtype) -> nn.Module:
 # ---- LLaVA: the language model only -----------------------------------------------------------------------------
 def llava_layout(cfg: dict) -> str | None:
     """"hf" (llava-hf LLaVA-1.5 / NeXT), "original" (liuhaotian LlavaLlamaForCausalLM ...) or None (not LLaVA)."""
-    from engine.models.llava import HF_ARCHS, ORIGINAL_ARCHS
-
     archs = cfg.get("architectures") or []
     if any(a in HF_ARCHS for a in archs):
         return "hf"
@@ -190,8 +188,6 @@ def quant_text_config(cfg: dict) -> dict:
     """The language model's config of any checkpoint the quantizer reads: llava-hf text_config filled with
     transformers' defaults (hub config.json files are partial), the original layout's own (Llama) keys, else the
     config itself."""
-    from engine.models.llava import complete_config
-
     if llava_layout(cfg) == "hf":
         return text_config(complete_config(cfg))
     return text_config(cfg)
@@ -200,8 +196,6 @@ def quant_text_config(cfg: dict) -> dict:
 def _llava_text_config(cfg: dict, layout: str):
     """The transformers config of a LLaVA's text backbone."""
     import transformers
-
-    from engine.models.llava import ORIGINAL_ARCHS, TEXT_ARCHS
 
     if layout == "hf":
         text = dict(quant_text_config(cfg))

@@ -1,8 +1,8 @@
 """Compare tab: one model under several settings (fp16 / bf16 / W4A16 x KV off / int8 / int4, session lengths, cache
 fractions), side by side: memory by part, KV capacity, decode and throughput, perplexity, a greedy reply.
 
-The predicted table (engine/planner.py, config.json only) updates as the settings change, before anything runs.
-Run starts benchmarks.compare.run_compare in a worker thread: every setting runs in a fresh child process, so the
+The predicted table (studio/planner.py, config.json only) updates as the settings change, before anything runs.
+Run starts studio.compare.run_compare in a worker thread: every setting runs in a fresh child process, so the
 chat tab's model is untouched and the numbers are clean; progress shows per setting, Cancel kills the running
 child. The last results (table, chart, JSON / markdown / PNG files) are kept while the app runs."""
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from benchmarks.compare import (
+from studio.compare import (
     ChildRunner,
     CompareSpec,
     Workload,
@@ -110,7 +110,7 @@ def predicted_table(state: StudioState, *form) -> tuple[pd.DataFrame, str]:
     try:
         spec = build_spec(state, *form)
         if state.is_demo_path(spec.model):
-            from engine.demo_model import build_demo_model
+            from studio.demo_model import build_demo_model
 
             build_demo_model(state.settings.demo_model_dir)
         rows = predict_rows(spec, quantize=bool(form[-1]) if len(form) > 9 else False)
@@ -203,7 +203,7 @@ def build_compare_tab(state: StudioState):
         try:
             spec = build_spec(state, *values)
             if state.is_demo_path(spec.model):
-                from engine.demo_model import build_demo_model
+                from studio.demo_model import build_demo_model
 
                 build_demo_model(state.settings.demo_model_dir)
             with store.lock:

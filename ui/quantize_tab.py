@@ -65,7 +65,7 @@ class QuantJob:
     def __init__(self, model_path: str, work_dir: str, kwargs: dict, check_quality: bool = True):
         self.model_path, self.work_dir, self.kwargs = model_path, work_dir, kwargs
         self.check_quality = check_quality
-        self.quality: dict | None = None  # before/after perplexity (engine/quality.py), or {"error": ...}
+        self.quality: dict | None = None  # before/after perplexity (studio/quality.py), or {"error": ...}
         self.cancel_event = threading.Event()
         self.stage, self.done, self.total, self.message = "load", 0, 1, "starting"
         self.started = time.monotonic()
@@ -107,7 +107,7 @@ class QuantJob:
     def _measure_quality(self) -> None:
         """Before/after perplexity of what was just written; a failure here (no memory left for a second model,
         say) is reported next to the result, it does not undo the finished folder."""
-        from engine.quality import quantization_check
+        from studio.quality import quantization_check
 
         try:
             self.quality = quantization_check(
@@ -373,7 +373,7 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
                 trust_remote_code=bool(trust_remote_code), overwrite=bool(replace),
             )
             if state.is_demo_path(model):
-                from engine.demo_model import build_demo_model
+                from studio.demo_model import build_demo_model
 
                 build_demo_model(state.settings.demo_model_dir)
             with state.lock:

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.checkpoint import is_hub_id
 from engine.config import EngineConfig
-from engine.demo_model import default_demo_model_dir
-from engine.manager import ModelManager
-from engine.real_model import DefaultModel
+from studio.default_model import DefaultModel
+from studio.demo_model import default_demo_model_dir
+from studio.manager import ModelManager
 
 MEMORY_HISTORY_SECONDS = 120  # the memory plot's rolling window
 
@@ -30,7 +31,7 @@ class StudioSettings:
     # None: any path. Otherwise (a server listening beyond loopback) model folders and calibration files must lie
     # under one of these roots, and quantized output under quant_output_root: no caller can read or write elsewhere.
     model_roots: tuple[Path, ...] | None = None
-    # the real default model (engine/real_model.py) when the app found or made it; None: the demo model is the default
+    # the real default model (studio/default_model.py) when the app found or made it; None: the demo model is it
     default_model: DefaultModel | None = None
 
     @property
@@ -47,8 +48,6 @@ class StudioSettings:
         ("org/name") that is no local path passes: it goes to the Hugging Face cache."""
         if self.model_roots is None:
             return
-        from engine.checkpoint import is_hub_id
-
         if is_hub_id(str(path)) and not Path(path).expanduser().exists():
             return
         if not _is_under(path, self.allowed_model_roots()):

@@ -1,4 +1,4 @@
-"""`python -m engine.client`: the terminal chat client against the running API (multi-turn, streaming, /reset)."""
+"""`python -m studio.client`: the terminal chat client against the running API (multi-turn, streaming, /reset)."""
 
 from __future__ import annotations
 

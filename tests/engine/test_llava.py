@@ -236,7 +236,7 @@ def test_original_layout_tower_from_override_and_embedded(llava15, ref15, tmp_pa
 
 def test_original_layout_missing_tower_says_what_to_pass(llava15, tmp_path, monkeypatch):
     from engine import checkpoint, loader
-    from engine.manager import ModelManager
+    from studio.manager import ModelManager
 
     llava_dir, _ = make_original_layout(llava15, tmp_path / "local", tower_name="/nowhere/clip-vit-large-patch14-336")
     with pytest.raises(ModelLoadError) as e:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine import demo_model
-from engine.demo_model import BUILD_MARKER, DEMO_MODEL_NOTE, build_demo_model, build_tokenizer
+from studio.demo_model import BUILD_MARKER, DEMO_MODEL_NOTE, build_demo_model, build_tokenizer
 from tests.model_factory import make_internlm2, make_llama, make_qwen2
 
 ROUND_TRIP_TEXTS = [

@@ -11,7 +11,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory):
-    from engine.demo_model import TRAINING_CORPUS
+    from studio.demo_model import TRAINING_CORPUS
 
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(TRAINING_CORPUS * 20)
@@ -100,7 +100,7 @@ def test_builtin_offline_calibration_by_default_and_a_fresh_name_or_overwrite(cl
 
 
 def test_too_little_calibration_text_is_said_in_the_summary(client, studio, demo_model_path, tmp_path):
-    from engine.demo_model import TRAINING_CORPUS
+    from studio.demo_model import TRAINING_CORPUS
 
     small = tmp_path / "small.txt"
     small.write_text(TRAINING_CORPUS)
