@@ -17,19 +17,17 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import gradio as gr
-import uvicorn
-from fastapi import FastAPI
-
-from api import begin_shutdown, build_api, uvicorn_options
-from api.guard import MAX_CONNECTIONS, LoginThrottle, PreLoginPageFilter
 from studio.default_model import MODEL_NAME as DEFAULT_MODEL_NAME
 from studio.default_model import converted_dir, is_converted, resolve_default_model
 from studio.demo_model import DEMO_MODEL_NOTE, build_demo_model, default_demo_model_dir
 from studio.engine_args import add_engine_args, engine_config_from_args
-from studio.manager import ModelManager
-from ui import CSS, THEME, StudioSettings, StudioState, build_app
+
+if TYPE_CHECKING:  # the heavy stack (torch, gradio, fastapi, uvicorn) loads after the arguments parse: fast --help
+    from fastapi import FastAPI
+
+    from studio.manager import ModelManager
 
 log = logging.getLogger("studio")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -53,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folders the UI may load or quantize models from; given, or when listening beyond loopback, "
                         "model paths must lie inside them (or the demo model / --quant-output-root) and quantized "
                         "output inside --quant-output-root")
-    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
-                   help="open connections at most; slow clients are also cut after read deadlines")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open connections at most (default: api/guard.py's MAX_CONNECTIONS); slow clients are also "
+                        "cut after read deadlines")
     p.add_argument("--allow-origins", nargs="+", default=None, metavar="ORIGIN", help="CORS origins for the API")
     p.add_argument("--max-concurrent-requests", type=int, default=256, help="API requests in flight at once")
     p.add_argument("--served-model-name", default=None, help="model id API clients see (default: folder name)")
@@ -109,6 +108,14 @@ def model_roots(args: argparse.Namespace) -> tuple[Path, ...] | None:
 def create_app(args: argparse.Namespace) -> tuple[FastAPI, ModelManager]:
     """The FastAPI app (API routes first, Gradio mounted at "/") and its ModelManager; loads MODEL unless
     --no-model. Raises on a model that fails to load at startup (the UI reports later load errors itself)."""
+    # lazy: the web stack and the engine (seconds of imports) load once the arguments have parsed: fast --help
+    import gradio as gr
+
+    from api import build_api  # lazy: as gradio above
+    from api.guard import LoginThrottle, PreLoginPageFilter  # lazy: as gradio above
+    from studio.manager import ModelManager  # lazy: as gradio above
+    from ui import CSS, THEME, StudioSettings, StudioState, build_app  # lazy: as gradio above
+
     auth = ui_auth(args)
     engine_config = engine_config_from_args(args)
     settings = StudioSettings(
@@ -186,29 +193,29 @@ def banner(args: argparse.Namespace, manager: ModelManager) -> str:
     return "\n".join(lines) + "\n"
 
 
-class StudioServer(uvicorn.Server):
-    """uvicorn.Server that prints the banner once the socket is listening, and on SIGTERM / SIGINT stops cleanly:
+def studio_server(config, on_started=None, on_stopping=None):
+    """A uvicorn.Server that prints the banner once the socket is listening, and on SIGTERM / SIGINT stops cleanly:
     no new connections, every running API request ended (streams get an error event and [DONE]), then main()
     unloads the model and exits 0. uvicorn would re-raise the signal after shutting down (status -15, no cleanup):
     not here. A second SIGINT forces the exit."""
+    import uvicorn  # lazy: fast --help (the class below subclasses uvicorn's server, so it is made here)
 
-    def __init__(self, config: uvicorn.Config, on_started=None, on_stopping=None):
-        super().__init__(config)
-        self.on_started, self.on_stopping = on_started, on_stopping
+    class StudioServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit:
+                self.force_exit = True
+                return
+            log.info("signal %s: shutting down (grace period %s s)", sig, SHUTDOWN_GRACE_S)
+            if on_stopping is not None:
+                on_stopping()
+            self.should_exit = True
 
-    def handle_exit(self, sig, frame) -> None:
-        if self.should_exit:
-            self.force_exit = True
-            return
-        log.info("signal %s: shutting down (grace period %s s)", sig, SHUTDOWN_GRACE_S)
-        if self.on_stopping is not None:
-            self.on_stopping()
-        self.should_exit = True
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started and on_started is not None:
+                on_started()
 
-    async def startup(self, sockets=None) -> None:
-        await super().startup(sockets)
-        if self.started and self.on_started is not None:
-            self.on_started()
+    return StudioServer(config)
 
 
 def port_in_use_reason(host: str, port: int) -> str | None:
@@ -245,11 +252,16 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("startup failed", exc_info=True)
         print(f"error: could not load {args.model or 'the default model'}: {e}", file=sys.stderr)
         return 2
+    import uvicorn  # lazy: fast --help
+
+    from api import begin_shutdown, uvicorn_options  # lazy: fast --help
+    from api.guard import MAX_CONNECTIONS  # lazy: fast --help
+
     config = uvicorn.Config(app, host=args.server_name, port=args.server_port, log_level=args.log_level,
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-                            **uvicorn_options(max_connections=args.max_connections))
-    server = StudioServer(config, on_started=lambda: print(banner(args, manager), flush=True),
-                          on_stopping=lambda: begin_shutdown(app))
+                            **uvicorn_options(max_connections=args.max_connections or MAX_CONNECTIONS))
+    server = studio_server(config, on_started=lambda: print(banner(args, manager), flush=True),
+                           on_stopping=lambda: begin_shutdown(app))
     try:
         server.run()
     finally:

@@ -36,6 +36,7 @@ from pathlib import Path
 from engine.config import EngineConfig
 from quant.errors import QuantizationCancelled
 from studio.demo_model import is_demo_model
+from studio.jobs import Job, JobSlot, WorkEta
 from studio.workload import SHAPES, RequestTimer, make_shape_folder, markdown_table
 
 KV_POLICIES = {"": 0, "kv8": 8, "kv4": 4}
@@ -100,7 +101,7 @@ class Workload:
 
 
 @dataclass
-class Job:
+class SettingRun:
     """One child run: a setting at one session length and cache fraction, on one folder."""
 
     setting: Setting
@@ -178,19 +179,20 @@ def quantize_on_the_way(model: str, out: Path, on_progress=None, cancel_event=No
     return str(out)
 
 
-def make_jobs(spec: CompareSpec, base: str, awq: str | None, load_format: str, awq_error: str | None) -> list[Job]:
+def make_jobs(spec: CompareSpec, base: str, awq: str | None, load_format: str,
+              awq_error: str | None) -> list[SettingRun]:
     jobs = []
     for setting in spec.settings:
         for session_len in spec.session_lens:
             for fraction in spec.cache_max_entry_counts:
                 folder = awq if setting.is_w4a16 else base
                 error = awq_error if setting.is_w4a16 and awq is None else None
-                jobs.append(Job(setting, session_len, float(fraction), folder, load_format, error))
+                jobs.append(SettingRun(setting, session_len, float(fraction), folder, load_format, error))
     return jobs
 
 
 # ---- prediction ----------------------------------------------------------------------------------------------
-def predict(job: Job, spec: CompareSpec, device: str) -> dict:
+def predict(job: SettingRun, spec: CompareSpec, device: str) -> dict:
     """The planner's numbers for one job (instant: reads config.json only)."""
     from studio.planner import PlanSettings, plan_memory  # lazy: torch (fast --help)
 
@@ -586,6 +588,41 @@ def run_compare(spec: CompareSpec, out_dir: Path | None = None, *, quantize: boo
     if out_dir is not None:
         write_outputs(result, Path(out_dir))
     return result
+
+
+# ---- as a background job (the Compare tab) ---------------------------------------------------------------------
+@dataclass
+class CompareOutcome:
+    result: dict  # run_compare's result (rows, device, memory_kind, cancelled ...)
+    files: list[str]  # compare.json, compare.md, compare.png
+
+
+def start_compare(slot: JobSlot, spec: CompareSpec, out_dir: Path, quantize: bool = False) -> Job:
+    """Run `spec` in the background (studio/jobs.py): each setting in its own child process; cancel() kills the
+    running child. Progress: the running setting and its stage, each setting's last stage (detail), an ETA from
+    the settings finished (WorkEta), or from the fraction done before the first one ends."""
+    runner = ChildRunner()
+
+    def work(job: Job) -> CompareOutcome:
+        eta, stages = WorkEta(), {}
+
+        def on_progress(index, count, label, stage, fraction):
+            stages[label] = (stage, fraction)
+            if not count:  # quantizing first: no setting has started
+                job.report(None, f"{label}: {stage}", None, detail=dict(stages))
+                return
+            eta.update(index, count)
+            overall = (index + fraction) / count
+            left = eta.seconds_left()
+            elapsed = job.snapshot().elapsed_s
+            if left is None and overall > 0.02:
+                left = elapsed * (1 - overall) / overall
+            job.report(overall, f"{label}: {stage} (setting {index + 1} of {count})", left, detail=dict(stages))
+
+        result = run_compare(spec, out_dir, quantize=quantize, on_progress=on_progress, runner=runner)
+        return CompareOutcome(result, [str(Path(out_dir) / n) for n in ("compare.json", "compare.md", "compare.png")])
+
+    return slot.start(work, on_cancel=runner.cancel)
 
 
 # ---- outputs -------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from engine import client as chat_client
+from studio import client as chat_client
 from tests.api.conftest import MODEL_NAME
 
 

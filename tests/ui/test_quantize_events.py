@@ -32,7 +32,11 @@ def test_cancel_stops_a_running_quantization(client, studio, demo_model_path, ca
     job = client.submit(*quantize_args(demo_model_path, calib_file, output, samples=32, seqlen=128),
                         api_name="/quantize")
     deadline = time.monotonic() + 60
-    while state.quant_job is None or state.quant_job.stage != "quantize":
+    def stage():
+        latest = state.quant_jobs.latest
+        return (latest.snapshot().detail or {}).get("stage") if latest is not None else None
+
+    while stage() != "quantize":
         assert time.monotonic() < deadline and not job.done(), "the quantization did not reach the layer stage"
         time.sleep(0.02)
     client.predict(api_name="/cancel_quantize")
@@ -81,7 +85,7 @@ def test_builtin_offline_calibration_by_default_and_a_fresh_name_or_overwrite(cl
     status, _chart, next_output = client.predict(*args, api_name="/quantize")  # (the button and State not here)
     assert "Quantization done" in status, status
     assert "Built-in offline text" in status and "6 samples × 64 tokens = 384 tokens" in status, status
-    quality = state.quant_job.quality  # the before/after perplexity, from two small engines on the held-out text
+    quality = state.quant_jobs.latest.result.quality  # the before/after perplexity, from two small engines on the held-out text
     assert quality["before"] > 1 and quality["after"] > 1 and quality["num_tokens"] > 100, quality
     assert f"16-bit {quality['before']:.2f} → quantized {quality['after']:.2f}" in status, status
     assert state.quantized_models[0] == output and (studio.quant_root / output).is_dir()
