@@ -478,6 +478,7 @@ def measured_columns(result: dict) -> dict:
         "memory_peak_GiB": (result.get("memory_peak_bytes") or 0) / GIB,
         "decode_tok_s": result.get("decode_tok_s"), "throughput_tok_s": result.get("throughput_tok_s"),
         "ttft_ms": result.get("ttft_ms"), "perplexity": result.get("perplexity"),
+        "perplexity_tokens": result.get("perplexity_tokens"), "perplexity_window": result.get("perplexity_window"),
         "greedy_text": result.get("greedy_text"), "greedy_token_ids": result.get("greedy_token_ids"),
         "load_s": result.get("load_s"), "device": result.get("device"), "is_demo": result.get("is_demo"),
     }
@@ -622,7 +623,8 @@ def start_compare(slot: JobSlot, spec: CompareSpec, out_dir: Path, quantize: boo
         result = run_compare(spec, out_dir, quantize=quantize, on_progress=on_progress, runner=runner)
         return CompareOutcome(result, [str(Path(out_dir) / n) for n in ("compare.json", "compare.md", "compare.png")])
 
-    return slot.start(work, on_cancel=runner.cancel)
+    return slot.start(work, on_cancel=runner.cancel,
+                      title=f"{spec.model}: {', '.join(s.name for s in spec.settings)}")
 
 
 # ---- outputs -------------------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ class JobBusyError(EngineUnavailableError):
 class JobSnapshot:
     id: int
     kind: str
+    title: str
     state: str  # RUNNING, CANCELLING, DONE, FAILED or CANCELLED
     fraction: float  # 0..1 of the whole job
     description: str  # what it is doing now, in words
@@ -92,8 +93,9 @@ class Job:
     when `job.cancelled` is set (on_cancel, if given, is called by cancel() too, e.g. to kill a child process)."""
 
     def __init__(self, kind: str, work: Callable[[Job], Any], on_cancel: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 title: str = "", clock: Callable[[], float] = time.monotonic):
         self.id, self.kind, self._work, self._on_cancel, self._clock = next(_ids), kind, work, on_cancel, clock
+        self.title = title  # what it works on, in words (e.g. "model -> output folder"), for any tab that shows it
         self.cancelled = threading.Event()
         self.finished = threading.Event()
         self.started = clock()
@@ -159,7 +161,7 @@ class Job:
             eta = self._eta_s
             if eta is not None and self._eta_at is not None and self._ended is None:
                 eta = max(0.0, eta - (now - self._eta_at))
-            return JobSnapshot(self.id, self.kind, self.state, self._fraction, self._description, eta,
+            return JobSnapshot(self.id, self.kind, self.title, self.state, self._fraction, self._description, eta,
                                (self._ended or now) - self.started, self._detail, self.result, self.error)
 
 
@@ -171,13 +173,13 @@ class JobSlot:
         self.latest: Job | None = None
         self._lock = threading.Lock()
 
-    def start(self, work: Callable[[Job], Any], on_cancel: Callable[[], None] | None = None) -> Job:
+    def start(self, work: Callable[[Job], Any], on_cancel: Callable[[], None] | None = None, title: str = "") -> Job:
         with self._lock:
             if self.latest is not None and not self.latest.finished.is_set():
                 since = self.latest.snapshot().elapsed_s
                 raise JobBusyError(f"a {self.kind} is already running (started {since:.0f} s ago, maybe from another "
                                    "browser tab): watch it here, or cancel it first")
-            self.latest = Job(self.kind, work, on_cancel).start()
+            self.latest = Job(self.kind, work, on_cancel, title).start()
             return self.latest
 
     @property

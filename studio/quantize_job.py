@@ -78,7 +78,7 @@ def start_quantize(slot: JobSlot, model_path: str, work_dir: str, kwargs: dict, 
             on_done(outcome)
         return outcome
 
-    return slot.start(work)
+    return slot.start(work, title=f"{model_path} → {work_dir}")
 
 
 def _measure_quality(job: Job, progress: QuantizeProgress, source: str, quantized: str) -> dict:

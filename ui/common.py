@@ -58,7 +58,8 @@ def job_progress_html(snap: JobSnapshot, elem_id: str, steps: list[str] | None =
             f'<div class="studio-job-bar" role="progressbar" aria-valuemin="0" aria-valuemax="100" '
             f'aria-valuenow="{pct:.1f}" aria-label="{html.escape(words + eta)}">'
             f'<div class="studio-job-fill" style="width: {pct:.1f}%"></div></div>'
-            f'<b id="{elem_id}-text">{html.escape(words)}</b><span id="{elem_id}-eta">{html.escape(eta)}</span>'
+            + (f'<div class="studio-muted">{html.escape(snap.title)}</div>' if snap.title else "")
+            + f'<b id="{elem_id}-text">{html.escape(words)}</b><span id="{elem_id}-eta">{html.escape(eta)}</span>'
             f' <span class="studio-muted">({pct:.0f}% · running for {fmt_seconds(snap.elapsed_s)}; it goes on if '
             f"this tab closes, and any tab shows it)</span>" + (f"<ul>{items}</ul>" if items else "") + "</div>")
 

@@ -203,7 +203,8 @@ def build_compare_tab(state: StudioState):
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen
         snap = job.snapshot()
         if snap.is_running:
-            key = (snap.id, snap.state, round(snap.fraction, 3), snap.description, round(snap.eta_s or -1))
+            key = (snap.id, snap.state, round(snap.fraction, 3), snap.description, round(snap.eta_s or -1),
+                   round(snap.elapsed_s))
             return (gr.skip(), gr.skip(), gr.skip(), progress_card(snap), key) if key != seen else \
                 (gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen)
         key = (snap.id, snap.state)

@@ -338,7 +338,8 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen
         snap = job.snapshot()
         if snap.is_running:
-            key = (snap.id, snap.state, round(snap.fraction, 3), snap.description, round(snap.eta_s or -1))
+            key = (snap.id, snap.state, round(snap.fraction, 3), snap.description, round(snap.eta_s or -1),
+                   round(snap.elapsed_s))
             if key == seen:
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen
             hidden = gr.update(visible=False)

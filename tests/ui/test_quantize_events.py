@@ -85,7 +85,7 @@ def test_builtin_offline_calibration_by_default_and_a_fresh_name_or_overwrite(cl
     status, _chart, next_output = client.predict(*args, api_name="/quantize")  # (the button and State not here)
     assert "Quantization done" in status, status
     assert "Built-in offline text" in status and "6 samples × 64 tokens = 384 tokens" in status, status
-    quality = state.quant_jobs.latest.result.quality  # the before/after perplexity, from two small engines on the held-out text
+    quality = state.quant_jobs.latest.result.quality  # before/after perplexity: two small engines, held-out text
     assert quality["before"] > 1 and quality["after"] > 1 and quality["num_tokens"] > 100, quality
     assert f"16-bit {quality['before']:.2f} → quantized {quality['after']:.2f}" in status, status
     assert state.quantized_models[0] == output and (studio.quant_root / output).is_dir()
