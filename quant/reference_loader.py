@@ -1,6 +1,7 @@
 """A dequantizing reference loader for AutoAWQ-GEMM folders: every `<linear>.qweight/.qzeros/.scales` triple
-becomes a plain nn.Linear weight again, in a `transformers` model. For tests (and until the engine's W4A16 path
-exists); InternLM2 folders come back as the equivalent LlamaForCausalLM.
+becomes a plain nn.Linear weight again, in a `transformers` model: the tests' reference for what the quantizer
+wrote (the engine runs those folders through its own W4A16 kernels); InternLM2 folders come back as the
+equivalent LlamaForCausalLM.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The embedded demo model and the local tokenizer: built offline, deterministically, with random weights.
 
-No machine here reaches a model hub, so the app's default model (`python app.py` with no MODEL) and the tests'
-tiny checkpoints are made on the spot:
+No model hub is needed: the app's fallback model (`python app.py --demo`, or with no MODEL when the default
+SmolLM2 can be neither found nor converted: studio/default_model.py) and the tests' tiny checkpoints are made on
+the spot:
 - `build_tokenizer`: a byte-level BPE tokenizer trained on a small corpus kept in this file (English, some
   Chinese and emoji, so multi-byte UTF-8 is covered). Any UTF-8 text encodes and decodes losslessly. Special
   tokens follow Llama / InternLM2 numbering (`<unk>` 0, `<s>` 1, `</s>` 2) plus ChatML's `<|im_start|>` /

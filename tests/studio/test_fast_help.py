@@ -24,8 +24,8 @@ with contextlib.redirect_stdout(out):
         runpy.run_path(target, run_name="__main__") if kind == "path" else runpy.run_module(target, run_name="__main__")
     except SystemExit as e:
         code = e.code
-print(json.dumps({"code": code, "help": out.getvalue(), "heavy": [m for m in %r if m in sys.modules]}))
-""" % (HEAVY,)
+print(json.dumps({"code": code, "help": out.getvalue(), "heavy": [m for m in HEAVY if m in sys.modules]}))
+""".replace("HEAVY", repr(HEAVY))
 
 
 @pytest.mark.parametrize(("kind", "target", "usage", "options"), [
