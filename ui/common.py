@@ -8,7 +8,6 @@ from pathlib import Path
 
 from engine.errors import EngineError
 from quant.export import source_weight_bytes
-from studio.jobs import CANCELLING, JobSnapshot
 from studio.manager import LoadedModel
 
 log = logging.getLogger("ui")
@@ -45,23 +44,6 @@ def fmt_seconds(s: float | None) -> str:
         return f"{s:.1f} s"
     m, s = divmod(int(round(s)), 60)
     return f"{m}:{s:02d} min" if m < 60 else f"{m // 60}:{m % 60:02d}:{s:02d} h"
-
-
-def job_progress_html(snap: JobSnapshot, elem_id: str, steps: list[str] | None = None) -> str:
-    """A running background job (studio/jobs.py) as the same card in every browser tab: a bar, what it is doing,
-    the time left (an estimate), how long it has run; `steps` (one line each) under it."""
-    pct = 100 * snap.fraction
-    words = "Cancelling..." if snap.state == CANCELLING else snap.description
-    eta = f" · about {fmt_seconds(snap.eta_s)} left (estimate)" if snap.eta_s is not None else " · ETA: estimating"
-    items = "".join(f"<li>{html.escape(s)}</li>" for s in steps or [])
-    return (f'<div class="studio-card" id="{elem_id}" data-job="{snap.id}" data-state="{snap.state}">'
-            f'<div class="studio-job-bar" role="progressbar" aria-valuemin="0" aria-valuemax="100" '
-            f'aria-valuenow="{pct:.1f}" aria-label="{html.escape(words + eta)}">'
-            f'<div class="studio-job-fill" style="width: {pct:.1f}%"></div></div>'
-            + (f'<div class="studio-muted">{html.escape(snap.title)}</div>' if snap.title else "")
-            + f'<b id="{elem_id}-text">{html.escape(words)}</b><span id="{elem_id}-eta">{html.escape(eta)}</span>'
-            f' <span class="studio-muted">({pct:.0f}% · running for {fmt_seconds(snap.elapsed_s)}; it goes on if '
-            f"this tab closes, and any tab shows it)</span>" + (f"<ul>{items}</ul>" if items else "") + "</div>")
 
 
 def weight_format(loaded: LoadedModel) -> str:

@@ -9,7 +9,6 @@ browser tab; every tab (a reload, a new login) shows it through a timer: progres
 
 from __future__ import annotations
 
-import asyncio
 import html
 import time
 
@@ -19,7 +18,8 @@ import pandas as pd
 from studio.compare import CompareOutcome, CompareSpec, Workload, parse_settings, predict_rows, start_compare
 from studio.demo_model import build_demo_model
 from studio.jobs import JobBusyError, JobSnapshot
-from ui.common import error_html, fmt_seconds, friendly_error, job_progress_html, log, whole_number
+from ui.common import error_html, fmt_seconds, friendly_error, log, whole_number
+from ui.job_view import job_progress_html, until_ended, watch_jobs
 from ui.state import StudioState
 
 SETTING_CHOICES = ["fp16", "fp16-kv8", "fp16-kv4", "bf16", "w4a16", "w4a16-kv8", "w4a16-kv4", "fp32", "fp32-kv4"]
@@ -30,7 +30,7 @@ RESULT_COLUMNS = ["setting", "session_len", "cache_max_entry_count", "status", "
                   "kv_capacity_tokens", "pred_kv_capacity_tokens", "max_sessions", "memory_after_load_GiB",
                   "memory_peak_GiB", "decode_tok_s", "throughput_tok_s", "ttft_ms", "perplexity", "greedy_match",
                   "error"]
-POLL_S = 0.5  # the job card's refresh in every tab; the run event's wait for the end
+STARTING = '<div class="studio-card" id="compare-status">Starting...</div>'
 NO_RESULTS = '<div class="studio-muted" id="compare-status">No comparison run yet.</div>'
 
 
@@ -103,7 +103,8 @@ def results_outputs(snap: JobSnapshot | None):
         return (_frame(result["rows"], RESULT_COLUMNS), gr.update(value=None), gr.update(value=None),
                 f'<div class="studio-callout studio-warn" id="compare-cancelled"><b>Comparison cancelled</b> after '
                 f"{fmt_seconds(snap.elapsed_s)}: {n_ok} of {len(result['rows'])} settings measured.</div>")
-    status = (f'<div class="studio-callout studio-ok" id="compare-done"><b>Comparison done</b>: {n_ok} of '
+    status = (f'<div class="studio-callout studio-ok" id="compare-done" data-job="{snap.id}"><b>Comparison done</b>: '
+              f'{n_ok} of '
               f'{len(result["rows"])} settings measured on {html.escape(result["device"])} in '
               f"{fmt_seconds(snap.elapsed_s)}. Memory: {html.escape(kind)}.{html.escape(note)}</div>")
     png = next((f for f in outcome.files if f.endswith(".png")), None)
@@ -186,9 +187,7 @@ def build_compare_tab(state: StudioState):
             table, chart_v, files_v, _ = results_outputs(finished(state))
             return table, chart_v, files_v, error_html("Could not start", friendly_error(e))
         log.info("compare: %s, settings %s", spec.model, ",".join(s.name for s in spec.settings))
-        while not job.finished.is_set():  # the tab closing cancels this wait, never the job
-            await asyncio.sleep(POLL_S)
-        return results_outputs(job.snapshot())
+        return results_outputs(await until_ended(job))
 
     def cancel():
         if not state.compare_jobs.cancel():
@@ -196,28 +195,12 @@ def build_compare_tab(state: StudioState):
             return
         gr.Info("Cancelling: the running setting's process is stopped.")
 
-    def refresh(seen):
-        """Every tab's view of the latest comparison, redrawn only when it changed (results only when it ends)."""
-        job = state.compare_jobs.latest
-        if job is None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen
-        snap = job.snapshot()
-        if snap.is_running:
-            key = (snap.id, snap.state, round(snap.fraction, 3), snap.description, round(snap.eta_s or -1),
-                   round(snap.elapsed_s))
-            return (gr.skip(), gr.skip(), gr.skip(), progress_card(snap), key) if key != seen else \
-                (gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen)
-        key = (snap.id, snap.state)
-        if key == seen:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen
-        return (*results_outputs(snap), key)
-
-    run_btn.click(run, inputs=form, outputs=[results, chart, files, status], api_name="compare",
-                  concurrency_limit=2, show_progress="hidden")
+    run_btn.click(lambda: STARTING, outputs=status, queue=False, api_visibility="private").then(
+        run, inputs=form, outputs=[results, chart, files, status], api_name="compare", concurrency_limit=2,
+        show_progress="hidden")
     cancel_btn.click(cancel, api_name="cancel_compare", queue=False)
-    seen = gr.State(None)  # what this tab last drew of the latest comparison
-    gr.Timer(POLL_S).tick(refresh, inputs=seen, outputs=[results, chart, files, status, seen],
-                          api_visibility="private", show_progress="hidden", queue=False)
+    watch_jobs(state.compare_jobs, [results, chart, files, status],
+               running=lambda snap: (gr.skip(), gr.skip(), gr.skip(), progress_card(snap)), ended=results_outputs)
     return plan, form, [predicted, plan_note]
 
 

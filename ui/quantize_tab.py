@@ -12,7 +12,6 @@ Messages speak the tab's words, not the CLI's flags."""
 
 from __future__ import annotations
 
-import asyncio
 import html
 import json
 import logging
@@ -27,7 +26,8 @@ from quant.calib_data import BUILTIN
 from studio.demo_model import build_demo_model
 from studio.jobs import CANCELLED, FAILED, JobBusyError, JobSnapshot
 from studio.quantize_job import QuantizeOutcome, start_quantize
-from ui.common import error_html, fmt_bytes, fmt_seconds, friendly_error, job_progress_html, whole_number
+from ui.common import error_html, fmt_bytes, fmt_seconds, friendly_error, whole_number
+from ui.job_view import job_progress_html, until_ended, watch_jobs
 from ui.state import StudioState
 
 log = logging.getLogger("ui.quantize")
@@ -50,7 +50,6 @@ UI_WORDS = [
     ("--calib-seqlen", "Sequence length"), ("--calib-samples", "Samples"), ("--calib-dataset", "Calibration set"),
     ("--trust-remote-code", "Trust remote code"), ("pass --device cpu (slow)", "quantize on a machine with a GPU"),
 ]
-POLL_S = 0.5  # the job card's refresh in every tab; the start event's wait for the end
 IDLE_HTML = ('<div class="studio-card studio-muted" id="quant-status">Not started. Progress (layer, stage, ETA) '
              "shows here.</div>")
 STARTING_HTML = '<div class="studio-card" id="quant-status">Starting...</div>'
@@ -311,9 +310,7 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         except Exception as e:  # noqa: BLE001
             return error_html("Could not start", ui_words(friendly_error(e))), hidden, hidden, None, gr.skip()
-        while not job.finished.is_set():  # the tab closing cancels this wait, never the job
-            await asyncio.sleep(POLL_S)
-        status_v, chart_v, load_v, path_v = job_outputs(state, job.snapshot())
+        status_v, chart_v, load_v, path_v = job_outputs(state, await until_ended(job))
         return status_v, chart_v, load_v, path_v, default_output_dir(state, model, group_size)
 
     def on_done(outcome: QuantizeOutcome) -> None:
@@ -331,32 +328,15 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
         hidden = gr.update(visible=False)
         return STARTING_HTML, hidden, hidden, ""
 
-    def refresh(seen):
-        """Every tab's view of the latest job, redrawn only when it changed (the chart only when a job ends)."""
-        job = state.quant_jobs.latest
-        if job is None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen
-        snap = job.snapshot()
-        if snap.is_running:
-            key = (snap.id, snap.state, round(snap.fraction, 3), snap.description, round(snap.eta_s or -1),
-                   round(snap.elapsed_s))
-            if key == seen:
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen
-            hidden = gr.update(visible=False)
-            return job_progress_html(snap, "quant-job"), hidden, hidden, None, key
-        key = (snap.id, snap.state)
-        if key == seen:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen
-        return (*job_outputs(state, snap), key)
-
     start_inputs = [model_path, calib, calib_file, calib_path, samples, seqlen, bits, group, search_scale, clip,
                     output, trust, overwrite]
     start_btn.click(reset, outputs=[status, chart, load_btn, load_status], queue=False,
                     api_visibility="private").then(
         start, inputs=start_inputs, outputs=[status, chart, load_btn, result_path, output], api_name="quantize",
         concurrency_limit=4, show_progress="hidden")
-    seen = gr.State(None)  # what this tab last drew of the latest job
-    gr.Timer(POLL_S).tick(refresh, inputs=seen, outputs=[status, chart, load_btn, result_path, seen],
-                          api_visibility="private", show_progress="hidden", queue=False)
+    hidden = gr.update(visible=False)
+    watch_jobs(state.quant_jobs, [status, chart, load_btn, result_path],
+               running=lambda snap: (job_progress_html(snap, "quant-job"), hidden, hidden, None),
+               ended=lambda snap: job_outputs(state, snap))
     cancel_btn.click(cancel, api_name="cancel_quantize", queue=False)
     return QuantizeTab(model_path, load_btn, result_path, load_status)
