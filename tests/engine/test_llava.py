@@ -436,7 +436,7 @@ def test_vision_settings_are_validated():
 
 
 def test_terminal_chat_attaches_images(llava15, tmp_path, monkeypatch, capsys):
-    from engine import chat
+    from studio import chat
 
     image(30, 30, seed=16).save(tmp_path / "cat.png")
     lines = iter([f"/image {tmp_path / 'cat.png'}", "What is it?", f"/image {tmp_path / 'none.png'}", "Thanks",
