@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
-from engine import envs
 from engine.errors import ModelLoadError  # noqa: F401 - re-exported: older imports read it from here
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -136,28 +132,3 @@ def checkpoint_dtype(cfg: dict) -> str | None:
     """The dtype config.json names (transformers >= 5 writes `dtype`, older ones `torch_dtype`)."""
     tc = text_config(cfg)
     return tc.get("torch_dtype") or tc.get("dtype") or cfg.get("torch_dtype") or cfg.get("dtype")
-
-
-def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
-    """None when the Hugging Face hub's endpoint (HF_ENDPOINT) accepts a TCP connection within `timeout`; otherwise
-    why not, so an offline box learns it in seconds instead of after HTTP retries. The probe runs in a daemon thread
-    so a stuck DNS lookup cannot hold the caller past the timeout. (The quantizer's calibration sets and the default
-    model's download both ask here.)"""
-    url = urlparse(envs.hf_endpoint())
-    host = url.hostname or "huggingface.co"
-    port = url.port or (80 if url.scheme == "http" else 443)
-    result: list[str | None] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result.append(None)
-        except OSError as e:
-            result.append(f"{host}:{port} is unreachable ({type(e).__name__}: {e})")
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout + 0.5)
-    if not result:
-        return f"{host}:{port} did not answer within {timeout:.0f} s"
-    return result[0]

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from engine import envs
-from engine.checkpoint import hub_unreachable_reason
+from engine.hub import hub_unreachable_reason
 from quant.errors import CalibDataError
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import envs
-from engine.checkpoint import hub_unreachable_reason
+from engine.hub import hub_unreachable_reason
 from engine.staging import marker_matches, staged_folder
 from studio.demo_model import DEMO_MODEL_NOTE, build_demo_model
 
