@@ -180,9 +180,9 @@ def build_compare_tab(state: StudioState):
                 build_demo_model(state.settings.demo_model_dir)
             out_dir = state.compare_out_root / time.strftime("%Y%m%d-%H%M%S")
             job = start_compare(state.compare_jobs, spec, out_dir, quantize=bool(values[-1]))
-        except JobBusyError as e:  # the running comparison is what this tab shows (the timer draws it)
+        except JobBusyError as e:  # a toast: the box goes on showing the running comparison (the timer draws it)
             gr.Warning(friendly_error(e))
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), error_html("Could not start", friendly_error(e))
         except Exception as e:  # noqa: BLE001
             table, chart_v, files_v, _ = results_outputs(finished(state))
             return table, chart_v, files_v, error_html("Could not start", friendly_error(e))

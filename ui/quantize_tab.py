@@ -305,9 +305,10 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
             if state.is_demo_path(model):
                 build_demo_model(state.settings.demo_model_dir)
             job = start_quantize(state.quant_jobs, model, out_dir, kwargs, on_done=on_done)
-        except JobBusyError as e:  # the running job is what this tab shows (the timer draws it)
+        except JobBusyError as e:  # a toast: the box goes on showing the running job (the timer draws it)
             gr.Warning(ui_words(friendly_error(e)))
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return error_html("Could not start", ui_words(friendly_error(e))), gr.skip(), gr.skip(), gr.skip(), \
+                gr.skip()
         except Exception as e:  # noqa: BLE001
             return error_html("Could not start", ui_words(friendly_error(e))), hidden, hidden, None, gr.skip()
         status_v, chart_v, load_v, path_v = job_outputs(state, await until_ended(job))

@@ -39,6 +39,11 @@ def test_cancel_stops_a_running_quantization(client, studio, demo_model_path, ca
     while stage() != "quantize":
         assert time.monotonic() < deadline and not job.done(), "the quantization did not reach the layer stage"
         time.sleep(0.02)
+    running = state.quant_jobs.latest
+    second = client.predict(*quantize_args(demo_model_path, calib_file, studio.quant_root / "second"),
+                            api_name="/quantize")[0]  # one at a time: it takes the whole GPU
+    assert "already running" in second and "another browser tab" in second, second
+    assert state.quant_jobs.latest is running and not (studio.quant_root / "second").exists()
     client.predict(api_name="/cancel_quantize")
     status = job.result(timeout=120)[0]
     assert "Cancelled" in status, status
