@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from api.errors import APIError
+from api.api_error import APIError
 
 TOKEN_BYTES = 8  # an answer's bytes per generated token without logprobs (JSON text, escapes averaged)
 LOGPROB_BYTES = 96  # per logprob entry (the chosen token or one top alternative: token, logprob, bytes)

@@ -28,7 +28,7 @@ from api.limits import RequestLimits
 from api.metrics import render_metrics
 from api.models import add_model_routes
 from api.service import Service
-from engine.manager import ModelManager
+from studio.manager import ModelManager
 
 MAX_BODY_BYTES = RequestLimits.max_body_bytes  # a request body past this is refused with 413, counted on bytes read
 ROUTE_METHODS = {"/models": {"GET"}, "/chat/completions": {"POST"}, "/completions": {"POST"}}

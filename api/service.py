@@ -36,7 +36,7 @@ from api.serving import (
 from engine.errors import EngineUnavailableError, ImageInputError, ImagesBusyError, PromptTooLongError
 from engine.inputs import RequestInput
 from engine.llm_engine import RequestOutput
-from engine.manager import ModelManager
+from studio.manager import ModelManager
 
 log = logging.getLogger("api")
 

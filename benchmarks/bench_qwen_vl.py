@@ -59,7 +59,7 @@ PREPROCESSOR = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "t
 def make_folder(name: str, root: Path, awq: bool) -> Path:
     """config.json + a tokenizer with Qwen's vision tokens (their ids written into the config) + the hub's
     preprocessor_config.json: enough for pipeline(..., load_format='dummy')."""
-    from engine.demo_model import build_tokenizer
+    from studio.demo_model import build_tokenizer
 
     folder = root / (name + ("-awq" if awq else ""))
     folder.mkdir(parents=True, exist_ok=True)

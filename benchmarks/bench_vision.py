@@ -66,7 +66,7 @@ def make_llava_folder(name: str, root: Path, awq: bool) -> Path:
     """config.json (+ AWQ's quantization_config) and a tokenizer with <image>: enough for load_format=dummy."""
     from transformers import AutoTokenizer
 
-    from engine.demo_model import build_tokenizer
+    from studio.demo_model import build_tokenizer
 
     folder = root / (name + ("-awq" if awq else ""))
     folder.mkdir(parents=True, exist_ok=True)

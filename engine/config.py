@@ -58,7 +58,7 @@ class EngineConfig:
     overlap_scheduling: bool | None = None  # launch step N+1 before reading step N's tokens; None: on for CUDA
     load_format: str = "auto"  # dummy: random weights from config.json alone (benchmarks at real shapes)
     trust_remote_code: bool = False  # run a folder's own tokenizer code (InternLM2 ships one)
-    tp: int = 1  # tensor parallelism: ranks (GPUs, or gloo processes on CPU); engine/distributed
+    tp: int = 1  # tensor parallelism: ranks (GPUs, or gloo processes on CPU); engine/parallel
     seed: int = 0  # seeds the per-request seeds of requests that give none
     # vision-language models (LLaVA); text-only models ignore these
     vision_tower: str | None = None  # the CLIP checkpoint (folder or hub id) of an original-layout LLaVA's tower

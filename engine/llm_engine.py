@@ -42,9 +42,11 @@ from engine.errors import (  # noqa: F401 - re-exported
     UnsupportedModelError,
 )
 from engine.inputs import RequestInput
+from engine.memory import engine_memory_report
 from engine.model_runner import ModelRunner
 from engine.models.spec import ModelSpec
 from engine.output_processor import RequestOutput, RequestState
+from engine.parallel.launcher import start_tensor_parallel
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import PENDING, SamplingState, Sequence, SequenceStatus
 from engine.tokenizer import IncrementalDetokenizer, chat_template_for, load_tokenizer, stop_token_ids_for
@@ -133,8 +135,6 @@ def build_engine_parts(model_path: str | Path, config: EngineConfig) -> EnginePa
         raise UnsupportedModelError(f"{spec.architecture}: tensor parallelism (tp > 1) is not supported for "
                                     "vision-language models yet; load it with tp = 1")
     if config.tp > 1:  # TP hook: rank 0's shard and runner here, ranks 1..N-1 in worker processes
-        from engine.distributed import start_tensor_parallel
-
         runner = start_tensor_parallel(path, spec, config, device, dtype, model_format)
     else:
         model = loader.load_model(path, spec, dtype, device, model_format, config.load_format)
@@ -370,7 +370,7 @@ class LLMEngine:
     def score(self, token_ids: list[int], top_logprobs: int = 0) -> list[dict]:
         """Each token's log-probability given the ones before it, as this engine computes it (weights format and
         KV-cache policy included): entries shaped like sampled logprobs, {"token_id", "logprob", "top": [(id,
-        logprob), ...]}; the first token has logprob None. Perplexity (engine/quality.py) and `echo` + `logprobs`
+        logprob), ...]}; the first token has logprob None. Perplexity (studio/quality.py) and `echo` + `logprobs`
         on /v1/completions read it.
 
         The ids are prefilled in chunks of at most `SCORE_CHUNK_TOKENS`, each a call between other requests' steps
@@ -546,6 +546,4 @@ class LLMEngine:
         return len(self.scheduler.running)
 
     def memory(self) -> dict:
-        from engine.memory import engine_memory_report
-
         return engine_memory_report(self)

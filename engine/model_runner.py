@@ -9,10 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import EngineConfig
+from engine.cuda_graph import CudaGraphDecoder
 from engine.encoder_cache import EncoderCache, image_embeddings
 from engine.layers.attention import AttentionMetadata, KVCache
 from engine.layers.sampler import SamplingBatch, sample
 from engine.models.spec import ModelSpec
+from engine.parallel import comm  # TP hook: every rank uses the smallest block count of all ranks
 from engine.scheduler import ScheduledBatch
 from engine.sequence import PENDING, Sequence
 
@@ -64,7 +66,7 @@ class ModelRunner:
     def __init__(self, model, spec: ModelSpec, config: EngineConfig, device: torch.device, dtype: torch.dtype,
                  tp_group=None):
         self.model, self.spec, self.config = model, spec, config
-        self.tp_group = tp_group  # TP hook: rank 0's engine.distributed.TPGroup (broadcasts each step); else None
+        self.tp_group = tp_group  # TP hook: rank 0's engine.parallel.launcher.TPGroup (broadcasts each step); else None
         self.device, self.dtype = device, dtype
         self.block_size = config.cache_block_seq_len
         self.weights_bytes = sum(
@@ -93,8 +95,6 @@ class ModelRunner:
         self.graphs = None
         self.cuda_graph_bytes = 0
         if device.type == "cuda" and config.use_cuda_graph:
-            from engine.cuda_graph import CudaGraphDecoder
-
             max_len = min(config.session_len or spec.max_position_embeddings, spec.max_position_embeddings)
             max_blocks = (max_len + self.block_size - 1) // self.block_size
             self.graphs = CudaGraphDecoder(model, config.max_batch_size, max_blocks, device)
@@ -113,8 +113,6 @@ class ModelRunner:
             budget = max(0, free - self.vision_reserved_bytes) * self.config.cache_max_entry_count
         else:
             budget = self.config.cpu_kv_cache_bytes * self.config.cache_max_entry_count
-        from engine.distributed import comm  # TP hook: every rank uses the smallest block count of all ranks
-
         num_blocks = comm.min_across_ranks(int(budget // block_bytes))
         if num_blocks < 1:
             raise MemoryError(

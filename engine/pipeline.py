@@ -25,6 +25,8 @@ from engine.config import EngineConfig, GenerationConfig
 from engine.errors import ImageInputError  # noqa: F401 - re-exported
 from engine.inputs import RequestInput
 from engine.llm_engine import LLMEngine, RequestOutput
+from engine.vision.workers import ImageWorkers
+from engine.vision_input import VisionPrompter
 
 Prompt = str | list[dict] | tuple
 NO_IMAGES = "this model takes no images: send text only, or load a vision-language model"
@@ -71,9 +73,6 @@ class Pipeline:
         self.vision = None  # vision-language models: prompts with images -> RequestInput
         self.image_workers = None  # ... built on these threads, off the event loop (engine/vision/workers.py)
         if self.engine.image_processor is not None:
-            from engine.vision.workers import ImageWorkers
-            from engine.vision_input import VisionPrompter
-
             config = self.engine.config
             self.vision = VisionPrompter(self.tokenizer, self.engine.chat_template, self.engine.image_processor,
                                          self.engine.spec, config, self.engine.device, self.engine.dtype)
@@ -240,7 +239,7 @@ class Pipeline:
               add_special_tokens: bool = True) -> list[dict]:
         """Per-token log-probabilities of a given text (or ids) under this engine, no generation: entries
         {"token_id", "logprob", "top": [(id, logprob), ...], "text"}; the first token's logprob is None.
-        engine/quality.py turns them into perplexity; /v1/completions serves them as `echo` + `logprobs`."""
+        studio/quality.py turns them into perplexity; /v1/completions serves them as `echo` + `logprobs`."""
         if (text is None) == (input_ids is None):
             raise ValueError("score takes a text or input_ids, exactly one of them")
         if input_ids is None:

@@ -39,8 +39,10 @@ LLAVA_TEMPLATE = (
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
-def load_tokenizer(path: Path, spec: ModelSpec, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+def load_tokenizer(path: Path, spec: ModelSpec | None = None, trust_remote_code: bool = False):
+    """The folder's tokenizer (the engine's and the quantizer's one loader); TokenizerLoadError says what is missing
+    or what to pass (--trust-remote-code for custom-code tokenizers such as InternLM2's)."""
+    from transformers import AutoTokenizer  # lazy: transformers takes seconds to import; only loading needs it
 
     has_fast = (path / "tokenizer.json").is_file()
     if not has_fast and not any(path.glob("tokenizer*")) and not any(path.glob("*.model")):

@@ -29,13 +29,16 @@ from torch import nn
 
 from engine import checkpoint
 from engine.checkpoint import ModelLoadError, text_config
+from engine.models import language_model_config
 from engine.models.internlm2 import to_llama_tensors
+from engine.models.llava import HF_ARCHS, ORIGINAL_ARCHS, TEXT_ARCHS, complete_config
+from engine.models.qwen2_vl import ARCHS as QWEN_VL_ARCHS
+from engine.models.qwen2_vl import complete_config as complete_qwen_vl
 from quant.arch import ArchSpec, UnsupportedArchitectureError, arch_for_model_type
+from quant.calib_data import hub_offline_reason
 
 
 def _hub_offline_reason() -> str | None:
-    from quant.calib_data import hub_offline_reason
-
     return hub_offline_reason()
 
 
@@ -183,8 +186,6 @@ def _load_internlm2(path: Path, cfg: dict, dtype: torch.dtype) -> nn.Module:
 # ---- LLaVA: the language model only -----------------------------------------------------------------------------
 def llava_layout(cfg: dict) -> str | None:
     """"hf" (llava-hf LLaVA-1.5 / NeXT), "original" (liuhaotian LlavaLlamaForCausalLM ...) or None (not LLaVA)."""
-    from engine.models.llava import HF_ARCHS, ORIGINAL_ARCHS
-
     archs = cfg.get("architectures") or []
     if any(a in HF_ARCHS for a in archs):
         return "hf"
@@ -197,14 +198,9 @@ def quant_text_config(cfg: dict) -> dict:
     """The language model's config of any checkpoint the quantizer reads: llava-hf text_config filled with
     transformers' defaults (hub config.json files are partial), the original layout's own (Llama) keys, else the
     config itself."""
-    from engine.models.llava import complete_config
-
     if llava_layout(cfg) == "hf":
         return text_config(complete_config(cfg))
     if qwen_vl_layout(cfg):
-        from engine.models import language_model_config
-        from engine.models.qwen2_vl import complete_config as complete_qwen_vl
-
         return language_model_config(complete_qwen_vl(cfg))
     return text_config(cfg)
 
@@ -212,8 +208,6 @@ def quant_text_config(cfg: dict) -> dict:
 def _llava_text_config(cfg: dict, layout: str):
     """The transformers config of a LLaVA's text backbone."""
     import transformers
-
-    from engine.models.llava import ORIGINAL_ARCHS, TEXT_ARCHS
 
     if layout == "hf":
         text = dict(quant_text_config(cfg))
@@ -306,9 +300,7 @@ def _load_llava(path: Path, cfg: dict, dtype: torch.dtype) -> SourceModel:
 
 # ---- Qwen2-VL / Qwen2.5-VL ----------------------------------------------------------------------------------------
 def qwen_vl_layout(cfg: dict) -> bool:
-    from engine.models.qwen2_vl import ARCHS
-
-    return any(a in ARCHS for a in cfg.get("architectures") or [])
+    return any(a in QWEN_VL_ARCHS for a in cfg.get("architectures") or [])
 
 
 def _qwen_vl_text_config(cfg: dict):

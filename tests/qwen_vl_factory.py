@@ -1,7 +1,7 @@
 """Tiny Qwen2-VL and Qwen2.5-VL checkpoints with random weights, for the tests, built with transformers' own classes
 (so `Qwen2VLForConditionalGeneration.from_pretrained(path)` is the reference): config.json as transformers 5 writes
 it (a nested `text_config`) or flattened as the hub checkpoints are (`flat=True`), the weights, the tokenizer (the
-local byte-level BPE of engine.demo_model plus Qwen's vision tokens, with a Qwen2-VL-style chat template) and the
+local byte-level BPE of studio.demo_model plus Qwen's vision tokens, with a Qwen2-VL-style chat template) and the
 image processor's preprocessor_config.json (small min_pixels / max_pixels, so test images give a few tokens).
 
 Sizes: patch 14, merge 2 (an image is resized to multiples of 28 pixels, one token per 28x28), vision window 56
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from engine.demo_model import build_tokenizer, special_token_ids
+from studio.demo_model import build_tokenizer, special_token_ids
 from tests.llava_factory import init_weights_
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]

@@ -28,8 +28,8 @@ import gradio as gr
 
 from engine.config import GenerationConfig
 from engine.errors import ImageInputError, InvalidImageError
-from engine.manager import LoadedModel, ModelSlot
 from engine.media import IMAGE_MIME_TYPES, load_image
+from studio.manager import LoadedModel, ModelSlot
 from ui.common import (
     fmt_bytes,
     friendly_error,

@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 
 from engine.errors import EngineError
-from engine.manager import LoadedModel
+from quant.export import source_weight_bytes
+from studio.manager import LoadedModel
 
 log = logging.getLogger("ui")
 
@@ -64,8 +65,6 @@ def kv_policy(loaded: LoadedModel) -> str:
 def checkpoint_bytes(path) -> int | None:
     """"Weights on disk": the bytes of a folder's weight files (*.safetensors, else *.bin). The one definition the
     Model tab and the Quantize tab's summary both use (the in-memory size depends on the compute dtype)."""
-    from quant.export import source_weight_bytes
-
     try:
         return source_weight_bytes(Path(path))
     except Exception:  # noqa: BLE001 - e.g. a hub id whose files live in the hub cache
@@ -226,8 +225,7 @@ def ok_html(title: str, message: str = "") -> str:
 
 def is_user_error(e: BaseException) -> bool:
     """Bad input the user can fix (a wrong path, a too-long prompt ...), as opposed to a fault in the program."""
-    return isinstance(e, USER_ERRORS) or type(e).__name__ in ("CalibDataError", "QuantizationCancelled",
-                                                              "UnsupportedArchitectureError")
+    return isinstance(e, USER_ERRORS)
 
 
 def log_failure(logger: logging.Logger, what: str, e: BaseException) -> None:

@@ -18,7 +18,7 @@ def qwen(tmp_path_factory):
     from api import build_api
     from api.background import BackgroundServer
     from engine import EngineConfig
-    from engine.manager import ModelManager
+    from studio.manager import ModelManager
     from tests.qwen_vl_factory import make_qwen_vl
 
     mgr = ModelManager()

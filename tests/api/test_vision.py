@@ -16,7 +16,7 @@ def llava_served(tmp_path_factory):
     from api import build_api
     from api.background import BackgroundServer
     from engine import EngineConfig
-    from engine.manager import ModelManager
+    from studio.manager import ModelManager
     from tests.llava_factory import make_llava
 
     mgr = ModelManager()

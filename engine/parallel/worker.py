@@ -1,11 +1,10 @@
 """A tensor-parallel worker: rank RANK of WORLD_SIZE (env rendezvous, as torchrun sets it), started by
-engine.distributed.TPGroup. Loads its shard, builds its ModelRunner (KV cache, CUDA graphs) in step with rank 0,
+engine.parallel.launcher.TPGroup. Loads its shard, builds its ModelRunner (KV cache, CUDA graphs) in step with rank 0,
 then runs every step rank 0 broadcasts until told to stop. Exits when its parent disappears or a collective
 fails, so it never outlives the engine."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -13,6 +12,12 @@ import time
 from pathlib import Path
 
 import torch
+
+from engine import envs, loader
+from engine.config import EngineConfig
+from engine.model_runner import ModelRunner
+from engine.parallel import comm
+from engine.parallel.shard_loader import load_sharded_model
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -24,16 +29,9 @@ def _watch_parent(parent_pid: int) -> None:
 
 @torch.inference_mode()
 def main() -> int:
-    from engine import loader
-    from engine.config import EngineConfig
-    from engine.distributed import collective_timeout_s, comm, init_rank
-    from engine.distributed.shard_loader import load_sharded_model
-    from engine.model_runner import ModelRunner
-
-    args = json.loads(os.environ["ENGINE_TP_ARGS"])
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    place = envs.tp_worker_args()
+    args, rank, world, local_rank = place["args"], place["rank"], place["world_size"], place["local_rank"]
     threading.Thread(target=_watch_parent, args=(args["parent_pid"],), daemon=True).start()
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = torch.device(f"cuda:{local_rank}") if args["device"] == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -41,12 +39,12 @@ def main() -> int:
     dtype = loader.DTYPES[args["dtype"]]
     path = Path(args["model_path"])
     spec = loader.read_model_spec(path)
-    init_rank(rank, world, device)
+    comm.init_rank(rank, world, device)
     model, local_spec = load_sharded_model(path, spec, dtype, device, args["model_format"], world, rank,
                                            config.load_format)
     runner = ModelRunner(model, local_spec, config, device, dtype)
     comm.gather_ints([runner.weights_bytes, runner.kv_cache_bytes, runner.num_blocks])
-    comm.set_step_timeout(collective_timeout_s())  # startup is over: a step's collectives are bounded now
+    comm.set_step_timeout(envs.tp_timeout_s())  # startup is over: a step's collectives are bounded now
     while True:
         step = comm.receive_step(device)
         if step is None:

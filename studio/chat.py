@@ -1,6 +1,6 @@
-"""Terminal chat: `python -m engine.chat [MODEL] [engine flags]`. Multi-turn, streaming.
+"""Terminal chat: `python -m studio.chat [MODEL] [engine flags]`. Multi-turn, streaming.
 
-With no MODEL it uses SmolLM2-135M-Instruct (engine/real_model.py), or with --demo (or when that cannot be had)
+With no MODEL it uses SmolLM2-135M-Instruct (studio/default_model.py), or with --demo (or when that cannot be had)
 the embedded demo model (random weights: replies are gibberish). Commands at the prompt: /exit, /reset (new
 conversation), /system TEXT (set a system prompt), /image PATH (attach an image to your next message;
 vision-language models). Ctrl-C stops a reply.
@@ -13,12 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-from engine.cli import add_engine_args, engine_config_from_args
 from engine.config import GenerationConfig
+from studio.default_model import resolve_default_model
+from studio.demo_model import DEMO_MODEL_NOTE, build_demo_model
+from studio.engine_args import add_engine_args, engine_config_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.chat", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m studio.chat", description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?",
                         help="model folder or hub id (default: SmolLM2-135M-Instruct, else the demo model)")
     parser.add_argument("--demo", action="store_true", help="with no MODEL, chat with the random-weight demo model")
@@ -31,17 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_args(parser)
     args = parser.parse_args(argv)
 
-    from engine import pipeline
+    from engine import pipeline  # lazy: torch and the engine load after the arguments parse (fast --help)
 
     model = args.model
     if model is None and args.demo:
-        from engine.demo_model import DEMO_MODEL_NOTE, build_demo_model
-
         model = build_demo_model()
         print(f"[{DEMO_MODEL_NOTE}]")
     elif model is None:
-        from engine.real_model import resolve_default_model
-
         default = resolve_default_model()
         model = default.path
         print(f"[{default.name}: {default.source}{'; ' + default.note if default.note else ''}]")

@@ -17,12 +17,30 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _set_pg_timeout
+
+from engine import envs
+from engine.layers.attention import AttentionMetadata
 
 # header: [kind, num_tokens, batch, max_blocks, max_seqlen_q, num_sample_rows, payload_len, unused]
 HEADER_LEN = 8
 KIND_PREFILL, KIND_DECODE, KIND_STOP = 1, 2, 3
 
 _state = {"world_size": 1, "rank": 0, "device": torch.device("cpu"), "header_group": None, "step_timeout_s": None}
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_rank(rank: int, world_size: int, device: torch.device, init_method: str = "env://") -> None:
+    # startup's collectives (rendezvous, KV sizing, facts) wait as long as a slow rank may take to load its shard
+    # (ENGINE_TP_STARTUP_TIMEOUT_S); set_step_timeout then bounds the steps' collectives by ENGINE_TP_TIMEOUT_S
+    dist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=envs.tp_startup_timeout_s()),
+                            device_id=device if device.type == "cuda" else None)
+    header_group = dist.new_group(backend="gloo", timeout=timedelta(days=365))  # step headers (host tensors)
+    set_group(rank, world_size, device, header_group)
 
 
 def set_group(rank: int, world_size: int, device: torch.device, header_group=None) -> None:
@@ -32,8 +50,6 @@ def set_group(rank: int, world_size: int, device: torch.device, header_group=Non
 def set_step_timeout(seconds: float) -> None:
     """From now on a collective of the main group fails after `seconds` (startup ran under a longer timeout), and so
     does rank 0's wait for a step header or stop to be taken."""
-    from torch.distributed.distributed_c10d import _set_pg_timeout
-
     _set_pg_timeout(timedelta(seconds=seconds))
     _state["step_timeout_s"] = seconds
 
@@ -120,8 +136,6 @@ def broadcast_stop() -> None:
 
 def receive_step(device: torch.device):
     """Workers: the next step's inputs, or None for stop. Returns (input_ids, positions, meta, sample_rows)."""
-    from engine.layers.attention import AttentionMetadata
-
     header = torch.empty(HEADER_LEN, dtype=torch.int64)
     dist.broadcast(header, src=0, group=_state["header_group"])
     kind, n, b, mb, max_q, ns, plen, _ = header.tolist()

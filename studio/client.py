@@ -1,6 +1,6 @@
 """Terminal multi-turn chat with any OpenAI-compatible server (this studio's API, LMDeploy, vLLM, OpenAI), streaming:
 
-    python -m engine.client http://127.0.0.1:7860 [--model NAME] [--api-key KEY] [--system TEXT]
+    python -m studio.client http://127.0.0.1:7860 [--model NAME] [--api-key KEY] [--system TEXT]
 
 The whole conversation is sent each turn; replies print as they stream. Type /reset to start over, /exit or
 Ctrl-D to quit; Ctrl-C stops the reply being written (the server then aborts it). Talks HTTP through httpx only,

@@ -19,8 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
+from engine import loader
+from engine.models import entry_for
 from engine.models.spec import ModelSpec
 
 
@@ -120,14 +123,9 @@ def _take(t_or_slice, shape, cut, pad_to: int | None) -> torch.Tensor:
 
 def sharded_tensors(path: Path, plan: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
     """This rank's (Llama name, tensor slice) pairs."""
-    from engine import loader
-    from engine.models import entry_for
-
     spec = plan.spec
     files = sorted(path.glob("*.safetensors"))
     if files and spec.family == "llama":  # names as the model's: slice on disk
-        from safetensors import safe_open
-
         for f in files:
             with safe_open(str(f), framework="pt") as fh:
                 for name in fh.keys():
@@ -153,8 +151,6 @@ def sharded_tensors(path: Path, plan: ShardPlan) -> Iterator[tuple[str, torch.Te
 def load_sharded_model(path: Path, spec: ModelSpec, dtype: torch.dtype, device: torch.device, model_format: str,
                        tp: int, rank: int, load_format: str = "auto") -> tuple[nn.Module, ModelSpec]:
     """This rank's model (local sizes, its slice of every weight) and its local spec (for the KV cache)."""
-    from engine import loader
-
     plan = make_plan(spec, tp, rank, model_format)
     local = plan.local_spec()
     model = loader.build_model(local, dtype, device, model_format)

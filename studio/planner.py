@@ -26,6 +26,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.loader import detect_model_format, resolve_dtype
+from engine.memory import gpu_snapshot
 from engine.model_runner import kv_bytes_per_token
 from engine.models import parse_model_spec
 from engine.models.spec import ModelSpec
@@ -151,8 +152,6 @@ def cuda_graph_bytes(spec: ModelSpec, dtype: torch.dtype, max_batch_size: int, m
 def local_gpu_bytes() -> tuple[int, int] | None:
     """(total, used now by any process) of GPU 0 from NVML, which creates no CUDA context in this process (a
     context would take memory from the processes being planned for); None without a GPU."""
-    from engine.memory import gpu_snapshot
-
     snap = gpu_snapshot()
     if snap["available"] and snap["gpus"]:
         return int(snap["gpus"][0]["total_bytes"]), int(snap["gpus"][0]["used_bytes"])

@@ -3,7 +3,7 @@ fp32, W4A16 incl. modules_to_not_convert, tied embeddings, qkv bias), KV blocks 
 sizes on CPU, and the Llama-2-7B figures measured on the H200 (README: 12.55 GiB fp16, 3.62 GiB W4A16).
 
 Margin: on CPU the planner is exact for weights, KV bytes per token, blocks and capacity (asserted ==). The GPU total
-(CUDA context, workspace, graphs) is an estimate; the H200 run of benchmarks.compare checks it within 5%."""
+(CUDA context, workspace, graphs) is an estimate; the H200 run of studio.compare checks it within 5%."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine import EngineConfig, pipeline
-from engine.planner import GIB, PlanSettings, plan_memory
+from studio.planner import GIB, PlanSettings, plan_memory
 
 CPU_KV = 4 * 2**20
 
@@ -99,7 +99,7 @@ def test_awq_folder_cannot_be_planned_as_16bit(demo_model_path, tmp_path):
 
 def test_llama2_7b_matches_h200_measurements(tmp_path):
     """README's status table (H200, measured): weights 12.55 GiB fp16 and 3.62 GiB W4A16; KV capacity x1.94 / x3.76."""
-    from benchmarks.common import SHAPES
+    from studio.workload import SHAPES
 
     cfg = dict(SHAPES["llama2-7b"])
     fp16 = plan_memory(cfg, PlanSettings(gpu_memory_gb=141, cache_max_entry_count=0.8, session_len=2048))
@@ -113,7 +113,7 @@ def test_llama2_7b_matches_h200_measurements(tmp_path):
 
 
 def test_fits_and_sessions_follow_the_gpu_size():
-    from benchmarks.common import SHAPES
+    from studio.workload import SHAPES
 
     cfg = dict(SHAPES["llama2-7b"])
     small = plan_memory(cfg, PlanSettings(gpu_memory_gb=12, session_len=4096))

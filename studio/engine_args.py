@@ -1,4 +1,4 @@
-"""Engine command-line flags, shared by app.py, `python -m engine.chat` and the benchmarks.
+"""Engine command-line flags, shared by app.py, `python -m studio.chat` and the benchmarks.
 Spellings follow LMDeploy where it has the flag (--quant-policy, --cache-max-entry-count, --session-len ...)."""
 
 from __future__ import annotations

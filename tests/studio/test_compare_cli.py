@@ -1,4 +1,4 @@
-"""`python -m benchmarks.compare` end to end on the demo model, on CPU: two settings measured in their own child
+"""`python -m studio.compare` end to end on the demo model, on CPU: two settings measured in their own child
 processes plus one that fails (a W4A16 folder that does not exist) and is reported in its row; the planner's
 predictions next to the measurements (weights bytes and KV capacity equal), outputs written."""
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_cli_two_settings_and_a_failing_one(demo_model_path, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "benchmarks.compare", str(demo_model_path), "--settings", "fp16,fp16-kv4,w4a16",
+    cmd = [sys.executable, "-m", "studio.compare", str(demo_model_path), "--settings", "fp16,fp16-kv4,w4a16",
            "--awq-model", str(tmp_path / "no-such-awq-folder"), "--session-len", "128", "--prompt-len", "8",
            "--new-tokens", "4", "--concurrency", "2", "--cpu-kv-cache-bytes", str(4 * 2**20), "--device", "cpu",
            "--out", str(out)]
@@ -59,7 +59,7 @@ def test_cli_two_settings_and_a_failing_one(demo_model_path, tmp_path):
 
 
 def test_bad_setting_is_refused_at_the_door(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.compare", str(tmp_path), "--settings", "fp16,int3"],
+    proc = subprocess.run([sys.executable, "-m", "studio.compare", str(tmp_path), "--settings", "fp16,int3"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown setting 'int3'" in proc.stderr
 
@@ -70,7 +70,7 @@ def test_cancel_kills_the_child(demo_model_path):
     import time
     from dataclasses import asdict
 
-    from benchmarks.compare import Cancelled, ChildRunner, Workload
+    from studio.compare import Cancelled, ChildRunner, Workload
 
     runner = ChildRunner()
     payload = {"model_path": str(demo_model_path), "quant_policy": 0, "dtype": "auto", "is_w4a16": False,

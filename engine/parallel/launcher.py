@@ -1,7 +1,7 @@
 """Tensor parallelism on torch.distributed: NCCL on GPUs, gloo on CPU.
 
 Design: the main process (API, UI, scheduler, sampling) is rank 0 with its own ModelRunner; ranks 1..N-1 are
-worker processes (`python -m engine.distributed.worker`) that this module starts and supervises. They meet
+worker processes (`python -m engine.parallel.worker`) that this module starts and supervises. They meet
 through torch.distributed's env rendezvous (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, as torchrun sets
 them), so nothing here assumes one host beyond picking local GPU `cuda:RANK`. Each step, rank 0 broadcasts the
 step's inputs once as two int64 tensors (a fixed header, then ids / positions / slots / kv lengths / block
@@ -29,22 +29,20 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import timedelta
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
-from engine.distributed import comm
+from engine import envs
+from engine.model_runner import ModelRunner
+from engine.parallel import comm
+from engine.parallel.shard_loader import load_sharded_model, make_plan
 
 log = logging.getLogger(__name__)
 
 # NVLink multicast / symmetric memory stay off in every rank (see the lent machines' notes)
 CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-STARTUP_TIMEOUT_S = float(os.environ.get("ENGINE_TP_STARTUP_TIMEOUT_S", "600"))
-# a collective inside a step that waits longer than this fails (a hung rank); the step header goes over its own
-# group with no practical timeout, since idle workers wait on it for as long as the engine has no work
-def collective_timeout_s() -> float:
-    return float(os.environ.get("ENGINE_TP_TIMEOUT_S", "30"))
 
 
 class TPWorkerError(RuntimeError):
@@ -57,26 +55,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
-def init_rank(rank: int, world_size: int, device: torch.device, init_method: str = "env://") -> None:
-    # startup's collectives (rendezvous, KV sizing, facts) wait as long as a slow rank may take to load its shard;
-    # comm.set_step_timeout then bounds the steps' collectives by collective_timeout_s()
-    dist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
-                            device_id=device if device.type == "cuda" else None)
-    header_group = dist.new_group(backend="gloo", timeout=timedelta(days=365))  # step headers (host tensors)
-    comm.set_group(rank, world_size, device, header_group)
-
-
 def start_tensor_parallel(path, spec, config, device: torch.device, dtype: torch.dtype, model_format: str):
     """Rank 0: check the split, start the workers, load this rank's shard, build its runner (KV cache sized
     in step with the others) and collect every rank's memory facts (runner.tp_ranks, for pipe.memory())."""
-    from engine.distributed.shard_loader import load_sharded_model, make_plan
-    from engine.model_runner import ModelRunner
-
     make_plan(spec, config.tp, 0, model_format)  # a shape that cannot split fails before anything starts
     group = TPGroup(path, config, device, dtype, model_format)
     try:
@@ -85,7 +66,7 @@ def start_tensor_parallel(path, spec, config, device: torch.device, dtype: torch
                                                    config.load_format)
             runner = ModelRunner(model, local_spec, config, device, dtype, group)
             facts = comm.gather_ints([runner.weights_bytes, runner.kv_cache_bytes, runner.num_blocks])
-        comm.set_step_timeout(collective_timeout_s())
+        comm.set_step_timeout(envs.tp_timeout_s())
     except Exception as e:
         deadline = time.monotonic() + 5.0
         while not group._dead_ranks() and time.monotonic() < deadline:
@@ -110,20 +91,18 @@ class TPGroup:
         env = dict(os.environ)  # the user's MASTER_ADDR / MASTER_PORT if set (torchrun style), else local ones
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))
-        from dataclasses import asdict
-
         args = {"model_path": str(model_path), "config": asdict(config), "device": device.type,
                 "dtype": str(dtype).replace("torch.", ""), "model_format": model_format, "parent_pid": os.getpid()}
         self.procs: list[subprocess.Popen] = []
         for r in range(1, self.tp):
             child = dict(env, RANK=str(r), WORLD_SIZE=str(self.tp), LOCAL_RANK=str(r),
-                         ENGINE_TP_ARGS=json.dumps(args))
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "engine.distributed.worker"], env=child))
+                         **{envs.TP_ARGS: json.dumps(args)})
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "engine.parallel.worker"], env=child))
         self.failure: str | None = None
         self.on_failure = None  # the engine's hook: called once, from the supervisor, when a worker dies
         self._closed = False
         try:
-            init_rank(0, self.tp, device, f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}")
+            comm.init_rank(0, self.tp, device, f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}")
         except Exception as e:
             self.shutdown()
             raise TPWorkerError(f"tensor parallel startup failed: {self._dead_ranks() or e}") from e

@@ -1,8 +1,8 @@
-"""quant.api.WorkEta: the quantization ETA comes from completed work units and never grows within a unit."""
+"""studio.jobs.WorkEta: the quantization ETA comes from completed work units and never grows within a unit."""
 
 from __future__ import annotations
 
-from quant.api import WorkEta
+from studio.jobs import WorkEta
 
 
 class Clock:

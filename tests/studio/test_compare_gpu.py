@@ -13,7 +13,7 @@ def test_llama2_7b_predicted_vs_measured_within_5_percent(tmp_path):
 
     if not torch.cuda.is_available():
         pytest.fail("this test needs a CUDA GPU (run it with -m gpu on the GPU box)")
-    from benchmarks.compare import CompareSpec, Workload, parse_settings, run_compare
+    from studio.compare import CompareSpec, Workload, parse_settings, run_compare
 
     spec = CompareSpec("shape:llama2-7b", parse_settings("fp16,w4a16,w4a16-kv4"), [2048], [0.4],
                        workload=Workload(prompt_len=128, new_tokens=32, concurrency=4, max_batch_size=8))

@@ -1,26 +1,28 @@
 """Side-by-side memory, speed and quality of one model under several settings (the Compare tab's runner).
 
-    python -m benchmarks.compare MODEL --settings fp16,w4a16,w4a16-kv8,w4a16-kv4 --awq-model AWQ_FOLDER \
+    python -m studio.compare MODEL --settings fp16,w4a16,w4a16-kv8,w4a16-kv4 --awq-model AWQ_FOLDER \
         --session-len 2048 4096 --cache-max-entry-count 0.8 0.4 --out results/compare
 
 A setting is WEIGHTS[-kvN]: WEIGHTS one of fp16, bf16, fp32, auto (16-bit: the model folder) or w4a16 (the AWQ
 folder: --awq-model, or --quantize to make one with the quant tool first); -kv8 / -kv4 quantize the KV cache
 (quant_policy 8 / 4). Each (setting, session length, cache fraction) runs in a fresh child process, so its memory
 numbers are its own; a child that fails (out of memory, bad folder, unsupported setting) reports its error in its
-row and the other rows still run. MODEL may be `shape:llama2-7b` (benchmarks/common.py SHAPES): a config-only
+row and the other rows still run. MODEL may be `shape:llama2-7b` (studio/workload.py SHAPES): a config-only
 folder with random weights at the real shape (load_format=dummy), W4A16 included: nothing to download.
 
-Per row: the planner's prediction (engine/planner.py), then measured: memory after load and peak during the
+Per row: the planner's prediction (studio/planner.py), then measured: memory after load and peak during the
 workload (NVML for this process on a GPU; on CPU the process RSS, labelled so), the engine's breakdown, KV capacity
 and max sessions of session_len, batch-1 decode tok/s, throughput at --concurrency, first-token latency, perplexity
-on a built-in held-out text and a fixed greedy reply next to the 16-bit setting's one. Output: JSON, markdown and a
-PNG of grouped bar charts in --out.
+on the held-out text of the Quantize tab's check (studio/quality.py: one text, one scoring path) and a fixed greedy
+reply next to the 16-bit setting's one. Output: JSON, markdown and a PNG of grouped bar charts in --out.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,18 +33,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from engine.config import EngineConfig
+from quant.errors import QuantizationCancelled
+from studio.demo_model import is_demo_model
+from studio.jobs import Job, JobSlot, WorkEta
+from studio.workload import SHAPES, RequestTimer, make_shape_folder, markdown_table
+
 KV_POLICIES = {"": 0, "kv8": 8, "kv4": 4}
 WEIGHT_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "auto": "auto", "w4a16": "auto"}
 SHAPE_PREFIX = "shape:"
-# Held out: not in the demo tokenizer's training corpus nor in the quantizer's built-in calibration text.
-HELD_OUT_TEXT = (
-    "The lighthouse keeper climbed the spiral stairs each evening, trimmed the wick, and wiped the salt from the "
-    "glass. Ships that passed in the night never saw him, only the steady beam that swept across the water every "
-    "ten seconds. In winter the storms rolled in from the north, and the waves broke against the rocks so hard "
-    "that spray reached the lamp room. He kept a logbook of every vessel, the direction of the wind, and the "
-    "height of the tide, and in forty years he missed only a single night, when the fog was so thick that even "
-    "the beam could not pierce it."
-)
 GREEDY_PROMPT = "Explain in two sentences why the sky is blue."
 MEMORY_PARTS = ("weights", "kv_cache", "activations", "cuda_graphs", "other")
 COLUMNS = ["setting", "session_len", "cache_max_entry_count", "status", "pred_weights_GiB", "weights_GiB",
@@ -90,11 +89,10 @@ class Workload:
     new_tokens: int = 64
     concurrency: int = 8
     max_batch_size: int = 128
-    perplexity_tokens: int = 256  # of HELD_OUT_TEXT, capped by the session length
     device: str = "auto"
 
     def __post_init__(self):
-        for name in ("prompt_len", "new_tokens", "concurrency", "max_batch_size", "perplexity_tokens"):
+        for name in ("prompt_len", "new_tokens", "concurrency", "max_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
@@ -103,7 +101,7 @@ class Workload:
 
 
 @dataclass
-class Job:
+class SettingRun:
     """One child run: a setting at one session length and cache fraction, on one folder."""
 
     setting: Setting
@@ -146,8 +144,6 @@ def resolve_folders(spec: CompareSpec, work_dir: Path, quantize: bool = False,
                     cancel_event: threading.Event | None = None) -> tuple[str, str | None, str, str | None]:
     """(16-bit folder, AWQ folder or None, load_format, why there is no AWQ folder)."""
     if spec.model.startswith(SHAPE_PREFIX):
-        from benchmarks.common import SHAPES, make_shape_folder
-
         shape = spec.model[len(SHAPE_PREFIX):]
         if shape not in SHAPES:
             raise ValueError(f"unknown shape {shape!r}: one of {', '.join(SHAPES)}")
@@ -167,9 +163,9 @@ def resolve_folders(spec: CompareSpec, work_dir: Path, quantize: bool = False,
 
 def quantize_on_the_way(model: str, out: Path, on_progress=None, cancel_event=None) -> str:
     """AWQ-quantize `model` into `out` with the quant tool (built-in calibration text), reporting progress."""
-    import torch
+    import torch  # lazy: torch and the quantizer load only when a run needs them (fast --help, light UI import)
 
-    from quant.api import quantize_model
+    from quant.api import quantize_model  # lazy: as torch above
 
     samples, seqlen = (128, 2048) if torch.cuda.is_available() else (16, 256)
 
@@ -183,22 +179,22 @@ def quantize_on_the_way(model: str, out: Path, on_progress=None, cancel_event=No
     return str(out)
 
 
-def make_jobs(spec: CompareSpec, base: str, awq: str | None, load_format: str, awq_error: str | None) -> list[Job]:
+def make_jobs(spec: CompareSpec, base: str, awq: str | None, load_format: str,
+              awq_error: str | None) -> list[SettingRun]:
     jobs = []
     for setting in spec.settings:
         for session_len in spec.session_lens:
             for fraction in spec.cache_max_entry_counts:
                 folder = awq if setting.is_w4a16 else base
                 error = awq_error if setting.is_w4a16 and awq is None else None
-                jobs.append(Job(setting, session_len, float(fraction), folder, load_format, error))
+                jobs.append(SettingRun(setting, session_len, float(fraction), folder, load_format, error))
     return jobs
 
 
 # ---- prediction ----------------------------------------------------------------------------------------------
-def predict(job: Job, spec: CompareSpec, device: str) -> dict:
+def predict(job: SettingRun, spec: CompareSpec, device: str) -> dict:
     """The planner's numbers for one job (instant: reads config.json only)."""
-    from engine.config import EngineConfig
-    from engine.planner import PlanSettings, plan_memory
+    from studio.planner import PlanSettings, plan_memory  # lazy: torch (fast --help)
 
     if job.model_path is None:
         raise ValueError(job.error or "no folder for this setting")
@@ -251,7 +247,7 @@ def _prediction_columns(plan: dict) -> dict:
 def _device_name(device: str) -> str:
     if device != "auto":
         return device
-    import torch
+    import torch  # lazy: fast --help
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -290,7 +286,7 @@ class PeakSampler:
 
 def process_memory_reader(device: str) -> tuple[Callable[[], int | None], str]:
     """(read bytes of this process, what it measures): NVML per-process on a GPU, else the process RSS."""
-    from engine.memory import cpu_snapshot, gpu_snapshot
+    from engine.memory import cpu_snapshot, gpu_snapshot  # lazy: torch, in the child only
 
     if device == "cuda":
         snap = gpu_snapshot()
@@ -310,37 +306,14 @@ def process_memory_reader(device: str) -> tuple[Callable[[], int | None], str]:
     return (lambda: cpu_snapshot()["process_rss_bytes"]), "CPU memory: process RSS (no GPU)"
 
 
-def prompt_perplexity(pipe, ids: list[int]) -> float:
-    """exp(mean next-token NLL) over `ids`, from the engine's prompt-logits path (the paged forward over the
-    whole prompt). One function, so a dedicated scoring API can replace it."""
-    import torch
-
-    from engine.config import GenerationConfig
-    from engine.sequence import SamplingState, Sequence
-
-    eng = pipe.engine
-    seq = Sequence(ids, SamplingState(GenerationConfig(), 0, frozenset()), len(ids) + 1, eng.block_size)
-
-    def run():
-        eng.block_manager.allocate(seq)
-        try:
-            return eng.runner.prompt_logits(seq)
-        finally:
-            eng.block_manager.deallocate(seq)
-
-    logits = eng.run_on_engine_thread(run).float()  # [len(ids), vocab]
-    nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:], device=logits.device))
-    return float(torch.exp(nll))
-
-
 def run_child(job: dict, emit: Callable[[dict], None]) -> dict:
     """Everything measured for one job, in this (fresh) process. `emit` gets progress dicts."""
     import random
 
-    import torch
+    import torch  # lazy: the child process is the one that loads torch and the engine
 
-    from benchmarks.common import RequestTimer
-    from engine import EngineConfig, GenerationConfig, pipeline
+    from engine import GenerationConfig, pipeline  # lazy: as torch above
+    from studio.quality import heldout_perplexity  # lazy: as torch above
 
     torch.manual_seed(0)
     wl = job["workload"]
@@ -375,10 +348,8 @@ def run_child(job: dict, emit: Callable[[dict], None]) -> dict:
             emit({"stage": "warm-up", "fraction": 0.15})
             timer.run([(ids(min(16, prompt_len)), 4)], 1)
             emit({"stage": "quality", "fraction": 0.25})
-            text_ids = pipe.tokenizer.encode(HELD_OUT_TEXT, add_special_tokens=True)
-            n_ppl = max(2, min(wl["perplexity_tokens"], len(text_ids), session_len - 1, eng.capacity_tokens - 1))
-            out["perplexity"] = prompt_perplexity(pipe, text_ids[:n_ppl])
-            out["perplexity_tokens"] = n_ppl
+            ppl = heldout_perplexity(pipe)  # the Quantize tab's before/after check: same text, same scoring
+            out["perplexity"], out["perplexity_tokens"], out["perplexity_window"] = ppl.ppl, ppl.num_tokens, ppl.window
             reply = pipe(GREEDY_PROMPT, GenerationConfig(max_new_tokens=min(32, wl["new_tokens"]), do_sample=False,
                                                          ignore_eos=True))
             out["greedy_text"], out["greedy_token_ids"] = reply.text, reply.token_ids
@@ -397,7 +368,7 @@ def run_child(job: dict, emit: Callable[[dict], None]) -> dict:
         out["session_len"] = session_len
         out["max_sessions"] = mem["num_kv_blocks"] // -(-session_len // mem["block_size"])
         # random weights (the demo model, or a shape: folder loaded with dummy weights): quality means nothing
-        out["is_demo"] = Path(job["model_path"], ".build-complete").is_file() or job["load_format"] == "dummy"
+        out["is_demo"] = is_demo_model(job["model_path"]) or job["load_format"] == "dummy"
         emit({"stage": "done", "fraction": 1.0})
     finally:
         pipe.close()
@@ -405,7 +376,7 @@ def run_child(job: dict, emit: Callable[[dict], None]) -> dict:
 
 
 def child_main(job_json: str) -> int:
-    """`python -m benchmarks.compare --child JOB_JSON`: one JSON line per progress step, then the result line."""
+    """`python -m studio.compare --child JOB_JSON`: one JSON line per progress step, then the result line."""
     def emit(msg):
         print(json.dumps({"progress": msg}), flush=True)
 
@@ -427,7 +398,7 @@ class Cancelled(Exception):
 
 
 class ChildRunner:
-    """Runs one job in a fresh `python -m benchmarks.compare --child` process; cancel() kills its process group."""
+    """Runs one job in a fresh `python -m studio.compare --child` process; cancel() kills its process group."""
 
     def __init__(self):
         self.proc: subprocess.Popen | None = None
@@ -449,7 +420,7 @@ class ChildRunner:
             raise Cancelled("cancelled")
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd = [sys.executable, "-m", "benchmarks.compare", "--child", json.dumps(payload)]
+        cmd = [sys.executable, "-m", "studio.compare", "--child", json.dumps(payload)]
         stderr = tempfile.TemporaryFile(mode="w+")
         with self._lock:
             self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
@@ -507,6 +478,7 @@ def measured_columns(result: dict) -> dict:
         "memory_peak_GiB": (result.get("memory_peak_bytes") or 0) / GIB,
         "decode_tok_s": result.get("decode_tok_s"), "throughput_tok_s": result.get("throughput_tok_s"),
         "ttft_ms": result.get("ttft_ms"), "perplexity": result.get("perplexity"),
+        "perplexity_tokens": result.get("perplexity_tokens"), "perplexity_window": result.get("perplexity_window"),
         "greedy_text": result.get("greedy_text"), "greedy_token_ids": result.get("greedy_token_ids"),
         "load_s": result.get("load_s"), "device": result.get("device"), "is_demo": result.get("is_demo"),
     }
@@ -569,7 +541,7 @@ def run_compare(spec: CompareSpec, out_dir: Path | None = None, *, quantize: boo
             base, awq, load_format, awq_error = resolve_folders(spec, work, quantize, quant_progress,
                                                                 runner.cancel_event)
         except Exception as e:  # noqa: BLE001 - quantizing failed or was cancelled: the W4A16 rows say so
-            if type(e).__name__ == "QuantizationCancelled":
+            if isinstance(e, QuantizationCancelled):
                 result["cancelled"] = True
                 return result
             base, awq, load_format, awq_error = spec.model, None, "auto", f"quantizing failed: {_error_text(e)}"
@@ -611,8 +583,6 @@ def run_compare(spec: CompareSpec, out_dir: Path | None = None, *, quantize: boo
             if on_row:
                 on_row(row)
     finally:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     add_quality_columns(result["rows"])
     result["memory_kind"] = next((r["memory_kind"] for r in result["rows"] if r.get("memory_kind")), None)
@@ -621,10 +591,44 @@ def run_compare(spec: CompareSpec, out_dir: Path | None = None, *, quantize: boo
     return result
 
 
+# ---- as a background job (the Compare tab) ---------------------------------------------------------------------
+@dataclass
+class CompareOutcome:
+    result: dict  # run_compare's result (rows, device, memory_kind, cancelled ...)
+    files: list[str]  # compare.json, compare.md, compare.png
+
+
+def start_compare(slot: JobSlot, spec: CompareSpec, out_dir: Path, quantize: bool = False) -> Job:
+    """Run `spec` in the background (studio/jobs.py): each setting in its own child process; cancel() kills the
+    running child. Progress: the running setting and its stage, each setting's last stage (detail), an ETA from
+    the settings finished (WorkEta), or from the fraction done before the first one ends."""
+    runner = ChildRunner()
+
+    def work(job: Job) -> CompareOutcome:
+        eta, stages = WorkEta(), {}
+
+        def on_progress(index, count, label, stage, fraction):
+            stages[label] = (stage, fraction)
+            if not count:  # quantizing first: no setting has started
+                job.report(None, f"{label}: {stage}", None, detail=dict(stages))
+                return
+            eta.update(index, count)
+            overall = (index + fraction) / count
+            left = eta.seconds_left()
+            elapsed = job.snapshot().elapsed_s
+            if left is None and overall > 0.02:
+                left = elapsed * (1 - overall) / overall
+            job.report(overall, f"{label}: {stage} (setting {index + 1} of {count})", left, detail=dict(stages))
+
+        result = run_compare(spec, out_dir, quantize=quantize, on_progress=on_progress, runner=runner)
+        return CompareOutcome(result, [str(Path(out_dir) / n) for n in ("compare.json", "compare.md", "compare.png")])
+
+    return slot.start(work, on_cancel=runner.cancel,
+                      title=f"{spec.model}: {', '.join(s.name for s in spec.settings)}")
+
+
 # ---- outputs -------------------------------------------------------------------------------------------------
 def to_markdown(result: dict) -> str:
-    from benchmarks.common import markdown_table
-
     lines = [f"# Compare: {result['model']} on {result['device']}", ""]
     if result.get("memory_kind"):
         lines += [f"Memory after load / peak: {result['memory_kind']}.", ""]
@@ -638,7 +642,7 @@ def to_markdown(result: dict) -> str:
 def chart_png(result: dict, path: Path) -> Path:
     """Grouped bar charts: memory stacked by part (measured, with the planner's total as a marker), decode and
     throughput tok/s, perplexity."""
-    import matplotlib
+    import matplotlib  # lazy: only the report needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -686,28 +690,51 @@ def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def main(argv=None) -> int:
-    import argparse
-
-    from tqdm import tqdm
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="model folder (16-bit), an AWQ folder for w4a16-only runs, or shape:NAME")
-    parser.add_argument("--settings", default="fp16,w4a16,w4a16-kv8,w4a16-kv4")
-    parser.add_argument("--awq-model", default=None, help="the AWQ (W4A16) folder of the same model")
-    parser.add_argument("--quantize", action="store_true", help="no AWQ folder: make one with the quant tool first")
-    parser.add_argument("--session-len", type=int, nargs="+", default=[None])
-    parser.add_argument("--cache-max-entry-count", type=float, nargs="+", default=[0.8])
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--max-batch-size", type=int, default=128)
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--gpu-memory-gb", type=float, default=None, help="the planner's GPU size (default: local)")
-    parser.add_argument("--cpu-kv-cache-bytes", type=int, default=None)
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per setting before its child is killed")
-    parser.add_argument("--out", type=Path, default=Path("compare-results"))
+def build_parser() -> argparse.ArgumentParser:
+    names = ", ".join(f"{w}{kv}" for w in WEIGHT_DTYPES for kv in ("", "-kv8", "-kv4"))
+    parser = argparse.ArgumentParser(
+        prog="python -m studio.compare", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 2)[2].strip(),
+        epilog=f"valid --settings names: {names}\n(fp16 / bf16 / fp32 / auto: the 16-bit model folder in that dtype; "
+               "w4a16: the AWQ folder; -kv8 / -kv4: int8 / int4 KV cache)\n\n"
+               "example:\n  python -m studio.compare /models/llama2-7b --awq-model /models/llama2-7b-awq "
+               "--settings fp16,w4a16,w4a16-kv4 --session-len 2048 4096")
+    parser.add_argument("model", help="the model folder (16-bit), an AWQ folder for w4a16-only runs, or shape:NAME for "
+                                      f"random weights at a real shape ({', '.join(SHAPES)})")
+    parser.add_argument("--settings", default="fp16,w4a16,w4a16-kv8,w4a16-kv4",
+                        help="comma-separated settings to compare, WEIGHTS[-kv8|-kv4] (default: %(default)s)")
+    parser.add_argument("--awq-model", default=None,
+                        help="the AWQ (W4A16) folder of the same model, for the w4a16 settings")
+    parser.add_argument("--quantize", action="store_true",
+                        help="no AWQ folder: make one first with the quant tool (AWQ, built-in calibration text)")
+    parser.add_argument("--session-len", type=int, nargs="+", default=[None],
+                        help="session lengths in tokens, each a run of its own (default: the model's maximum)")
+    parser.add_argument("--cache-max-entry-count", type=float, nargs="+", default=[0.8],
+                        help="fractions of the memory free after loading given to the KV cache, each a run of its own "
+                             "(default: 0.8)")
+    parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request (default: %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=64,
+                        help="tokens generated per request (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=8,
+                        help="requests in flight for the throughput figure (default: %(default)s)")
+    parser.add_argument("--max-batch-size", type=int, default=128,
+                        help="the engine's max_batch_size (default: %(default)s)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                        help="where the runs go (default: auto, the GPU when there is one)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=None,
+                        help="the GPU size the planner's prediction assumes (default: this machine's GPU)")
+    parser.add_argument("--cpu-kv-cache-bytes", type=int, default=None,
+                        help="CPU only: the engine's KV-cache budget in bytes (default: the engine's)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per setting before its process is killed (default: none)")
+    parser.add_argument("--out", type=Path, default=Path("compare-results"),
+                        help="folder for compare.json, compare.md and compare.png (default: %(default)s)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
         return child_main(sys.argv[2])
     args = parser.parse_args(argv)
@@ -718,6 +745,8 @@ def main(argv=None) -> int:
                            args.gpu_memory_gb, args.cpu_kv_cache_bytes)
     except ValueError as e:
         parser.error(str(e))
+    from tqdm import tqdm  # lazy: only a real run draws the bar
+
     bar = tqdm(total=1000, unit="‰", desc="compare", dynamic_ncols=True)
 
     def progress(index, count, label, stage, fraction):

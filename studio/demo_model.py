@@ -1,7 +1,8 @@
 """The embedded demo model and the local tokenizer: built offline, deterministically, with random weights.
 
-No machine here reaches a model hub, so the app's default model (`python app.py` with no MODEL) and the tests'
-tiny checkpoints are made on the spot:
+No model hub is needed: the app's fallback model (`python app.py --demo`, or with no MODEL when the default
+SmolLM2 can be neither found nor converted: studio/default_model.py) and the tests' tiny checkpoints are made on
+the spot:
 - `build_tokenizer`: a byte-level BPE tokenizer trained on a small corpus kept in this file (English, some
   Chinese and emoji, so multi-byte UTF-8 is covered). Any UTF-8 text encodes and decodes losslessly. Special
   tokens follow Llama / InternLM2 numbering (`<unk>` 0, `<s>` 1, `</s>` 2) plus ChatML's `<|im_start|>` /
@@ -18,9 +19,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from engine import envs
+from engine.staging import marker_matches, staged_folder
 
 DEMO_MODEL_NOTE = "demo model: a tiny Llama with random weights, built locally; its replies are gibberish"
 
@@ -238,39 +240,13 @@ def save_causal_lm(model, tokenizer, out_dir: str | os.PathLike, max_shard_size:
 
 def default_demo_model_dir() -> Path:
     """$STUDIO_CACHE_DIR/demo-model, else ~/.cache/quant-studio/demo-model."""
-    cache_root = os.environ.get("STUDIO_CACHE_DIR") or Path.home() / ".cache" / "quant-studio"
-    return Path(cache_root).expanduser() / "demo-model"
+    return envs.studio_cache_dir().expanduser() / "demo-model"
 
 
-def marker_matches(folder: str | os.PathLike, marker: str, key: str, version: int) -> bool:
-    """True when `folder/marker` (JSON, written last by a build) says `key` == version: the folder is whole and of
-    the current recipe. Shared with engine/real_model.py's conversion."""
-    try:
-        return json.loads((Path(folder) / marker).read_text()).get(key) == version
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def swap_into_place(staging: Path, target: Path, is_complete) -> None:
-    """Rename a finished staging folder onto `target`. An older build (or an empty folder) there is moved aside
-    first and removed after; losing the race to a concurrent builder that finished is fine. Shared with
-    engine/real_model.py's conversion."""
-    stale = None
-    try:
-        if target.exists():
-            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
-            try:
-                os.replace(target, stale / target.name)
-            except FileNotFoundError:
-                pass  # a concurrent builder moved it first
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not is_complete(target):  # the one expected failure: a concurrent builder finished first
-                raise
-    finally:
-        if stale is not None:
-            shutil.rmtree(stale, ignore_errors=True)
+def is_demo_model(folder: str | os.PathLike) -> bool:
+    """True for a folder this module built (any recipe): its weights are random, so quality figures on it mean
+    nothing."""
+    return (Path(folder) / BUILD_MARKER).is_file()
 
 
 def is_complete_build(folder: str | os.PathLike) -> bool:
@@ -281,7 +257,7 @@ def is_complete_build(folder: str | os.PathLike) -> bool:
 _DEMO_README = """\
 # Demo model (random weights)
 
-This folder was built locally by `engine/demo_model.py`, with no download. It is a tiny but real
+This folder was built locally by `studio/demo_model.py`, with no download. It is a tiny but real
 `LlamaForCausalLM` checkpoint (hidden {hidden}, {layers} layers, {heads} attention heads, {kv_heads} KV heads,
 intermediate {intermediate}, vocab {vocab}) whose weights are **random** (seed {seed}): its replies are gibberish.
 It is there so that the app, the OpenAI-compatible API and the quantizer run end to end on any machine.
@@ -338,12 +314,6 @@ def build_demo_model(cache_dir: str | os.PathLike | None = None) -> Path:
         return target
     if target.exists() and any(target.iterdir()) and not (target / BUILD_MARKER).exists():
         raise FileExistsError(f"{target} exists and is not a demo-model build; pass another cache_dir or remove it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the finished folder reads like any other
-    try:
+    with staged_folder(target, keep_if=is_complete_build) as staging:
         _write_demo_model(staging)
-        swap_into_place(staging, target, is_complete_build)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

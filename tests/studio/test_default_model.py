@@ -1,9 +1,9 @@
-"""What the app serves with no MODEL (engine/real_model.py): the converted SmolLM2 when it is there, else the demo
+"""What the app serves with no MODEL (studio/default_model.py): the converted SmolLM2 when it is there, else the demo
 model with the reason, never a crash; a half-written or foreign folder is never taken for the model."""
 
 from __future__ import annotations
 
-from engine.real_model import MARKER, MODEL_NAME, convert_from_wheel, is_converted, resolve_default_model
+from studio.default_model import MARKER, MODEL_NAME, convert_from_wheel, is_converted, resolve_default_model
 
 
 def test_real_model_found_in_the_cache_is_served_with_its_source(real_model_path, tmp_path):

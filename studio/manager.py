@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine import loader
 from engine.config import EngineConfig
 from engine.errors import NoModelLoadedError  # noqa: F401 - re-exported
 from engine.pipeline import Pipeline
@@ -56,8 +57,6 @@ class ModelSlot:
     def check(model: str | Path, config: EngineConfig | None = None) -> Path:
         """Cheap checks (path, config.json, architecture, weight format) that raise the errors a load would,
         without touching the loaded model. Returns the resolved folder."""
-        from engine import loader
-
         config = config or EngineConfig()
         path = loader.resolve_model_path(model)
         spec = loader.read_model_spec(path, config.vision_tower)

@@ -1,8 +1,9 @@
 """Quality on real text, computed by the engine itself: perplexity from prompt scoring (`LLMEngine.score`), and
 greedy agreement between two pipelines.
 
-    from engine.quality import perplexity, heldout_text
+    from studio.quality import perplexity, heldout_text
     perplexity(pipe, heldout_text()).ppl
+    heldout_perplexity(pipe).ppl   # the quick check that the Quantize tab and the Compare runner both report
 
 The text is tokenized once and cut into windows of at most `window` tokens (default: 1024, or session_len if
 smaller) scored independently, as the AWQ paper's wikitext-2 figures are (there with 2048-token windows); each
@@ -15,10 +16,13 @@ import math
 from dataclasses import dataclass
 from importlib import resources
 
+from engine.config import EngineConfig
+from engine.pipeline import pipeline
+
 DEFAULT_WINDOW = 1024
-HELDOUT_NAME = "engine/data/heldout.txt"
+HELDOUT_NAME = "studio/data/heldout.txt"
 HELDOUT_DESCRIPTION = (
-    "built-in held-out prose (engine/data/heldout.txt: lighthouses, bread, rivers, a short story, sleep; "
+    "built-in held-out prose (studio/data/heldout.txt: lighthouses, bread, rivers, a short story, sleep; "
     "written for this project, not in any calibration set)"
 )
 
@@ -26,7 +30,7 @@ HELDOUT_DESCRIPTION = (
 def heldout_text(max_chars: int | None = None) -> str:
     """The built-in held-out text (plain English prose, unlike the built-in calibration set's technical docs),
     cut at a paragraph boundary within `max_chars` when given."""
-    text = resources.files("engine").joinpath("data/heldout.txt").read_text(encoding="utf-8")
+    text = resources.files("studio").joinpath("data/heldout.txt").read_text(encoding="utf-8")
     if max_chars is None or len(text) <= max_chars:
         return text
     cut = text.rfind("\n\n", 0, max_chars)
@@ -90,6 +94,14 @@ def greedy_agreement(a: list[int], b: list[int]) -> float:
 QUICK_CHECK_CHARS = 2500  # about 550 tokens of the held-out text: a before/after check of a few seconds per model
 
 
+def heldout_perplexity(pipe, text: str | None = None, window: int = DEFAULT_WINDOW) -> Perplexity:
+    """The one perplexity figure the product shows (Quantize's before/after, every Compare row): `text` (default:
+    the first QUICK_CHECK_CHARS of the held-out text) scored in windows of `window` tokens, capped by the session
+    length and by what the KV cache holds."""
+    text = text if text is not None else heldout_text(QUICK_CHECK_CHARS)
+    return perplexity(pipe, text, window=max(2, min(window, pipe.engine.capacity_tokens - 1)))
+
+
 def quantization_check(source: str, quantized: str, progress=None, cancelled=None,
                        text: str | None = None, window: int = 1024) -> dict:
     """Perplexity of the 16-bit source model and of its quantized folder on the same held-out text, each loaded
@@ -97,9 +109,6 @@ def quantization_check(source: str, quantized: str, progress=None, cancelled=Non
 
     progress(done, total, message) after each model; cancelled() -> True stops before the next model (the result
     then says so). Returns {"before", "after", "num_tokens", "text", "cancelled"}."""
-    from engine.config import EngineConfig
-    from engine.pipeline import pipeline
-
     description = HELDOUT_DESCRIPTION if text is None else "given text"
     text = text if text is not None else heldout_text(QUICK_CHECK_CHARS)
     result = {"before": None, "after": None, "num_tokens": 0, "cancelled": False, "text": description}
@@ -114,7 +123,7 @@ def quantization_check(source: str, quantized: str, progress=None, cancelled=Non
         if progress is not None:
             progress(i, 2, f"perplexity of {label}")
         with pipeline(folder, config) as pipe:
-            ppl = perplexity(pipe, text, window=window)
+            ppl = heldout_perplexity(pipe, text, window=window)
         result[key], result["num_tokens"] = ppl.ppl, ppl.num_tokens
     if progress is not None:
         progress(2, 2, "perplexity measured")

@@ -1,4 +1,4 @@
-"""`python -m engine.client` is a laptop client: it must run with httpx alone. A subprocess whose import system
+"""`python -m studio.client` is a laptop client: it must run with httpx alone. A subprocess whose import system
 refuses torch (and gradio / transformers / fastapi) runs it against an address where nothing listens: it must get
 as far as trying to connect and say so, never fail on an import."""
 
@@ -24,9 +24,9 @@ BLOCKER = textwrap.dedent("""
             return None
 
     sys.meta_path.insert(0, Refuse())
-    sys.argv = ["engine.client", *sys.argv[1:]]
+    sys.argv = ["studio.client", *sys.argv[1:]]
     try:
-        runpy.run_module("engine.client", run_name="__main__", alter_sys=True)
+        runpy.run_module("studio.client", run_name="__main__", alter_sys=True)
     finally:
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
         print("BLOCKED-LOADED:", loaded, file=sys.stderr)
@@ -45,7 +45,7 @@ def run_client(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_blocker_really_blocks_torch():
-    proc = subprocess.run([sys.executable, "-c", BLOCKER.replace('runpy.run_module("engine.client"',
+    proc = subprocess.run([sys.executable, "-c", BLOCKER.replace('runpy.run_module("studio.client"',
                                                                  'runpy.run_module("engine.pipeline"'), "x"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "torch is blocked" in proc.stderr, proc.stderr[-2000:]
