@@ -1,0 +1,338 @@
+"""InternVL (-hf layout and the original remote-code layout) through the engine agree with transformers on the same
+tiny random weights (fp32, greedy): the tiling against transformers' GotOcr2 processor, prompt logits with one image
+and with two images of different sizes (different tile grids, thumbnails), 16 greedy tokens against `generate`, a
+batch mixing image and text requests, the original layout equal to the -hf one; plus the prefix cache with images,
+chunked prefill through an image, KV int8 / int4, and bad images refused without disturbing another request."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine import GenerationConfig, InvalidImageError
+from engine.inputs import RequestInput
+from tests.engine.conftest import greedy
+from tests.engine.test_llava import engine_logits, image_part
+from tests.internvl_factory import (
+    MAX_PATCHES,
+    SYSTEM,
+    TILE,
+    TOKENS_PER_TILE,
+    hf_model,
+    make_internvl,
+    make_original_layout,
+)
+
+N = 16
+
+
+def image(h: int, w: int, seed: int) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def internvl(tmp_path_factory):
+    return make_internvl(tmp_path_factory.mktemp("internvl") / "internvl-hf")
+
+
+@pytest.fixture(scope="module")
+def ref(internvl):
+    return hf_model(internvl)
+
+
+@pytest.fixture(scope="module")
+def original(internvl, tmp_path_factory):
+    return make_original_layout(internvl, tmp_path_factory.mktemp("internvl-orig") / "InternVL2_5")
+
+
+def hf_inputs(request_input) -> dict:
+    if isinstance(request_input, list):
+        request_input = RequestInput(request_input)
+    ids = torch.tensor([request_input.token_ids])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if request_input.mm_items:
+        inputs["pixel_values"] = torch.cat([m.pixel_values for m in request_input.mm_items])
+    return inputs
+
+
+@torch.no_grad()
+def hf_logits(model, request_input) -> torch.Tensor:
+    return model(**hf_inputs(request_input)).logits[0]
+
+
+@torch.no_grad()
+def hf_generate(model, request_input, n: int = N) -> list[int]:
+    inputs = hf_inputs(request_input)
+    out = model.generate(**inputs, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def hf_tiles(path, img):
+    """transformers' tiles for an image: the folder's GotOcr2 processor with crop_to_patches on, as
+    InternVLProcessor runs it."""
+    from engine.models.internvl import hf_image_processor_class
+
+    processor = hf_image_processor_class().from_pretrained(str(path))
+    assert processor.crop_to_patches is False  # as saved; the InternVL processor's default turns it on
+    return processor(images=img, crop_to_patches=True, return_tensors="pt")["pixel_values"]
+
+
+# ---- agreement with transformers ------------------------------------------------------------------------------
+def test_one_image_prompt_logits_and_greedy_match_transformers(internvl, ref, make_pipe):
+    pipe = make_pipe(internvl)
+    img = image(150, 260, seed=0)
+    prompt = ("What is in the picture?", img)
+    request_input = pipe.prompt_input(prompt)
+    (item,) = request_input.mm_items
+    tiles = hf_tiles(internvl, img)
+    assert tiles.shape[0] > 2 and tiles.shape[1:] == (3, TILE, TILE)  # a grid of tiles plus the thumbnail
+    assert item.length == tiles.shape[0] * TOKENS_PER_TILE and item.image_size == (150, 260)
+    torch.testing.assert_close(item.pixel_values, tiles)
+    text = pipe.tokenizer.decode(request_input.token_ids)
+    assert "<img>" + "<IMG_CONTEXT>" * item.length + "</img>\nWhat is in the picture?" in text
+    assert text.removeprefix("<s>").startswith("<|im_start|>system\n" + SYSTEM)  # (the test tokenizer's BOS)
+    torch.testing.assert_close(engine_logits(pipe, request_input), hf_logits(ref, request_input),
+                               atol=2e-4, rtol=2e-4)
+    assert pipe(prompt, greedy(N)).token_ids == hf_generate(ref, request_input)
+
+
+@pytest.mark.parametrize("size", [(40, 40), (112, 112), (100, 420), (420, 100), (300, 300), (1000, 30)])
+def test_tile_counts_equal_the_processor(size, internvl, make_pipe):
+    """The token count the prompter reserves before running anything is the processor's tile count x 16."""
+    pipe = make_pipe(internvl)
+    vision = pipe.engine.spec.vision
+    assert (vision.min_tiles, vision.max_tiles) == (1, MAX_PATCHES)  # read from preprocessor_config.json
+    img = image(*size, seed=1)
+    assert vision.num_tiles(size) == hf_tiles(internvl, img).shape[0]
+    assert pipe.prompt_input(("x", img)).mm_items[0].length == vision.num_tiles(size) * TOKENS_PER_TILE
+
+
+def test_two_images_of_different_sizes_match_transformers(internvl, ref, make_pipe):
+    pipe = make_pipe(internvl)
+    a, b = image(60, 130, seed=1), image(300, 120, seed=2)
+    messages = [{"role": "user", "content": [image_part(a), {"type": "text", "text": "Compare with"},
+                                             image_part(b), {"type": "text", "text": "please."}]}]
+    request_input = pipe.prompt_input(messages)
+    items = request_input.mm_items
+    assert len(items) == 2 and items[0].length != items[1].length
+    torch.testing.assert_close(engine_logits(pipe, request_input), hf_logits(ref, request_input),
+                               atol=2e-4, rtol=2e-4)
+    assert pipe(messages, greedy(N)).token_ids == hf_generate(ref, request_input)
+
+
+def test_batch_mixing_image_and_text_requests(internvl, ref, make_pipe):
+    pipe = make_pipe(internvl)
+    model = pipe.engine.runner.model
+    calls = []
+    encode = model.encode_images
+    model.encode_images = lambda items: calls.append(len(items)) or encode(items)
+    prompts = [("First picture.", image(70, 70, seed=4)), "Just some text, no image at all.",
+               [{"role": "user", "content": [image_part(image(50, 120, seed=5)), image_part(image(120, 50, seed=6)),
+                                             {"type": "text", "text": "Two more."}]}]]
+    replies = pipe(prompts, greedy(N))
+    assert calls == [3]  # the three images of the step in one tower pass
+    for prompt, reply in zip(prompts, replies):
+        assert reply.token_ids == hf_generate(ref, pipe.prompt_input(prompt))
+
+
+def test_transformers5_weight_spelling_loads(internvl, ref, tmp_path, make_pipe):
+    """model.language_model.* / model.vision_tower.* / model.multi_modal_projector.* / lm_head load too."""
+    from tests.internvl_factory import v5_spelling
+    from tests.llava_factory import rename_checkpoint
+
+    path = rename_checkpoint(internvl, tmp_path / "v5", v5_spelling)
+    pipe = make_pipe(path)
+    request_input = pipe.prompt_input(("Hi", image(70, 100, seed=15)))
+    torch.testing.assert_close(engine_logits(pipe, request_input), hf_logits(ref, request_input),
+                               atol=2e-4, rtol=2e-4)
+
+
+# ---- the original layout ----------------------------------------------------------------------------------------------
+def test_original_layout_equals_the_hf_layout(internvl, original, ref, make_pipe):
+    """Same weights renamed (vision_model.* with fused qkv, mlp1.*, language_model.*) and an original config.json:
+    loads without running any folder code; its prompt (conversation template, <image> -> <img><IMG_CONTEXT>...</img>)
+    and its tiles (config.json's max_dynamic_patch) give what the -hf folder gives."""
+    pipe_o, pipe_h = make_pipe(original), make_pipe(internvl)
+    vision = pipe_o.engine.spec.vision
+    assert vision.layout == "original" and vision.max_tiles == MAX_PATCHES and vision.text_arch == "Qwen2ForCausalLM"
+    img = image(150, 260, seed=0)
+    ours = pipe_o.prompt_input(("Describe the image.", img))
+    text = pipe_o.tokenizer.decode(ours.token_ids)
+    assert text.removeprefix("<s>").startswith("<|im_start|>system\n你是书生·万象")  # internvl2_5's conversation template
+    assert ("<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * ours.mm_items[0].length + "</img>\nDescribe the image."
+            "<|im_end|>\n<|im_start|>assistant\n") in text
+    theirs = pipe_h.prompt_input(("Describe the image.", img))
+    torch.testing.assert_close(ours.mm_items[0].pixel_values, theirs.mm_items[0].pixel_values)
+    # the same ids through both folders: identical logits, and transformers' on the -hf folder
+    logits = engine_logits(pipe_o, ours)
+    torch.testing.assert_close(logits, engine_logits(pipe_h, ours), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, hf_logits(ref, ours), atol=2e-4, rtol=2e-4)
+    assert pipe_o(("Describe the image.", img), greedy(N)).token_ids == hf_generate(ref, ours)
+
+
+def test_original_layout_with_an_internlm2_decoder(internvl, tmp_path, make_pipe):
+    """InternVL2_5-8B's layout: an InternLM2 decoder (tok_embeddings, fused wqkv, output) under language_model.*,
+    read as the Llama decoder; the same weights as the -hf folder's Llama decoder give the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    from engine.models.internlm2 import llama_to_internlm2_name, merge_wqkv
+    from tests.internvl_factory import TEXT
+
+    hf = make_internvl(tmp_path / "llama-hf", text_model="llama", seed=3)
+    orig = make_original_layout(hf, tmp_path / "orig")
+    cfg = json.loads((orig / "config.json").read_text())
+    cfg["template"] = "internlm2-chat"
+    cfg["llm_config"].update(architectures=["InternLM2ForCausalLM"], model_type="internlm2", bias=False,
+                             auto_map={"AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"})
+    (orig / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(orig / "model.safetensors"))
+    out, qkv = {}, {}
+    for name, t in tensors.items():
+        if not name.startswith("language_model."):
+            out[name] = t
+            continue
+        rest = name[len("language_model."):]
+        for p in ("q_proj", "k_proj", "v_proj"):
+            if f".self_attn.{p}." in rest:
+                qkv.setdefault(rest.replace(f".self_attn.{p}.", ".attention.wqkv."), {})[p] = t
+                break
+        else:
+            out["language_model." + llama_to_internlm2_name(rest)] = t
+    for name, parts in qkv.items():
+        out["language_model." + name] = merge_wqkv(parts["q_proj"], parts["k_proj"], parts["v_proj"],
+                                                   TEXT["num_attention_heads"], TEXT["num_key_value_heads"])
+    save_file(out, str(orig / "model.safetensors"), metadata={"format": "pt"})
+    pipe_o, pipe_h = make_pipe(orig), make_pipe(hf)
+    assert pipe_o.engine.spec.vision.text_arch == "InternLM2ForCausalLM"
+    request_input = pipe_o.prompt_input(("What now?", image(90, 200, seed=7)))
+    assert pipe_o.tokenizer.decode(request_input.token_ids).removeprefix("<s>").startswith("<|im_start|>system\n你是由上海人工智能实验室")
+    torch.testing.assert_close(engine_logits(pipe_o, request_input), engine_logits(pipe_h, request_input),
+                               atol=1e-5, rtol=1e-5)
+
+
+# ---- prefix cache, chunked prefill --------------------------------------------------------------------------------
+def test_prefix_cache_same_image_hits_different_image_misses(internvl, ref, make_pipe):
+    pipe = make_pipe(internvl)
+    manager = pipe.engine.block_manager
+    x, y = image(84, 84, seed=7), image(84, 84, seed=8)
+    text = "Tell me everything about this image, in great detail, please."
+    first = pipe((text, x), greedy(N))
+    ids = pipe.encode((text, x))
+    full_blocks = (len(ids) - 1) // 16
+    assert full_blocks >= 3
+    hits = manager.num_prefix_hits
+    again = pipe((text, x), greedy(N))
+    assert manager.num_prefix_hits - hits == full_blocks and again.token_ids == first.token_ids
+    hits = manager.num_prefix_hits
+    other = pipe((text, y), greedy(N))
+    first_image_block = pipe.prompt_input((text, y)).mm_items[0].offset // 16
+    assert manager.num_prefix_hits - hits == first_image_block  # only the blocks before the image are shared
+    assert other.token_ids == hf_generate(ref, pipe.prompt_input((text, y)))
+    assert other.token_ids != first.token_ids
+
+
+@pytest.mark.parametrize("encoder_cache_bytes", [0, 2**20])
+def test_chunked_prefill_splits_an_image(encoder_cache_bytes, internvl, ref, make_pipe):
+    pipe = make_pipe(internvl, max_prefill_token_num=16, encoder_cache_bytes=encoder_cache_bytes)
+    img = image(112, 230, seed=9)  # 2 tiles + thumbnail: 48 tokens
+    prompt = ("Say something about this picture.", img)
+    request_input = pipe.prompt_input(prompt)
+    item = request_input.mm_items[0]
+    assert item.length == 3 * TOKENS_PER_TILE and item.offset % 16 != 0  # chunk boundaries inside the image
+    assert pipe(prompt, greedy(N)).token_ids == hf_generate(ref, request_input)
+
+
+# ---- KV quantization ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("quant_policy,bound", [(8, 0.015), (4, 0.15)])
+def test_kv_int8_int4_logits_stay_close(quant_policy, bound, internvl, ref, make_pipe):
+    """Quantized KV with image tokens in the cache: the prompt logits' relative error against transformers' stays
+    within the bounds tests/engine/test_kv_quant.py holds text models to."""
+    pipe = make_pipe(internvl, quant_policy=quant_policy)
+    request_input = pipe.prompt_input(("What is this?", image(100, 180, seed=10)))
+    ours, theirs = engine_logits(pipe, request_input), hf_logits(ref, request_input)
+    rel = ((ours - theirs).norm() / theirs.norm()).item()
+    assert rel < bound, f"KV int{quant_policy}: relative logit error {rel:.4f}"
+    assert rel > 0  # the cache really is quantized
+    agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()  # per position (random weights: near ties)
+    assert agree > (0.95 if quant_policy == 8 else 0.8), f"greedy choices agree at {agree:.2%} of positions"
+
+
+# ---- errors -------------------------------------------------------------------------------------------------------
+def test_bad_image_refused_without_hurting_others(internvl, ref, make_pipe):
+    pipe = make_pipe(internvl)
+    good = ("Describe.", image(84, 112, seed=11))
+    expected = hf_generate(ref, pipe.prompt_input(good))
+    outputs, done = [], threading.Event()
+
+    def collect(out):
+        outputs.append(out)
+        if out.finished:
+            done.set()
+
+    pipe.engine.add_request(pipe.prompt_input(good), GenerationConfig(max_new_tokens=N, do_sample=False,
+                                                                       ignore_eos=True), collect)
+    bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                                        {"type": "text", "text": "what?"}]}]
+    with pytest.raises(InvalidImageError):
+        pipe.prompt_input(bad)
+    with pytest.raises(InvalidImageError):  # a wrong image-marker count
+        pipe.prompt_input(("<IMG_CONTEXT><IMG_CONTEXT> two markers", image(56, 56, seed=12)))
+    item = pipe.prompt_input(("x", image(56, 56, seed=14))).mm_items[0]
+    assert item.length == TOKENS_PER_TILE
+    wrong = dataclasses.replace(item, offset=2, image_size=(112, 300))  # a size that needs more tiles
+    with pytest.raises(InvalidImageError, match="the prompt holds 16"):
+        pipe.engine.add_request(RequestInput([0] * 40, (wrong,)), greedy(2), lambda out: None)
+    assert done.wait(120)
+    assert [t for out in outputs for t in out.token_ids] == expected
+
+
+def test_memory_reports_the_vision_tower(internvl, make_pipe):
+    pipe = make_pipe(internvl)
+    model = pipe.engine.runner.model
+    tower = sum(p.numel() * p.element_size() for m in (model.vision_tower, model.multi_modal_projector)
+                for p in m.parameters())
+    assert pipe.engine.runner.vision_bytes == tower > 0
+
+
+def test_tied_embeddings_follow_transformers(tmp_path, make_pipe):
+    path = make_internvl(tmp_path / "tied", tie=True, seed=5)
+    ref = hf_model(path)
+    pipe = make_pipe(path)
+    assert pipe.engine.spec.tie_word_embeddings
+    request_input = pipe.prompt_input(("Hi", image(70, 90, seed=15)))
+    torch.testing.assert_close(engine_logits(pipe, request_input), hf_logits(ref, request_input),
+                               atol=2e-4, rtol=2e-4)
+
+
+# ---- GPU ------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_internvl_on_the_gpu(internvl, ref):
+    """Triton kernels, CUDA graphs for decode and the overlapped step loop with images, chunks cutting them: fp32
+    agrees with transformers (on the CPU); fp16 (tower in half) stays close."""
+    from engine import EngineConfig, pipeline
+
+    prompts = [("Describe it.", image(150, 260, seed=3)), "Plain text, no image.",
+               [{"role": "user", "content": [image_part(image(60, 130, seed=1)), {"type": "text", "text": "and"},
+                                             image_part(image(300, 120, seed=2))]}]]
+    replies = {}
+    for dtype in ("float32", "float16"):
+        pipe = pipeline(internvl, EngineConfig(dtype=dtype, cache_block_seq_len=16, num_gpu_blocks=256,
+                                               max_prefill_token_num=32))
+        try:
+            assert pipe.engine.device.type == "cuda" and pipe.engine.runner.graphs is not None
+            replies[dtype] = [r.token_ids for r in pipe(prompts, greedy(N))]
+            expected = [hf_generate(ref, pipe.prompt_input(p)) for p in prompts]
+            assert pipe.memory()["vision_bytes"] > 0
+        finally:
+            pipe.close()
+        if dtype == "float32":
+            assert replies[dtype] == expected
+    assert all(len(r) == N for r in replies["float16"])
+    assert sum(a[0] == b[0] for a, b in zip(replies["float16"], replies["float32"])) >= 2
