@@ -45,8 +45,10 @@ CONTEXT_TOKEN, START_TOKEN, END_TOKEN = "<IMG_CONTEXT>", "<img>", "</img>"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # the original code's conversation templates (its conversation.py), as chat templates: ChatML with a default system
 _SYSTEM = {
-    "internvl2_5": "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。",
-    "internlm2-chat": "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。",
+    "internvl2_5": ("你是书生·万象，英文名是InternVL，"
+                    "是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"),
+    "internlm2-chat": ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，"
+                       "英文名叫InternVL, 是一个有用无害的人工智能助手。"),
 }
 _ACTS = {"gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
          "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "silu": F.silu, "relu": F.relu}

@@ -153,18 +153,20 @@ def test_transformers5_weight_spelling_loads(internvl, ref, tmp_path, make_pipe)
                                atol=2e-4, rtol=2e-4)
 
 
-# ---- the original layout ----------------------------------------------------------------------------------------------
+# ---- the original layout ------------------------------------------------------------------------------------------
 def test_original_layout_equals_the_hf_layout(internvl, original, ref, make_pipe):
     """Same weights renamed (vision_model.* with fused qkv, mlp1.*, language_model.*) and an original config.json:
     loads without running any folder code; its prompt (conversation template, <image> -> <img><IMG_CONTEXT>...</img>)
     and its tiles (config.json's max_dynamic_patch) give what the -hf folder gives."""
     pipe_o, pipe_h = make_pipe(original), make_pipe(internvl)
     vision = pipe_o.engine.spec.vision
-    assert vision.layout == "original" and vision.max_tiles == MAX_PATCHES and vision.text_arch == "Qwen2ForCausalLM"
+    assert vision.layout == "original" and vision.max_tiles == MAX_PATCHES
+    assert vision.text_arch == "Qwen2ForCausalLM"
     img = image(150, 260, seed=0)
     ours = pipe_o.prompt_input(("Describe the image.", img))
     text = pipe_o.tokenizer.decode(ours.token_ids)
-    assert text.removeprefix("<s>").startswith("<|im_start|>system\n你是书生·万象")  # internvl2_5's conversation template
+    # internvl2_5's conversation template
+    assert text.removeprefix("<s>").startswith("<|im_start|>system\n你是书生·万象")
     assert ("<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * ours.mm_items[0].length + "</img>\nDescribe the image."
             "<|im_end|>\n<|im_start|>assistant\n") in text
     theirs = pipe_h.prompt_input(("Describe the image.", img))
@@ -211,7 +213,8 @@ def test_original_layout_with_an_internlm2_decoder(internvl, tmp_path, make_pipe
     pipe_o, pipe_h = make_pipe(orig), make_pipe(hf)
     assert pipe_o.engine.spec.vision.text_arch == "InternLM2ForCausalLM"
     request_input = pipe_o.prompt_input(("What now?", image(90, 200, seed=7)))
-    assert pipe_o.tokenizer.decode(request_input.token_ids).removeprefix("<s>").startswith("<|im_start|>system\n你是由上海人工智能实验室")
+    text = pipe_o.tokenizer.decode(request_input.token_ids)
+    assert text.removeprefix("<s>").startswith("<|im_start|>system\n你是由上海人工智能实验室")
     torch.testing.assert_close(engine_logits(pipe_o, request_input), engine_logits(pipe_h, request_input),
                                atol=1e-5, rtol=1e-5)
 
