@@ -5,8 +5,8 @@ original-style config.json with `llm_config`) written from the same weights.
 
 Sizes: 112-pixel tiles of 14-pixel patches (8 x 8 per tile; pixel shuffle 0.5 -> 16 tokens per tile), at most 6
 tiles plus the thumbnail. The tokenizer is the local byte-level BPE (engine.demo_model) plus `<img>`, `</img>` and
-`<IMG_CONTEXT>`; its chat template is InternVL's (a default system turn, `<IMG_CONTEXT>\\n` per image part; the
-processor wraps each in `<img>`...`</img>`).
+`<IMG_CONTEXT>`; its chat template is the -hf checkpoints' (`<IMG_CONTEXT>\\n` per image part; the processor wraps
+each in `<img>`...`</img>`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from engine.demo_model import build_tokenizer, special_token_ids
 from tests.llava_factory import init_weights_
 
 IMAGE_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>"]
-SYSTEM = "You are InternVL, a helpful assistant."
+# the -hf checkpoints' chat template (transformers' conversion script writes it: no default system turn)
 INTERNVL_HF_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + SYSTEM + "<|im_end|>\n{% endif %}"
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"

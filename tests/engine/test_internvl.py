@@ -21,7 +21,6 @@ from tests.engine.conftest import greedy
 from tests.engine.test_llava import engine_logits, image_part
 from tests.internvl_factory import (
     MAX_PATCHES,
-    SYSTEM,
     TILE,
     TOKENS_PER_TILE,
     hf_model,
@@ -96,7 +95,7 @@ def test_one_image_prompt_logits_and_greedy_match_transformers(internvl, ref, ma
     torch.testing.assert_close(item.pixel_values, tiles)
     text = pipe.tokenizer.decode(request_input.token_ids)
     assert "<img>" + "<IMG_CONTEXT>" * item.length + "</img>\nWhat is in the picture?" in text
-    assert text.removeprefix("<s>").startswith("<|im_start|>system\n" + SYSTEM)  # (the test tokenizer's BOS)
+    assert text.removeprefix("<s>").startswith("<|im_start|>user\n<img><IMG_CONTEXT>")  # (the test tokenizer's BOS)
     torch.testing.assert_close(engine_logits(pipe, request_input), hf_logits(ref, request_input),
                                atol=2e-4, rtol=2e-4)
     assert pipe(prompt, greedy(N)).token_ids == hf_generate(ref, request_input)
@@ -339,3 +338,82 @@ def test_internvl_on_the_gpu(internvl, ref):
             assert replies[dtype] == expected
     assert all(len(r) == N for r in replies["float16"])
     assert sum(a[0] == b[0] for a, b in zip(replies["float16"], replies["float32"])) >= 2
+
+
+# ---- real checkpoints' configs ---------------------------------------------------------------------------------------
+VISION_300M = {"architectures": ["InternVisionModel"], "attention_dropout": 0.0, "drop_path_rate": 0.0, "dropout": 0.0,
+               "hidden_act": "gelu", "hidden_size": 1024, "image_size": 448, "initializer_factor": 1.0,
+               "initializer_range": 0.02, "intermediate_size": 4096, "layer_norm_eps": 1e-06,
+               "model_type": "intern_vit_6b", "norm_type": "layer_norm", "num_attention_heads": 16, "num_channels": 3,
+               "num_hidden_layers": 24, "patch_size": 14, "qk_normalization": False, "qkv_bias": True,
+               "use_flash_attn": True}
+INTERNVL25_8B = {  # OpenGVLab/InternVL2_5-8B's config.json (the original remote-code layout, an InternLM2 decoder)
+    "architectures": ["InternVLChatModel"], "downsample_ratio": 0.5, "dynamic_image_size": True,
+    "force_image_size": 448, "max_dynamic_patch": 12, "min_dynamic_patch": 1, "model_type": "internvl_chat",
+    "ps_version": "v2", "select_layer": -1, "template": "internvl2_5", "torch_dtype": "bfloat16",
+    "use_backbone_lora": 0, "use_llm_lora": 0, "use_thumbnail": True,
+    "llm_config": {"architectures": ["InternLM2ForCausalLM"], "bias": False, "bos_token_id": 1, "eos_token_id": 2,
+                   "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+                   "max_position_embeddings": 32768, "model_type": "internlm2", "num_attention_heads": 32,
+                   "num_hidden_layers": 32, "num_key_value_heads": 8, "pad_token_id": 2, "rms_norm_eps": 1e-05,
+                   "rope_scaling": {"factor": 2.0, "type": "dynamic"}, "rope_theta": 1000000,
+                   "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 92553},
+    "vision_config": VISION_300M,
+}
+INTERNVL3_8B_HF = {  # OpenGVLab/InternVL3-8B-hf's config.json (transformers' layout, a Qwen2 decoder)
+    "architectures": ["InternVLForConditionalGeneration"], "downsample_ratio": 0.5, "image_seq_length": 256,
+    "image_token_id": 151667, "model_type": "internvl", "projector_hidden_act": "gelu", "torch_dtype": "bfloat16",
+    "vision_feature_layer": -1, "vision_feature_select_strategy": "default",
+    "text_config": {"architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", "hidden_size": 3584,
+                    "intermediate_size": 18944, "max_position_embeddings": 32768, "model_type": "qwen2",
+                    "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+                    "rope_theta": 1000000.0, "vocab_size": 151674},
+    "vision_config": {"architectures": ["InternVisionModel"], "attention_bias": True, "hidden_act": "gelu",
+                      "hidden_size": 1024, "image_size": [448, 448], "intermediate_size": 4096, "layer_norm_eps": 1e-06,
+                      "layer_scale_init_value": 0.1, "model_type": "internvl_vision", "norm_type": "layer_norm",
+                      "num_attention_heads": 16, "num_channels": 3, "num_hidden_layers": 24, "patch_size": [14, 14],
+                      "use_absolute_position_embeddings": True, "use_mask_token": False, "use_mean_pooling": True,
+                      "use_qk_norm": False},
+}
+HF_PREPROCESSOR = {  # as the -hf checkpoints save it (the fast class's keys; crop_to_patches false)
+    "crop_size": None, "crop_to_patches": False, "data_format": "channels_first", "default_to_square": True,
+    "device": None, "do_center_crop": None, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
+    "do_resize": True, "image_mean": [0.485, 0.456, 0.406], "image_processor_type": "GotOcr2ImageProcessorFast",
+    "image_std": [0.229, 0.224, 0.225], "input_data_format": None, "max_patches": 12, "min_patches": 1,
+    "processor_class": "InternVLProcessor", "resample": 3, "rescale_factor": 0.00392156862745098,
+    "return_tensors": None, "size": {"height": 448, "width": 448}}
+
+
+@pytest.mark.parametrize("cfg", [INTERNVL25_8B, INTERNVL3_8B_HF], ids=["internvl2.5-8b", "internvl3-8b-hf"])
+def test_hub_configs_read_as_their_code_does(cfg, tmp_path):
+    """The decoder, the tower's sizes, 256 tokens per 448-pixel tile, max 12 tiles + thumbnail (config.json's
+    max_dynamic_patch / preprocessor_config.json's max_patches), the placeholder id; a 1024x768 image is 13 tiles
+    (3,328 tokens), as transformers' processor cuts it."""
+    from engine import loader
+    from engine.models.internvl import hf_image_processor_class, image_processor
+
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    original = "llm_config" in cfg
+    if original:  # InternVL2.5's tokenizer adds <IMG_CONTEXT> as 92546
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+            {"added_tokens_decoder": {"92546": {"content": "<IMG_CONTEXT>", "special": True}}}))
+    else:
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps(HF_PREPROCESSOR))
+    spec = loader.read_model_spec(tmp_path)
+    vision = spec.vision
+    assert vision.layout == ("original" if original else "hf")
+    assert vision.text_arch == ("InternLM2ForCausalLM" if original else "Qwen2ForCausalLM")
+    assert spec.hidden_size == vision.text_hidden == (4096 if original else 3584)
+    assert spec.attention_bias != original  # InternLM2: no q/k/v bias; Qwen2: bias
+    assert (vision.width, vision.depth, vision.tile, vision.tokens_per_tile) == (1024, 24, 448, 256)
+    assert (vision.min_tiles, vision.max_tiles, vision.crop, vision.thumbnail) == (1, 12, True, True)
+    assert vision.image_token_id == (92546 if original else 151667)
+    assert vision.token_range == (256, 13 * 256)
+    assert (vision.chat_template is not None) == original
+    tiles, size = image_processor(spec)(image(768, 1024, seed=0))
+    assert tiles.shape == (13, 3, 448, 448) and vision.num_features(size) == 13 * 256
+    if not original:
+        theirs = hf_image_processor_class().from_pretrained(str(tmp_path))(images=image(768, 1024, seed=0),
+                                                                            crop_to_patches=True,
+                                                                            return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(tiles, theirs)
