@@ -160,18 +160,19 @@ def make_original_layout(hf_path: Path, path: Path, *, template: str = "internvl
     save_file({k: v.contiguous() for k, v in original_names(tensors).items()}, str(path / "model.safetensors"),
               metadata={"format": "pt"})
     text, vision = cfg["text_config"], cfg["vision_config"]
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     llm = {k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                 "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "vocab_size",
                                 "bos_token_id", "eos_token_id", "pad_token_id")}
     llm.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu", rope_theta=1e6,
-               rope_scaling=None, tie_word_embeddings=bool(text.get("tie_word_embeddings")), torch_dtype="float32")
+               rope_scaling=None, tie_word_embeddings=bool(cfg.get("tie_word_embeddings")), torch_dtype=dtype)
     original = {  # the keys OpenGVLab/InternVL2_5-*'s config.json has
         "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
         "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
                      "AutoModel": "modeling_internvl_chat.InternVLChatModel"},
         "downsample_ratio": 0.5, "dynamic_image_size": True, "force_image_size": TILE, "max_dynamic_patch":
         MAX_PATCHES, "min_dynamic_patch": 1, "ps_version": "v2", "select_layer": -1, "template": template,
-        "use_thumbnail": True, "torch_dtype": "float32", "use_backbone_lora": 0, "use_llm_lora": 0,
+        "use_thumbnail": True, "torch_dtype": dtype, "use_backbone_lora": 0, "use_llm_lora": 0,
         "llm_config": llm,
         "vision_config": {
             "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
