@@ -101,6 +101,25 @@ def test_one_image_prompt_logits_and_greedy_match_transformers(internvl, ref, ma
     assert pipe(prompt, greedy(N)).token_ids == hf_generate(ref, request_input)
 
 
+def test_raw_prompt_and_system_turn(internvl, original, ref, make_pipe):
+    """A raw prompt (no template) gets <img><IMG_CONTEXT>...</img> before the text (or where the marker is); the
+    original layout's conversation template keeps a system turn the messages bring instead of its default."""
+    pipe = make_pipe(internvl)
+    img = image(90, 90, seed=20)
+    raw = pipe.prompt_input(("Caption:", img), apply_chat_template=False)
+    text = pipe.tokenizer.decode(raw.token_ids)
+    assert text.removeprefix("<s>") == "<img>" + "<IMG_CONTEXT>" * raw.mm_items[0].length + "</img>\nCaption:"
+    torch.testing.assert_close(engine_logits(pipe, raw), hf_logits(ref, raw), atol=2e-4, rtol=2e-4)
+    marked = pipe.prompt_input(("A picture <IMG_CONTEXT> of what?", img), apply_chat_template=False)
+    assert "A picture <img><IMG_CONTEXT>" in pipe.tokenizer.decode(marked.token_ids)
+    pipe_o = make_pipe(original)
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [image_part(img), {"type": "text", "text": "What?"}]}]
+    text = pipe_o.tokenizer.decode(pipe_o.prompt_input(messages).token_ids)
+    assert text.removeprefix("<s>").startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<img>")
+    assert "书生" not in text
+
+
 @pytest.mark.parametrize("size", [(40, 40), (112, 112), (100, 420), (420, 100), (300, 300), (1000, 30)])
 def test_tile_counts_equal_the_processor(size, internvl, make_pipe):
     """The token count the prompter reserves before running anything is the processor's tile count x 16."""
