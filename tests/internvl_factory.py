@@ -186,3 +186,33 @@ def make_original_layout(hf_path: Path, path: Path, *, template: str = "internvl
     tokenizer = internvl_tokenizer(chat_template=None)
     tokenizer.save_pretrained(str(path))
     return path
+
+
+def with_internlm2_decoder(orig: Path) -> Path:
+    """An original-layout folder made from a Llama-decoder -hf one, rewritten as InternVL2_5-8B has it: an InternLM2
+    decoder (tok_embeddings, packed attention.wqkv, feed_forward.w1/w3/w2, output) and its llm_config, the
+    internlm2-chat template."""
+    from engine.models.internlm2 import llama_to_internlm2_name, merge_wqkv
+
+    cfg = json.loads((orig / "config.json").read_text())
+    cfg["template"] = "internlm2-chat"
+    cfg["llm_config"].update(architectures=["InternLM2ForCausalLM"], model_type="internlm2", bias=False,
+                             auto_map={"AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"})
+    (orig / "config.json").write_text(json.dumps(cfg, indent=2))
+    out, qkv = {}, {}
+    for name, t in load_file(str(orig / "model.safetensors")).items():
+        if not name.startswith("language_model."):
+            out[name] = t
+            continue
+        rest = name[len("language_model."):]
+        for p in ("q_proj", "k_proj", "v_proj"):
+            if f".self_attn.{p}." in rest:
+                qkv.setdefault(rest.replace(f".self_attn.{p}.", ".attention.wqkv."), {})[p] = t
+                break
+        else:
+            out["language_model." + llama_to_internlm2_name(rest)] = t
+    for name, parts in qkv.items():
+        out["language_model." + name] = merge_wqkv(parts["q_proj"], parts["k_proj"], parts["v_proj"],
+                                                   TEXT["num_attention_heads"], TEXT["num_key_value_heads"])
+    save_file(out, str(orig / "model.safetensors"), metadata={"format": "pt"})
+    return orig

@@ -199,35 +199,10 @@ def test_original_layout_equals_the_hf_layout(internvl, original, ref, make_pipe
 def test_original_layout_with_an_internlm2_decoder(internvl, tmp_path, make_pipe):
     """InternVL2_5-8B's layout: an InternLM2 decoder (tok_embeddings, fused wqkv, output) under language_model.*,
     read as the Llama decoder; the same weights as the -hf folder's Llama decoder give the same logits."""
-    from safetensors.torch import load_file, save_file
-
-    from engine.models.internlm2 import llama_to_internlm2_name, merge_wqkv
-    from tests.internvl_factory import TEXT
+    from tests.internvl_factory import with_internlm2_decoder
 
     hf = make_internvl(tmp_path / "llama-hf", text_model="llama", seed=3)
-    orig = make_original_layout(hf, tmp_path / "orig")
-    cfg = json.loads((orig / "config.json").read_text())
-    cfg["template"] = "internlm2-chat"
-    cfg["llm_config"].update(architectures=["InternLM2ForCausalLM"], model_type="internlm2", bias=False,
-                             auto_map={"AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"})
-    (orig / "config.json").write_text(json.dumps(cfg))
-    tensors = load_file(str(orig / "model.safetensors"))
-    out, qkv = {}, {}
-    for name, t in tensors.items():
-        if not name.startswith("language_model."):
-            out[name] = t
-            continue
-        rest = name[len("language_model."):]
-        for p in ("q_proj", "k_proj", "v_proj"):
-            if f".self_attn.{p}." in rest:
-                qkv.setdefault(rest.replace(f".self_attn.{p}.", ".attention.wqkv."), {})[p] = t
-                break
-        else:
-            out["language_model." + llama_to_internlm2_name(rest)] = t
-    for name, parts in qkv.items():
-        out["language_model." + name] = merge_wqkv(parts["q_proj"], parts["k_proj"], parts["v_proj"],
-                                                   TEXT["num_attention_heads"], TEXT["num_key_value_heads"])
-    save_file(out, str(orig / "model.safetensors"), metadata={"format": "pt"})
+    orig = with_internlm2_decoder(make_original_layout(hf, tmp_path / "orig"))
     pipe_o, pipe_h = make_pipe(orig), make_pipe(hf)
     assert pipe_o.engine.spec.vision.text_arch == "InternLM2ForCausalLM"
     request_input = pipe_o.prompt_input(("What now?", image(90, 200, seed=7)))

@@ -13,7 +13,7 @@ import torch
 
 from tests.engine.test_internvl import hf_generate, hf_logits, image
 from tests.engine.test_llava import engine_logits, image_part
-from tests.internvl_factory import make_internvl, make_original_layout, original_names
+from tests.internvl_factory import make_internvl, make_original_layout, original_names, with_internlm2_decoder
 from tests.quant.conftest import GROUP_SIZE
 from tests.quant.test_llava_awq import greedy, make_pipe, quantize, tensors, to_fp16  # noqa: F401 - fixture
 
@@ -104,3 +104,24 @@ def test_group_sizes_come_from_the_language_model(folders):
         cfg = json.loads((folders[layout][0] / "config.json").read_text())
         assert fitting_group_sizes(cfg) == [64, 32]
     assert fitting_group_sizes(INTERNVL3_8B_HF) == [128, 64, 32] and fitting_group_sizes(INTERNVL25_8B) == [128, 64, 32]
+
+
+def test_original_layout_with_an_internlm2_decoder(calib_txt, tmp_path, make_pipe):  # noqa: F811
+    """InternVL2_5-8B's layout: the InternLM2 decoder quantizes through its Llama mapping and is written back in its
+    own names (packed wqkv), vision_model / mlp1 kept; the engine loads it and gives the logits of the same model
+    quantized from its -hf (Llama decoder) twin."""
+    hf = to_fp16(make_internvl(tmp_path / "llama-hf", text_model="llama", seed=3))
+    orig = with_internlm2_decoder(make_original_layout(hf, tmp_path / "orig"))
+    out = quantize(orig, tmp_path / "orig-awq", calib_txt)
+    before, after = tensors(orig), tensors(out)
+    assert after["language_model.model.layers.0.attention.wqkv.qweight"].dtype == torch.int32
+    assert "language_model.output.weight" in after and "language_model.lm_head.weight" not in after
+    kept = [k for k in before if k.startswith(("vision_model.", "mlp1."))]
+    assert kept and all(torch.equal(after[k], before[k]) for k in kept)
+    assert {"mlp1", "vision_model"} <= set(json.loads((out / "config.json").read_text())["quantization_config"][
+        "modules_to_not_convert"])
+    hf_out = quantize(hf, tmp_path / "hf-awq", calib_txt)
+    pipe_o, pipe_h = make_pipe(out), make_pipe(hf_out)
+    request_input = pipe_o.prompt_input(("Describe", image(84, 230, seed=11)))
+    torch.testing.assert_close(engine_logits(pipe_o, request_input), engine_logits(pipe_h, request_input),
+                               atol=1e-4, rtol=1e-4)
