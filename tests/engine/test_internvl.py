@@ -411,3 +411,25 @@ def test_hub_configs_read_as_their_code_does(cfg, tmp_path):
                                                                             crop_to_patches=True,
                                                                             return_tensors="pt")["pixel_values"]
         torch.testing.assert_close(tiles, theirs)
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda c: c["llm_config"].update(architectures=["Phi3ForCausalLM"], model_type="phi3"),
+     "InternVLChatModel with a ['Phi3ForCausalLM'] language model is not supported (supported: Qwen2ForCausalLM, "
+     "LlamaForCausalLM, InternLM2ForCausalLM)"),
+    (lambda c: c.update(ps_version="v1"), "ps_version 'v1' is not supported (v2 is)"),
+    (lambda c: c["vision_config"].update(hidden_act="swish"), "activation 'swish' is not supported"),
+], ids=["phi3-decoder", "ps-v1", "activation"])
+def test_unsupported_variants_say_what_is_supported(change, words, tmp_path):
+    """InternVL variants the engine cannot run (Mini-InternVL's Phi-3 decoder, InternVL 1.5's pixel shuffle, an
+    unknown activation) are refused with an error naming what is supported."""
+    from engine import UnsupportedModelError, loader
+
+    cfg = json.loads(json.dumps(INTERNVL25_8B))
+    change(cfg)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": {"92546": {"content": "<IMG_CONTEXT>", "special": True}}}))
+    with pytest.raises(UnsupportedModelError) as e:
+        loader.read_model_spec(tmp_path)
+    assert words in str(e.value)
