@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import ModelLoadError, UnsupportedModelError
+from engine.errors import InvalidImageError, ModelLoadError, UnsupportedModelError
 from engine.layers.linear import Linear
-from engine.models import internlm2
+from engine.models.internlm2 import convert_tensor as internlm2_tensor
 from engine.models.llama import LlamaForCausalLM, plain_linear
 from engine.models.spec import ModelEntry, ModelSpec, parse_decoder_spec
 
@@ -140,8 +140,11 @@ class InternVision:
 
     @property
     def token_range(self) -> tuple[int, int]:
-        low = self.num_tiles_of(self.min_tiles)
-        return low * self.tokens_per_tile, self.num_tiles_of(self.max_tiles if self.crop else 1) * self.tokens_per_tile
+        """(fewest, most) tokens one image takes: the smallest and the largest grid (plus the thumbnail)."""
+        if not self.crop or self.max_tiles <= 1:
+            return self.tokens_per_tile, self.tokens_per_tile
+        return (self.num_tiles_of(self.min_tiles) * self.tokens_per_tile,
+                self.num_tiles_of(self.max_tiles) * self.tokens_per_tile)
 
     def num_tiles_of(self, grid_tiles: int) -> int:
         return grid_tiles + (1 if self.thumbnail and grid_tiles > 1 else 0)
@@ -344,7 +347,7 @@ def convert_tensor(name: str, tensor: torch.Tensor, spec: ModelSpec) -> list[tup
     if spec.tie_word_embeddings and name in ("lm_head.weight", "output.weight"):
         return []  # tied: transformers uses the embeddings (a saved copy may differ)
     if vision.text_arch == "InternLM2ForCausalLM":
-        return internlm2.convert_tensor(name, tensor, spec)
+        return internlm2_tensor(name, tensor, spec)
     return [(name, tensor)]
 
 
@@ -509,8 +512,6 @@ class InternVLForConditionalGeneration(LlamaForCausalLM):
     def check_items(self, mm_items) -> None:
         """Refuse, before the request runs, images whose size, token count and tiles disagree (a RequestInput
         built by hand); those from the prompter always agree."""
-        from engine.errors import InvalidImageError
-
         v = self.vision
         for item in mm_items:
             if item.features is not None:
