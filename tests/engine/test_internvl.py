@@ -334,6 +334,25 @@ def test_internvl_on_the_gpu(internvl, ref):
     assert sum(a[0] == b[0] for a, b in zip(replies["float16"], replies["float32"])) >= 2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_original_layout_on_the_gpu_equals_the_hf_layout(internvl, original):
+    """fp16 on the GPU, raw prompts (the same ids through both folders): the original layout's replies are the -hf
+    layout's, token for token (the same weights through the same modules)."""
+    from engine import EngineConfig, pipeline
+
+    prompts = [("Describe it.", image(150, 260, seed=3)), ("Two:", [image(60, 130, seed=1), image(300, 120, seed=2)])]
+    replies = []
+    for path in (internvl, original):
+        pipe = pipeline(path, EngineConfig(dtype="float16", cache_block_seq_len=16, num_gpu_blocks=256,
+                                           max_prefill_token_num=64))
+        try:
+            replies.append([r.token_ids for r in pipe(prompts, greedy(N), apply_chat_template=False)])
+        finally:
+            pipe.close()
+    assert replies[0] == replies[1] and all(len(r) == N for r in replies[0])
+
+
 # ---- real checkpoints' configs ---------------------------------------------------------------------------------------
 VISION_300M = {"architectures": ["InternVisionModel"], "attention_dropout": 0.0, "drop_path_rate": 0.0, "dropout": 0.0,
                "hidden_act": "gelu", "hidden_size": 1024, "image_size": 448, "initializer_factor": 1.0,
