@@ -66,6 +66,8 @@ def load_tokenizer(path: Path, spec: ModelSpec | None = None, trust_remote_code:
 
 
 def chat_template_for(tokenizer, spec: ModelSpec, path: Path | None = None) -> str:
+    if getattr(spec.vision, "chat_template", None):  # a conversation template the model's own code applies (InternVL)
+        return spec.vision.chat_template
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.chat_template
     processor_template = path / "chat_template.json" if path is not None else None

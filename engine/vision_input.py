@@ -195,6 +195,9 @@ class VisionPrompter:
 
     # ---- text + images -> RequestInput -------------------------------------------------------------------------
     def tokenize(self, text: str, refs: list, add_special_tokens: bool) -> RequestInput:
+        wrap = getattr(self.processor, "image_wrap", None)  # InternVL: <img> ... </img> around an image's tokens
+        if wrap and refs:
+            text = text.replace(self.marker, wrap[0] + self.marker + wrap[1])
         if len(refs) > self.policy.max_images:
             raise InvalidImageError(f"the prompt has {len(refs)} images; at most {self.policy.max_images} are "
                                     "allowed per request")

@@ -19,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize a Hugging Face checkpoint to W4A16 with AWQ; writes an AutoAWQ-GEMM-format folder.",
     )
     p.add_argument(
-        "model", help="local Hugging Face model folder (Llama, Mistral, Qwen2, InternLM2; LLaVA, Qwen2-VL, Qwen2.5-VL: "
-        "their language model)"
+        "model", help="local Hugging Face model folder (Llama, Mistral, Qwen2, InternLM2; LLaVA, Qwen2-VL, Qwen2.5-VL, "
+        "InternVL: their language model)"
     )
     p.add_argument("--work-dir", required=True, help="output folder (written atomically at the end)")
     p.add_argument(

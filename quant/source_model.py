@@ -12,6 +12,11 @@ layout): only the language model is quantized, calibrated on text as LMDeploy do
 projector, NeXT's image_newline) is kept aside as it is and written back unchanged (16-bit) by the exporter, and
 the language model's tensors go back under the checkpoint's own names.
 
+InternVL folders: the -hf layout (`InternVLForConditionalGeneration`) goes the LLaVA way (its language model under
+`language_model.*` / `model.language_model.*`; vision_tower and multi_modal_projector kept); the original
+`InternVLChatModel` layout keeps `vision_model.*` and `mlp1.*` as they are and quantizes `language_model.*` (config in
+`llm_config`; an InternLM2 decoder goes through the InternLM2 mapping and is written back in its own names).
+
 Qwen2-VL / Qwen2.5-VL folders (hub `model.*` / `visual.*`, or transformers 5's `model.language_model.*` /
 `model.visual.*`; config.json flat or with a nested text_config) go the same way: the decoder becomes transformers'
 Qwen2ForCausalLM (on text, M-RoPE's three streams hold the same position, so it is the plain rope), the vision
@@ -31,6 +36,8 @@ from engine import checkpoint
 from engine.checkpoint import ModelLoadError, text_config
 from engine.models import language_model_config
 from engine.models.internlm2 import to_llama_tensors
+from engine.models.internvl import HF_ARCH, ORIGINAL_ARCH
+from engine.models.internvl import complete_config as complete_internvl
 from engine.models.llava import HF_ARCHS, ORIGINAL_ARCHS, TEXT_ARCHS, complete_config
 from engine.models.qwen2_vl import ARCHS as QWEN_VL_ARCHS
 from engine.models.qwen2_vl import complete_config as complete_qwen_vl
@@ -142,6 +149,10 @@ def load_source_model(model_path: str | Path, dtype: str | torch.dtype = "auto",
         return _load_llava(path, cfg, torch_dtype)
     if qwen_vl_layout(cfg):
         return _load_qwen_vl(path, cfg, torch_dtype)
+    if internvl_layout(cfg) == "hf":
+        return _load_llava(path, cfg, torch_dtype, layout="hf", source_format="internvl")
+    if internvl_layout(cfg) == "original":
+        return _load_internvl_original(path, cfg, torch_dtype)
     model_type = text_config(cfg).get("model_type") or cfg.get("model_type", "")
     arch = arch_for_model_type(model_type)
     if model_type == "internlm2":
@@ -202,6 +213,10 @@ def quant_text_config(cfg: dict) -> dict:
         return text_config(complete_config(cfg))
     if qwen_vl_layout(cfg):
         return language_model_config(complete_qwen_vl(cfg))
+    if internvl_layout(cfg) == "hf":
+        return text_config(complete_internvl(cfg))
+    if internvl_layout(cfg) == "original":
+        return dict(cfg["llm_config"])
     return text_config(cfg)
 
 
@@ -271,10 +286,11 @@ def _llava_keep_modules(kept: dict[str, torch.Tensor], layout: str) -> tuple[str
     return tuple(sorted(roots))
 
 
-def _load_llava(path: Path, cfg: dict, dtype: torch.dtype) -> SourceModel:
+def _load_llava(path: Path, cfg: dict, dtype: torch.dtype, layout: str | None = None,
+                source_format: str = "llava") -> SourceModel:
     from transformers import AutoModelForCausalLM
 
-    layout = llava_layout(cfg)
+    layout = layout or llava_layout(cfg)
     tcfg, model_type = _llava_text_config(cfg, layout)
     arch = arch_for_model_type(model_type)
     lm, kept, export_name = _llava_split(cfg, layout, checkpoint.iter_checkpoint(path))
@@ -294,7 +310,7 @@ def _load_llava(path: Path, cfg: dict, dtype: torch.dtype) -> SourceModel:
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb = type(model.model.rotary_emb)(config=tcfg)  # its buffers were made on meta
-    return SourceModel(prepare_model(model), arch, path, cfg, "llava", dtype, export_name=export_name,
+    return SourceModel(prepare_model(model), arch, path, cfg, source_format, dtype, export_name=export_name,
                        kept_tensors=kept, keep_modules=_llava_keep_modules(kept, layout))
 
 
@@ -356,3 +372,57 @@ def _load_qwen_vl(path: Path, cfg: dict, dtype: torch.dtype) -> SourceModel:
     model.model.rotary_emb = type(model.model.rotary_emb)(config=tcfg)  # its buffers were made on meta
     return SourceModel(prepare_model(model), arch_for_model_type("qwen2"), path, cfg, "qwen2_vl", dtype,
                        export_name=export_name, kept_tensors=kept, keep_modules=("visual",))
+
+
+# ---- InternVL --------------------------------------------------------------------------------------------------------
+def internvl_layout(cfg: dict) -> str | None:
+    """"hf" (InternVLForConditionalGeneration), "original" (remote-code InternVLChatModel) or None."""
+    archs = cfg.get("architectures") or []
+    if HF_ARCH in archs:
+        return "hf"
+    if ORIGINAL_ARCH in archs:
+        return "original"
+    return None
+
+
+def _load_internvl_original(path: Path, cfg: dict, dtype: torch.dtype) -> SourceModel:
+    """language_model.* -> the causal LM (InternLM2 through its Llama mapping); vision_model.* / mlp1.* kept."""
+    import transformers
+
+    text = dict(cfg["llm_config"])
+    lm: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}
+    for name, t in checkpoint.iter_checkpoint(path):
+        if name.startswith("language_model."):
+            lm[name[len("language_model."):]] = t
+        else:
+            kept[name] = t
+    if "InternLM2ForCausalLM" in (text.get("architectures") or []) or text.get("model_type") == "internlm2":
+        model_type, source_format = "internlm2", "internlm2"
+        tcfg = internlm2_llama_config(text)
+        lm = dict(internlm2_to_llama_tensors(iter(lm.items()), text))
+        model_class = transformers.LlamaForCausalLM
+    else:
+        model_type, source_format = text.get("model_type", "qwen2"), "internvl"
+        skip = ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version",
+                "_name_or_path", "attn_implementation")
+        tcfg = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in text.items() if k not in skip})
+        model_class = transformers.AutoModelForCausalLM.from_config
+    arch = arch_for_model_type(model_type)
+    tied = bool(getattr(tcfg, "tie_word_embeddings", False))
+    with torch.device("meta"):
+        model = model_class(tcfg)
+    state = {n: t.to(dtype) for n, t in lm.items() if "rotary_emb" not in n}
+    if tied:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (tied and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelLoadError(f"{path}: the InternVL language model's tensors do not match its llm_config (missing "
+                             f"{missing[:4]}, unexpected {unexpected[:4]})")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=tcfg)  # its buffers were made on meta
+    return SourceModel(prepare_model(model), arch, path, cfg, source_format, dtype,
+                       export_name=lambda n: "language_model." + n, kept_tensors=kept,
+                       keep_modules=("mlp1", "vision_model"))
