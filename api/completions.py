@@ -13,6 +13,7 @@ import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from api.errors import APIError, from_engine_error
 from api.schemas import (
@@ -23,7 +24,7 @@ from api.schemas import (
     CompletionResponse,
     UsageInfo,
 )
-from api.service import DONE, Endpoint, Service, finish_reason
+from api.service import BIG_REQUEST_TOKENS, DONE, Endpoint, Service, answer, finish_reason, return_memory
 from api.serving import ChoiceResult, Job, TokenTexts, completion_logprobs, merge_logprobs
 
 
@@ -98,33 +99,62 @@ def add_completion_routes(service: Service, router: APIRouter) -> None:
             raw = [raw]
         elif isinstance(raw[0], int):
             raw = [raw]
-        service.admission.check(len(raw) * n)  # refuse oversized or untimely batches before tokenizing them
+        weight = len(raw) * n
+        service.admission.check(weight)  # refuse oversized or untimely batches before tokenizing them
+        token_id_total = sum(len(p) for p in raw if not isinstance(p, str))
+        service.limits.check_prompt_tokens(token_id_total * n, pipe.session_len)
         prompts: list[tuple[list[int], str]] = []
         for p in raw:
             ids = await service.encode(pipe, p, False, "prompt") if isinstance(p, str) else list(p)
             service.check_prompt(pipe, ids, "prompt")
             prompts.append((ids, p if isinstance(p, str) else ""))
+        num_prompt_tokens = sum(len(ids) for ids, _ in prompts) * n
+        service.limits.check_prompt_tokens(num_prompt_tokens, pipe.session_len)
+        scoring = bool(body.echo and body.logprobs is not None)
+        if scoring:
+            service.limits.check_scoring_size(num_prompt_tokens, body.logprobs)
         echo_texts = [(text or pipe.tokenizer.decode(ids, skip_special_tokens=False)) if body.echo else ""
                       for ids, text in prompts]
-        max_new = [service.max_new_tokens(pipe, body.max_tokens, len(ids)) for ids, _ in prompts]
+        max_new = [service.max_new_tokens(pipe, body.max_tokens, len(ids), len(prompts) * n, body.logprobs,
+                                          bool(body.stream)) for ids, _ in prompts]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         jobs = service.make_jobs(pipe, body, [(ids, None) for ids, _ in prompts], max_new, body.logprobs, request_id)
         prompt_logprobs = None
-        if body.echo and body.logprobs is not None:
+        release = None
+        big = scoring and num_prompt_tokens * (1 + body.logprobs) >= BIG_REQUEST_TOKENS
+        if scoring:  # scoring is engine work too: it holds its admission slots like generation
+            release = service.admission.acquire(weight)
             try:
                 prompt_logprobs = [await asyncio.to_thread(pipe.score, input_ids=ids, top_logprobs=body.logprobs)
                                    for ids, _ in prompts]
-            except Exception as e:
-                raise from_engine_error(e) from e
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        endpoint = CompletionEndpoint(request_id, model, body.logprobs, service.token_texts(pipe), include_usage, jobs,
-                                      echo_texts, prompt_logprobs, frozenset(pipe.tokenizer.all_special_ids))
-        if body.max_tokens == 0:  # scoring only: the echoed prompts (and their logprobs), nothing generated
-            results = [ChoiceResult(finish_reason="length", num_prompt_tokens=len(job.input_ids)) for job in jobs]
-            usage = service.usage(results, jobs)
-            if not body.stream:
-                return endpoint.response(results, usage)
-            chunks = endpoint.head(jobs) + [endpoint.finish(job, "length") for job in jobs]
-            chunks += [endpoint.usage_chunk(usage)] if include_usage else []
-            return StreamingResponse(iter(chunks + [DONE]), media_type="text/event-stream")
-        return await service.run(request, pipe, jobs, bool(body.stream), endpoint)
+            except BaseException as e:
+                release()
+                if isinstance(e, Exception):
+                    raise from_engine_error(e) from e
+                raise
+        try:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            endpoint = CompletionEndpoint(request_id, model, body.logprobs, service.token_texts(pipe), include_usage,
+                                          jobs, echo_texts, prompt_logprobs, frozenset(pipe.tokenizer.all_special_ids))
+            if body.max_tokens == 0:  # scoring only: the echoed prompts (and their logprobs), nothing generated
+                return scored(endpoint, jobs, service.usage, bool(body.stream), include_usage, big)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        finally:
+            if body.max_tokens == 0 and release is not None:
+                release()  # (a second call does nothing)
+        return await service.run(request, pipe, jobs, bool(body.stream), endpoint, release, big)
+
+
+def scored(endpoint: CompletionEndpoint, jobs: list[Job], usage_of, stream: bool, include_usage: bool, big: bool):
+    """The answer of a scoring-only request (max_tokens 0): the echoed prompts and their logprobs, built at once."""
+    results = [ChoiceResult(finish_reason="length", num_prompt_tokens=len(job.input_ids)) for job in jobs]
+    usage = usage_of(results, jobs)
+    if not stream:
+        return answer(endpoint.response(results, usage), big)
+    chunks = endpoint.head(jobs) + [endpoint.finish(job, "length") for job in jobs]
+    chunks += [endpoint.usage_chunk(usage)] if include_usage else []
+    return StreamingResponse(iter(chunks + [DONE]), media_type="text/event-stream",
+                             background=BackgroundTask(return_memory) if big else None)

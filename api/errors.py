@@ -14,7 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.api_error import APIError  # noqa: F401 - re-exported: api.errors.APIError is what routes raise
 from api.schemas import ErrorInfo, ErrorResponse
+from api.serving import ClientDisconnected, ModelUnloaded, ServerStopping
 from engine.errors import (
     BadInputError,
     EngineUnavailableError,
@@ -40,18 +42,9 @@ ERROR_TYPES = {
 }
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-
-
 def from_engine_error(e: Exception) -> APIError:
     """An exception from running a request as the APIError the client gets: the engine's user-facing errors
     (engine.errors) by class, anything else as a 500 (a bug in this server, logged)."""
-    from api.serving import ClientDisconnected, ModelUnloaded, ServerStopping
-
     if isinstance(e, APIError):
         return e
     if isinstance(e, PromptTooLongError):

@@ -1,6 +1,6 @@
-"""What stands between the network and the routes: admission (concurrent generations, 429), the API guard (Bearer
-keys, the body cap on the bytes actually read, status counts), login throttling for the UI, and the HTTP protocol
-with header / body read deadlines and a connection cap (slow clients cannot hold the server's sockets).
+"""What stands between the network and the API's routes: admission (concurrent generations, 429), the API guard
+(Bearer keys, the body cap on the bytes actually read, status counts), login throttling for the UI and the login
+page filter. The HTTP protocol (read deadlines, connection caps) is in connections.py, the UI's gate in gate.py.
 
 All are pure ASGI or asyncio protocol code (not BaseHTTPMiddleware), so streaming and disconnect detection pass
 through untouched.
@@ -10,27 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import logging
 import re
 import time
 from collections.abc import Callable
 
-import h11
 from fastapi.responses import JSONResponse, Response
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from api.errors import APIError, error_body
 from api.metrics import APIMetrics
-
-log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
 PROTECTED_PREFIXES = ("/v1", "/metrics")  # what --api-keys guards here; app.py puts the UI behind a login too
 KNOWN_ROUTES = frozenset({"/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-HEADER_TIMEOUT_S = 10.0  # from a connection's first byte (or a kept-alive one's next byte) to the end of its headers
-BODY_TIMEOUT_S = 60.0  # from the end of the headers to the end of the body (32 MiB at ~4 Mbit/s)
-MAX_CONNECTIONS = 1024  # open sockets; past it a new connection is closed at once
 LOGIN_DELAY_S = 0.5  # per recent failed login of the same client, up to LOGIN_MAX_DELAY_S
 LOGIN_MAX_DELAY_S = 5.0
 LOGIN_FAILURE_WINDOW_S = 300.0
@@ -241,69 +233,6 @@ class LoginThrottle:
             self.failures.setdefault(client, []).append(time.monotonic())
         elif 200 <= status_box[0] < 400:
             self.failures.pop(client, None)
-
-
-def protocol_class(header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S,
-                   max_connections: int = MAX_CONNECTIONS) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with read deadlines and a connection cap: a client that takes longer than
-    `header_timeout_s` to send its request headers, or `body_timeout_s` to send its body, is disconnected;
-    past `max_connections` open sockets a new one is closed at once. (uvicorn itself only times out idle
-    keep-alive connections.)"""
-
-    class DeadlineH11Protocol(H11Protocol):
-        _deadline: asyncio.TimerHandle | None = None
-        _phase: str | None = None
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                log.warning("connection limit (%d) reached: closing a new connection", max_connections)
-                transport.close()
-                return
-            self._arm("headers", header_timeout_s)
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            self._track()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._track()
-
-        def connection_lost(self, exc) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def _track(self) -> None:
-            state = self.conn.their_state
-            if state is h11.IDLE:
-                if self._phase != "headers" and self.conn.trailing_data[0]:  # a next request has begun
-                    self._arm("headers", header_timeout_s)
-                elif self._phase != "headers":
-                    self._disarm()  # idle keep-alive: uvicorn's own keep-alive timeout applies
-            elif state is h11.SEND_BODY:
-                if self._phase != "body":
-                    self._arm("body", body_timeout_s)
-            else:
-                self._disarm()
-
-        def _arm(self, phase: str, seconds: float) -> None:
-            self._disarm()
-            self._phase = phase
-            self._deadline = self.loop.call_later(seconds, self._timed_out)
-
-        def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-            self._deadline, self._phase = None, None
-
-        def _timed_out(self) -> None:
-            phase, self._deadline, self._phase = self._phase, None, None
-            if not self.transport.is_closing():
-                log.info("closing a connection that was too slow to send its request %s", phase)
-                self.transport.close()
-
-    return DeadlineH11Protocol
 
 
 _API_INFO = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.S)

@@ -21,27 +21,32 @@ from starlette.middleware.cors import CORSMiddleware
 
 from api.chat import add_chat_routes
 from api.completions import add_completion_routes
+from api.connections import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_CONNECTIONS, ConnectionBudget, protocol_class
 from api.errors import APIError, install_error_handlers
-from api.guard import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_CONNECTIONS, Guard, protocol_class
+from api.guard import Guard
+from api.limits import RequestLimits
 from api.metrics import render_metrics
 from api.models import add_model_routes
 from api.service import Service
-from engine.manager import ModelManager
+from studio.manager import ModelManager
 
-MAX_BODY_BYTES = 32 * 2**20  # a request body past this is refused with 413, counted on the bytes read
+MAX_BODY_BYTES = RequestLimits.max_body_bytes  # a request body past this is refused with 413, counted on bytes read
 ROUTE_METHODS = {"/models": {"GET"}, "/chat/completions": {"POST"}, "/completions": {"POST"}}
-ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
+ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
 def build_api(manager: ModelManager, *, api_keys: list[str] | None = None, allow_origins: list[str] | None = None,
               max_concurrent_requests: int = 256, served_model_name: str | None = None,
-              max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+              max_body_bytes: int | None = None, limits: RequestLimits | None = None) -> FastAPI:
     """The OpenAI-compatible API as a FastAPI app. Mount a UI on it at "/" (its routes come first) and run it
     with uvicorn. `api_keys`: Bearer keys required on /v1 and /metrics (None: open). `allow_origins`: CORS origins
-    (None: no CORS headers). `served_model_name`: the model id clients see (default: the loaded model's name)."""
+    (None: no CORS headers). `served_model_name`: the model id clients see (default: the loaded model's name).
+    `limits`: what one request may ask (api/limits.py); `max_body_bytes` overrides its body cap."""
     if max_concurrent_requests < 1:
         raise ValueError(f"max_concurrent_requests must be at least 1, got {max_concurrent_requests}")
-    service = Service(manager, served_model_name, max_concurrent_requests)
+    limits = limits or RequestLimits()
+    max_body_bytes = limits.max_body_bytes if max_body_bytes is None else max_body_bytes
+    service = Service(manager, served_model_name, max_concurrent_requests, limits)
     app = FastAPI(title="quant-studio OpenAI-compatible API", version="1.0")
     app.state.api = service
     install_error_handlers(app)
@@ -63,6 +68,18 @@ def build_api(manager: ModelManager, *, api_keys: list[str] | None = None, allow
         text = render_metrics(service.metrics, service.admission.in_flight, service.admission.limit,
                               service.public_name(), current.pipeline if current is not None else None)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def refuse_method(allowed: str):
+        async def wrong_method(request: Request):
+            """A wrong method on /health or /metrics is OpenAI's 405 here (the UI mounted at "/" would say 404)."""
+            raise APIError(405, f"{request.method} is not allowed on {request.url.path}; use {allowed}",
+                           code="method_not_allowed", headers={"Allow": allowed})
+
+        return wrong_method
+
+    for path in ("/health", "/metrics"):
+        app.add_api_route(path, refuse_method("GET"), methods=[m for m in ALL_METHODS if m not in ("GET", "HEAD")],
+                          include_in_schema=False)
 
     router = APIRouter(prefix="/v1")
     add_model_routes(service, router)
@@ -98,8 +115,9 @@ def begin_shutdown(app: FastAPI) -> None:
 
 
 def uvicorn_options(header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S,
-                    max_connections: int = MAX_CONNECTIONS) -> dict:
-    """uvicorn.Config options that bound what slow or numerous clients can hold: request read deadlines and a
-    connection cap (guard.protocol_class), with uvicorn's own limit on concurrent requests at the same number."""
-    return {"http": protocol_class(header_timeout_s, body_timeout_s, max_connections),
+                    max_connections: int = MAX_CONNECTIONS, budget: ConnectionBudget | None = None) -> dict:
+    """uvicorn.Config options that bound what slow or numerous clients can hold: request read deadlines, a
+    connection cap and the budget of connections without credentials (guard.protocol_class; app.create_app makes
+    the budget), with uvicorn's own limit on concurrent requests at the same number."""
+    return {"http": protocol_class(header_timeout_s, body_timeout_s, max_connections, budget),
             "limit_concurrency": max_connections, "timeout_keep_alive": 5}

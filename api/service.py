@@ -9,16 +9,19 @@ inside a stream (an error event, then [DONE]), disconnects and shutdown are hand
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from api.errors import UNLOADED_MESSAGE, APIError, from_engine_error, sse_error
 from api.guard import Admission
+from api.limits import RequestLimits
 from api.metrics import APIMetrics
 from api.schemas import UsageInfo
 from api.serving import (
@@ -30,13 +33,24 @@ from api.serving import (
     prompt_chars,
     stream_choices,
 )
-from engine.errors import ImageInputError, PromptTooLongError
+from engine.errors import EngineUnavailableError, ImageInputError, ImagesBusyError, PromptTooLongError
+from engine.inputs import RequestInput
 from engine.llm_engine import RequestOutput
-from engine.manager import ModelManager
+from studio.manager import ModelManager
 
 log = logging.getLogger("api")
 
 DONE = "data: [DONE]\n\n"
+BIG_REQUEST_TOKENS = 2**15  # after an answer of this many tokens' outputs (x logprob entries), memory goes back
+
+
+def return_memory() -> None:
+    """Give freed heap back to the operating system after a big answer (glibc keeps it otherwise: RSS stays up).
+    Blocking (it walks the heap, without the GIL): call it from a worker thread."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -50,6 +64,14 @@ def check_finished(reason: str | None, error: str | None) -> None:
         raise APIError(500, f"the engine failed on this request: {error}", code="engine_error")
     if reason not in ("stop", "length"):
         raise APIError(503, UNLOADED_MESSAGE, code="model_unloaded")
+
+
+def answer(response, big: bool):
+    """A response model as the route's answer; after a big one, the freed memory goes back to the OS once it is
+    sent (a background task)."""
+    if not big:
+        return response
+    return JSONResponse(response.model_dump(mode="json"), background=BackgroundTask(return_memory))
 
 
 class Endpoint:
@@ -78,10 +100,10 @@ class _SSEResponse(StreamingResponse):
     """An event stream that always closes its body (aborting what the engine still runs) and releases its
     admission slot, however the response ends: finished, client gone, or server shutting down."""
 
-    def __init__(self, content: AsyncIterator[str], release: Callable[[], None]):
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None], trim: bool = False):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._release = release
+        self._release, self._trim = release, trim
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -92,11 +114,18 @@ class _SSEResponse(StreamingResponse):
             except BaseException:  # noqa: BLE001 - already closed, or we are being cancelled
                 pass
             self._release()
+            if self._trim:
+                try:
+                    asyncio.get_running_loop().run_in_executor(None, return_memory)
+                except RuntimeError:  # the server is shutting down: its memory goes back anyway
+                    pass
 
 
 class Service:
-    def __init__(self, manager: ModelManager, served_model_name: str | None, max_concurrent_requests: int):
+    def __init__(self, manager: ModelManager, served_model_name: str | None, max_concurrent_requests: int,
+                 limits: RequestLimits | None = None):
         self.manager = manager
+        self.limits = limits or RequestLimits()
         self.served_model_name = served_model_name
         self.metrics = APIMetrics()
         self.started = int(time.time())
@@ -136,9 +165,11 @@ class Service:
         return texts
 
     # ---- prompts ------------------------------------------------------------------------------------------
-    async def encode(self, pipe, prompt, apply_chat_template: bool, param: str) -> list[int]:
-        """Token ids of a prompt. A text too long for the session by its characters alone is refused before it is
-        tokenized (a token stands for at most `max_token_chars` characters), so a huge prompt costs no CPU."""
+    async def encode(self, pipe, prompt, apply_chat_template: bool, param: str) -> list[int] | RequestInput:
+        """Token ids of a prompt, or the RequestInput of one with images: built once, off the event loop (images on
+        the engine's bounded image workers: 429 when they are full), checked, then submitted as it is by every
+        choice. A text too long for the session by its characters alone is refused before it is tokenized (a
+        token stands for at most `max_token_chars` characters), so a huge prompt costs no CPU."""
         budget = pipe.session_len * self.token_texts(pipe).max_token_chars
         num_chars = prompt_chars(prompt)
         if num_chars > budget:
@@ -146,7 +177,11 @@ class Service:
                                 f"hold (session_len is {pipe.session_len})", param=param,
                            code="context_length_exceeded")
         try:
-            return await asyncio.to_thread(pipe.encode, prompt, apply_chat_template)
+            return await pipe.build_input(prompt, apply_chat_template)
+        except ImagesBusyError as e:
+            raise APIError(429, str(e), param=param, code="images_busy") from e
+        except EngineUnavailableError as e:  # unloaded or swapped while the images were prepared
+            raise from_engine_error(e) from e
         except ImageInputError as e:
             raise APIError(400, str(e), param=param, code="image_input_not_supported") from e
         except ValueError as e:
@@ -157,7 +192,7 @@ class Service:
             raise
 
     @staticmethod
-    def check_prompt(pipe, ids: list[int], param: str) -> None:
+    def check_prompt(pipe, ids: list[int] | RequestInput, param: str) -> None:
         try:
             pipe.check_prompt(ids)  # before the stream starts: a 200 must not turn into an error later
         except PromptTooLongError as e:
@@ -165,15 +200,16 @@ class Service:
         except ValueError as e:
             raise APIError(400, str(e), param=param) from e
 
-    @staticmethod
-    def max_new_tokens(pipe, requested: int | None, num_prompt_tokens: int) -> int:
-        """Up to what fits in session_len; a larger request is clamped (it then finishes with 'length')."""
+    def max_new_tokens(self, pipe, requested: int | None, num_prompt_tokens: int, n: int = 1,
+                       top_logprobs: int | None = None, stream: bool = True) -> int:
+        """Up to what fits in session_len (a larger request is clamped: it then finishes with 'length'), within the
+        request limits (api/limits.py: a 400 past them; unset, the largest that fits)."""
         room = pipe.session_len - num_prompt_tokens
-        return room if requested is None else max(1, min(requested, room))
+        return self.limits.fit_max_tokens(requested, room, n, top_logprobs, stream)
 
     @staticmethod
-    def make_jobs(pipe, req, prompts: list[tuple[list[int], str | list[dict] | None]], max_new: list[int],
-                  logprobs: int | None, request_id: str) -> list[Job]:
+    def make_jobs(pipe, req, prompts: list[tuple[list[int] | RequestInput, str | list[dict] | None]],
+                  max_new: list[int], logprobs: int | None, request_id: str) -> list[Job]:
         """One Job per (prompt, choice); every generation setting is checked against the model here, at the door."""
         n = req.n or 1
         jobs = []
@@ -185,7 +221,7 @@ class Service:
                     pipe.check_prompt(ids, gen_config)
                 except ValueError as e:
                     raise APIError(400, str(e)) from e
-                jobs.append(Job(index, p, ids, gen_config, f"{request_id}-{index}", raw_prompt))
+                jobs.append(Job(index, p, ids, gen_config, f"{request_id}-{index}", raw_prompt, group=request_id))
         return jobs
 
     @staticmethod
@@ -200,11 +236,18 @@ class Service:
         return stream_choices(pipe, jobs, request.is_disconnected, self.is_current(pipe),
                               is_stopping=lambda: self.stopping)
 
-    async def run(self, request: Request, pipe, jobs: list[Job], stream: bool, endpoint: Endpoint) -> Response:
-        release = self.admission.acquire(len(jobs))
+    async def run(self, request: Request, pipe, jobs: list[Job], stream: bool, endpoint: Endpoint,
+                  release: Callable[[], None] | None = None, big: bool = False) -> Response:
+        """Run the jobs under an admission slot (`release`: one already taken, e.g. for scoring first). After a big
+        request (`big`, or outputs of BIG_REQUEST_TOKENS or more) the freed memory goes back to the OS once the
+        answer is sent."""
+        release = release or self.admission.acquire(len(jobs))
         if stream:
+            could_be_big = sum(job.gen_config.max_new_tokens * (1 + (job.gen_config.logprobs or 0))
+                               for job in jobs) >= BIG_REQUEST_TOKENS
             try:
-                return _SSEResponse(self._guarded_stream(self._stream(request, pipe, jobs, endpoint)), release)
+                return _SSEResponse(self._guarded_stream(self._stream(request, pipe, jobs, endpoint)), release,
+                                    trim=big or could_be_big)
             except BaseException:
                 release()
                 raise
@@ -214,7 +257,9 @@ class Service:
             release()
         if results is None:
             return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
-        return endpoint.response(results, self.usage(results, jobs))
+        big = big or sum(r.num_generated_tokens * (1 + (job.gen_config.logprobs or 0))
+                         for job, r in zip(jobs, results)) >= BIG_REQUEST_TOKENS
+        return answer(endpoint.response(results, self.usage(results, jobs)), big)
 
     async def _collect(self, request: Request, pipe, jobs: list[Job]) -> list[ChoiceResult] | None:
         """Run the jobs to the end; None when the client went away first (its requests are then aborted)."""

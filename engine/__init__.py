@@ -1,8 +1,9 @@
 """In-process LLM engine: paged (optionally int8/int4) KV cache, continuous batching, Triton kernels on GPU and
 plain-torch reference ops on CPU. Public surface: pipeline, EngineConfig, GenerationConfig, Response.
 
-The public names are imported lazily (PEP 562 module `__getattr__`), so `import engine.client` (the terminal chat
-client, httpx only) never pulls in torch: `from engine import pipeline` still works as before."""
+The public names are imported lazily (PEP 562 module `__getattr__`), so importing a light submodule
+(`engine.config`, `engine.errors`, `engine.envs`: what command lines need to parse their arguments) never pulls in
+torch: `from engine import pipeline` still works as before."""
 
 from __future__ import annotations
 

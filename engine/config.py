@@ -58,7 +58,7 @@ class EngineConfig:
     overlap_scheduling: bool | None = None  # launch step N+1 before reading step N's tokens; None: on for CUDA
     load_format: str = "auto"  # dummy: random weights from config.json alone (benchmarks at real shapes)
     trust_remote_code: bool = False  # run a folder's own tokenizer code (InternLM2 ships one)
-    tp: int = 1  # tensor parallelism: ranks (GPUs, or gloo processes on CPU); engine/distributed
+    tp: int = 1  # tensor parallelism: ranks (GPUs, or gloo processes on CPU); engine/parallel
     seed: int = 0  # seeds the per-request seeds of requests that give none
     # vision-language models (LLaVA); text-only models ignore these
     vision_tower: str | None = None  # the CLIP checkpoint (folder or hub id) of an original-layout LLaVA's tower
@@ -68,6 +68,10 @@ class EngineConfig:
     limit_images_per_prompt: int = 4
     max_image_bytes: int = 20 * 2**20  # encoded bytes of one image
     max_image_pixels: int = 40_000_000  # width * height of one image
+    image_memo_bytes: int = 32 * 2**20  # preprocessed images kept by content hash (on the GPU when it preprocesses)
+    image_workers: int = 2  # threads that decode and preprocess images, off the event loop (each holds one decode)
+    max_images_in_flight: int = 32  # images queued or being prepared; beyond: ImagesBusyError (HTTP 429)
+    max_image_bytes_in_flight: int = 256 * 2**20  # their encoded bytes (upper bounds); beyond: ImagesBusyError
 
     def __post_init__(self):
         if self.model_format not in VALID_MODEL_FORMATS:
@@ -95,7 +99,10 @@ class EngineConfig:
             raise ValueError(f"tp must be an integer in [1, 64], got {self.tp!r}")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise ValueError(f"num_gpu_blocks must be positive, got {self.num_gpu_blocks}")
-        for name in ("encoder_cache_bytes", "limit_images_per_prompt", "max_image_bytes", "max_image_pixels"):
+        if isinstance(self.image_workers, bool) or not isinstance(self.image_workers, int) or self.image_workers < 1:
+            raise ValueError(f"image_workers must be a positive integer, got {self.image_workers!r}")
+        for name in ("encoder_cache_bytes", "limit_images_per_prompt", "max_image_bytes", "max_image_pixels",
+                     "image_memo_bytes", "max_images_in_flight", "max_image_bytes_in_flight"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(
                     self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")

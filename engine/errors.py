@@ -67,12 +67,17 @@ class NoModelLoadedError(EngineUnavailableError):
     pass
 
 
+class ImagesBusyError(EngineUnavailableError):
+    """Too many images are being prepared right now (the image workers' count or byte bound): retry shortly."""
+
+
 __all__ = [
     "BadInputError",
     "EngineError",
     "EngineStoppedError",
     "EngineUnavailableError",
     "ImageInputError",
+    "ImagesBusyError",
     "InvalidImageError",
     "ModelLoadError",
     "NoModelLoadedError",

@@ -42,9 +42,11 @@ from engine.errors import (  # noqa: F401 - re-exported
     UnsupportedModelError,
 )
 from engine.inputs import RequestInput
+from engine.memory import engine_memory_report
 from engine.model_runner import ModelRunner
 from engine.models.spec import ModelSpec
 from engine.output_processor import RequestOutput, RequestState
+from engine.parallel.launcher import start_tensor_parallel
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import PENDING, SamplingState, Sequence, SequenceStatus
 from engine.tokenizer import IncrementalDetokenizer, chat_template_for, load_tokenizer, stop_token_ids_for
@@ -133,8 +135,6 @@ def build_engine_parts(model_path: str | Path, config: EngineConfig) -> EnginePa
         raise UnsupportedModelError(f"{spec.architecture}: tensor parallelism (tp > 1) is not supported for "
                                     "vision-language models yet; load it with tp = 1")
     if config.tp > 1:  # TP hook: rank 0's shard and runner here, ranks 1..N-1 in worker processes
-        from engine.distributed import start_tensor_parallel
-
         runner = start_tensor_parallel(path, spec, config, device, dtype, model_format)
     else:
         model = loader.load_model(path, spec, dtype, device, model_format, config.load_format)
@@ -213,9 +213,11 @@ class LLMEngine:
             raise ValueError("the prompt is empty")
 
     def add_request(self, prompt_token_ids: list[int] | RequestInput, gen_config: GenerationConfig,
-                    callback: Callable[[RequestOutput], None], request_id: str | None = None) -> str:
+                    callback: Callable[[RequestOutput], None], request_id: str | None = None,
+                    group: str | None = None) -> str:
         """Queue a request; `callback` gets its updates on the engine thread. Raises on a prompt that can't fit.
-        A RequestInput carries images (engine/inputs.py) besides the token ids."""
+        A RequestInput carries images (engine/inputs.py) besides the token ids. Requests of one `group` (an API
+        request's choices) share one fair share of the batch (scheduler.py); by default each request is its own."""
         if self._stopped:
             raise EngineStoppedError(self.fatal_error or "the engine is shut down")
         mm_items = ()
@@ -223,13 +225,16 @@ class LLMEngine:
             prompt_token_ids, mm_items = prompt_token_ids.token_ids, prompt_token_ids.mm_items
             if mm_items and not getattr(self.runner.model, "is_multimodal", False):
                 raise ImageInputError("this model takes no images: send text only, or load a vision-language model")
+            if mm_items and hasattr(self.runner.model, "check_items"):  # e.g. Qwen2-VL: sizes, tokens, patches agree
+                self.runner.model.check_items(mm_items)
         self.check_prompt_ids(prompt_token_ids)
         gen_config.check_for_model(self.spec.vocab_size)
         request_id = request_id or self.new_request_id()
         seed = gen_config.seed if gen_config.seed is not None else self._seed_rng.getrandbits(63)
         eos = frozenset() if gen_config.ignore_eos else self.eos_token_ids
         max_tokens = min(self.session_len, len(prompt_token_ids) + gen_config.max_new_tokens, self.capacity_tokens)
-        seq = Sequence(prompt_token_ids, SamplingState(gen_config, seed, eos), max_tokens, self.block_size, mm_items)
+        seq = Sequence(prompt_token_ids, SamplingState(gen_config, seed, eos), max_tokens, self.block_size, mm_items,
+                       group=group or request_id)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, gen_config.skip_special_tokens)
         request = RequestState(request_id, seq, detok, callback, list(gen_config.stop_words))
         self._put(AddRequest(request))
@@ -365,7 +370,7 @@ class LLMEngine:
     def score(self, token_ids: list[int], top_logprobs: int = 0) -> list[dict]:
         """Each token's log-probability given the ones before it, as this engine computes it (weights format and
         KV-cache policy included): entries shaped like sampled logprobs, {"token_id", "logprob", "top": [(id,
-        logprob), ...]}; the first token has logprob None. Perplexity (engine/quality.py) and `echo` + `logprobs`
+        logprob), ...]}; the first token has logprob None. Perplexity (studio/quality.py) and `echo` + `logprobs`
         on /v1/completions read it.
 
         The ids are prefilled in chunks of at most `SCORE_CHUNK_TOKENS`, each a call between other requests' steps
@@ -541,6 +546,4 @@ class LLMEngine:
         return len(self.scheduler.running)
 
     def memory(self) -> dict:
-        from engine.memory import engine_memory_report
-
         return engine_memory_report(self)

@@ -22,6 +22,7 @@ from engine.checkpoint import (  # noqa: F401  (re-exported: older imports read 
     iter_checkpoint,
     resolve_model_path,
 )
+from engine.layers.awq_linear import awq_linear_factory
 from engine.layers.linear import load_shard
 from engine.models import entry_for, parse_model_spec
 from engine.models.llama import plain_linear
@@ -79,15 +80,13 @@ def _checkpoint_tensors(path: Path, spec: ModelSpec) -> Iterator[tuple[str, torc
 def build_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, model_format: str) -> nn.Module:
     make_linear = plain_linear
     if model_format == "awq":
-        from engine.layers.awq_linear import awq_linear_factory
-
         make_linear = awq_linear_factory(spec.quantization_config or {}, dtype)
     with torch.device(device):
         return entry_for(spec.architecture).build(spec, dtype, make_linear)
 
 
 def load_weights(model: nn.Module, path: Path, spec: ModelSpec, tensors=None) -> None:
-    # TP hook: `tensors` = this rank's slices (engine/distributed/shard_loader.py); None: the whole checkpoint
+    # TP hook: `tensors` = this rank's slices (engine/parallel/shard_loader.py); None: the whole checkpoint
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
     loaded: set[str] = set()

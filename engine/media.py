@@ -142,7 +142,7 @@ def decode_image(data: bytes, policy: MediaPolicy):
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         check_pixels(image.width, image.height, policy)
         image.load()
-        return image.convert("RGB")
+        return as_rgb(image)
     except InvalidImageError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError):
@@ -151,19 +151,49 @@ def decode_image(data: bytes, policy: MediaPolicy):
         raise InvalidImageError(f"the image could not be decoded ({type(e).__name__}: {e})") from None
 
 
-def load_image(source, policy: MediaPolicy, trusted: bool = False):
-    """A PIL image, encoded bytes, a path or a URL string -> RGB PIL image, checked against the policy."""
+def encoded_image(source, policy: MediaPolicy, trusted: bool = False):
+    """What names an image -> its encoded bytes (data URL, URL, path, bytes), or the PIL image a Python caller gave,
+    checked against the policy but not decoded: what the content hash is taken from, before any work."""
     from PIL import Image
 
     if isinstance(source, Image.Image):
         check_pixels(source.width, source.height, policy)
-        return source if source.mode == "RGB" else source.convert("RGB")
+        return source
     if isinstance(source, bytes | bytearray | memoryview):
-        return decode_image(bytes(source), policy)
-    if isinstance(source, Path):
-        return decode_image(read_local_file(source, policy, trusted), policy)
-    if isinstance(source, str):
+        data = bytes(source)
+    elif isinstance(source, Path):
+        data = read_local_file(source, policy, trusted)
+    elif isinstance(source, str):
         if not source:
             raise InvalidImageError("the image URL is empty")
-        return decode_image(source_bytes(source, policy, trusted), policy)
-    raise InvalidImageError(f"an image must be a PIL image, bytes, a path or a URL, got {type(source).__name__}")
+        data = source_bytes(source, policy, trusted)
+    else:
+        raise InvalidImageError(f"an image must be a PIL image, bytes, a path or a URL, got {type(source).__name__}")
+    if len(data) > policy.max_bytes:
+        raise InvalidImageError(f"the image is larger than {policy.max_bytes} bytes")
+    return data
+
+
+def encoded_size(source, policy: MediaPolicy) -> int:
+    """A cheap upper bound of an image's encoded bytes before reading it (what the image workers admit by)."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return len(source)
+    if isinstance(source, str) and source.startswith("data:"):
+        return min(len(source) * 3 // 4, policy.max_bytes)
+    if hasattr(source, "width") and hasattr(source, "height"):  # a PIL image: its pixels
+        return source.width * source.height * 3
+    return policy.max_bytes  # a path or URL: read later, at most max_bytes
+
+
+def as_rgb(image):
+    """A decoded (or given) PIL image in RGB, converted only when it is not already (a copy of a 40-megapixel
+    image is 120 MB)."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_image(source, policy: MediaPolicy, trusted: bool = False):
+    """A PIL image, encoded bytes, a path or a URL string -> RGB PIL image, checked against the policy."""
+    from PIL import Image
+
+    encoded = encoded_image(source, policy, trusted)
+    return as_rgb(encoded) if isinstance(encoded, Image.Image) else decode_image(encoded, policy)

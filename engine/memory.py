@@ -94,7 +94,12 @@ def engine_memory_report(engine) -> dict:
     if cache is not None:  # projected image features kept for later turns (engine/encoder_cache.py)
         report.update({"encoder_cache_bytes": cache.num_bytes, "encoder_cache_capacity_bytes": cache.max_bytes,
                        "encoder_cache_entries": len(cache), "encoder_cache_hits": cache.num_hits,
-                       "encoder_cache_misses": cache.num_misses})
+                       "encoder_cache_misses": cache.num_misses,
+                       # held apart before the KV cache was sized (GPU): the encoder cache's and the prepared
+                       # images' budgets, and the tower's activations at the most tiles a step encodes (measured)
+                       "vision_reserved_bytes": runner.vision_reserved_bytes,
+                       "vision_activation_bytes": runner.vision_activation_bytes,
+                       "max_vision_tiles_per_step": runner.max_vision_tiles})
     if getattr(runner, "tp_ranks", None):  # TP hook: every rank's weights / KV cache (static, from startup)
         report["ranks"] = runner.tp_ranks
         report["weights_bytes_all_ranks"] = sum(r["weights_bytes"] for r in runner.tp_ranks)

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import EngineConfig
+from engine.cuda_graph import CudaGraphDecoder
 from engine.encoder_cache import EncoderCache, image_embeddings
 from engine.kernels.reference import KV_GROUPS
 from engine.layers.attention import AttentionMetadata, KVCache
 from engine.layers.sampler import SamplingBatch, sample
 from engine.models.spec import ModelSpec
+from engine.parallel import comm  # TP hook: every rank uses the smallest block count of all ranks
 from engine.scheduler import ScheduledBatch
 from engine.sequence import PENDING, Sequence
 
@@ -35,6 +37,20 @@ def scale_zero_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 else torch.float16
 
 
+def max_vision_tiles(spec: ModelSpec, config: EngineConfig) -> int:
+    """The most tower inputs (tiles) one step can encode: the images a prefill step's tokens can cover (each at
+    least its smallest feature count; one partial image at each end) times the tiles of one image, and no more
+    than the running requests' images."""
+    vision = spec.vision
+    images = min(config.max_prefill_token_num // vision.rows_per_tile + 2,
+                 config.max_batch_size * max(1, config.limit_images_per_prompt))
+    tiles = 1
+    if vision.anyres:
+        tile = vision.clip.image_size
+        tiles = 1 + max(-(-h // tile) * -(-w // tile) for h, w in vision.grid_pinpoints)
+    return images * tiles
+
+
 @dataclass
 class StepHandle:
     """A launched step: its batch, the sequences that sample, and the device/host token buffers."""
@@ -51,17 +67,27 @@ class ModelRunner:
     def __init__(self, model, spec: ModelSpec, config: EngineConfig, device: torch.device, dtype: torch.dtype,
                  tp_group=None):
         self.model, self.spec, self.config = model, spec, config
-        self.tp_group = tp_group  # TP hook: rank 0's engine.distributed.TPGroup (broadcasts each step); else None
+        self.tp_group = tp_group  # TP hook: rank 0's engine.parallel.launcher.TPGroup (broadcasts each step); else None
         self.device, self.dtype = device, dtype
         self.block_size = config.cache_block_seq_len
         self.weights_bytes = sum(
             t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values()
         )
         self.encoder_cache, self.vision_bytes = None, 0
+        self.mrope = getattr(model, "uses_mrope", False)  # Qwen2-VL: 3-row (t, h, w) positions for prefill steps
+        self.max_vision_tiles = self.vision_activation_bytes = self.vision_reserved_bytes = 0
         if getattr(model, "is_multimodal", False):  # vision tower + projector: reported apart from the LM weights
             self.vision_bytes = model.vision_bytes
             self.weights_bytes -= self.vision_bytes
             self.encoder_cache = EncoderCache(config.encoder_cache_bytes)
+            # tile-based towers (LLaVA): the activations of the most tiles one step can encode are measured; towers
+            # with native-resolution inputs (Qwen2-VL) reserve only the caches for now
+            tiled = hasattr(spec.vision, "rows_per_tile")
+            self.max_vision_tiles = max_vision_tiles(spec, config) if tiled else 0
+            if device.type == "cuda":  # held apart before the KV cache takes its share of what is free
+                self.vision_activation_bytes = self._measure_vision_activations() if tiled else 0
+                self.vision_reserved_bytes = (config.encoder_cache_bytes + config.image_memo_bytes
+                                              + self.vision_activation_bytes)
         self.kv_bytes_per_token = kv_bytes_per_token(spec, dtype, config.quant_policy)
         self.num_blocks = self._plan_num_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
@@ -70,8 +96,6 @@ class ModelRunner:
         self.graphs = None
         self.cuda_graph_bytes = 0
         if device.type == "cuda" and config.use_cuda_graph:
-            from engine.cuda_graph import CudaGraphDecoder
-
             max_len = min(config.session_len or spec.max_position_embeddings, spec.max_position_embeddings)
             max_blocks = (max_len + self.block_size - 1) // self.block_size
             self.graphs = CudaGraphDecoder(model, config.max_batch_size, max_blocks, device)
@@ -87,11 +111,9 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * self.config.cache_max_entry_count
+            budget = max(0, free - self.vision_reserved_bytes) * self.config.cache_max_entry_count
         else:
             budget = self.config.cpu_kv_cache_bytes * self.config.cache_max_entry_count
-        from engine.distributed import comm  # TP hook: every rank uses the smallest block count of all ranks
-
         num_blocks = comm.min_across_ranks(int(budget // block_bytes))
         if num_blocks < 1:
             raise MemoryError(
@@ -99,6 +121,22 @@ class ModelRunner:
                 f"and the budget is {budget / 2**20:.1f} MiB; raise cache_max_entry_count or use a smaller model"
             )
         return num_blocks
+
+    @torch.inference_mode()
+    def _measure_vision_activations(self) -> int:
+        """Peak bytes the vision tower + projector allocate for the most tiles one step can encode."""
+        clip = self.spec.vision.clip
+        pixels = torch.zeros((self.max_vision_tiles, clip.num_channels, clip.image_size, clip.image_size),
+                             dtype=self.dtype, device=self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.model.multi_modal_projector(self.model.vision_tower(pixels))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del pixels
+        torch.cuda.empty_cache()
+        return int(peak)
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[KVCache]:
         spec, qp = self.spec, self.config.quant_policy
@@ -165,7 +203,25 @@ class ModelRunner:
             cu_seqlens_q=self._tensor(cu_seqlens, torch.int32) if batch.is_prefill else None,
             max_seqlen_q=max(batch.num_new_tokens),
         )
-        return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta, sample_rows
+        if self.mrope:
+            pos = self._mrope_positions(batch.seqs, [s.num_computed_tokens for s in batch.seqs], batch.num_new_tokens)
+        else:
+            pos = self._tensor(positions, torch.int64)
+        return self._tensor(input_ids, torch.int64), pos, meta, sample_rows
+
+    def _mrope_positions(self, seqs: list[Sequence], starts: list[int], counts: list[int]) -> torch.Tensor:
+        """[3, num_tokens] M-RoPE positions of the tokens [start, start + count) of each sequence."""
+        rows = torch.cat([self.model.mrope_positions(s.mm_items, a, a + n) for s, a, n in zip(seqs, starts, counts)],
+                         dim=1)
+        if self.device.type == "cuda":  # pinned, as _tensor: a pageable copy would wait for the queued step
+            rows = rows.pin_memory()
+        return rows.to(self.device, non_blocking=True)
+
+    def _mrope_delta(self, seq: Sequence) -> int:
+        """M-RoPE: a decoded token's position is its index + this per-sequence shift (0 without images)."""
+        if seq.mrope_delta is None:
+            seq.mrope_delta = self.model.mrope_delta(seq.mm_items)
+        return seq.mrope_delta
 
     def _prepare_decode(self, seqs: list[Sequence]):
         """One token per sequence: its last. Everything goes to the device in one copy."""
@@ -175,7 +231,8 @@ class ModelRunner:
         flat = []
         for s in seqs:
             pos = len(s.token_ids) - 1
-            flat += (s.token_ids[-1], pos, s.block_table[pos // bs] * bs + pos % bs, pos + 1)
+            rope_pos = pos + self._mrope_delta(s) if self.mrope else pos
+            flat += (s.token_ids[-1], rope_pos, s.block_table[pos // bs] * bs + pos % bs, pos + 1)
         for s in seqs:
             flat += s.block_table
             flat += [0] * (max_blocks - len(s.block_table))
@@ -189,7 +246,10 @@ class ModelRunner:
             kv_lens=head[:, 3].to(torch.int32),
             max_seqlen_q=1,
         )
-        return head[:, 0], head[:, 1], meta, list(range(n))
+        positions = head[:, 1]
+        if self.mrope and any(s.mm_items and s.mm_items[-1].end >= len(s) for s in seqs):  # an image token is fed
+            positions = self._mrope_positions(seqs, [len(s) - 1 for s in seqs], [1] * n)
+        return head[:, 0], positions, meta, list(range(n))
 
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         gcs = [s.sampling.gen_config for s in seqs]

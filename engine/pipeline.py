@@ -25,6 +25,8 @@ from engine.config import EngineConfig, GenerationConfig
 from engine.errors import ImageInputError  # noqa: F401 - re-exported
 from engine.inputs import RequestInput
 from engine.llm_engine import LLMEngine, RequestOutput
+from engine.vision.workers import ImageWorkers
+from engine.vision_input import VisionPrompter
 
 Prompt = str | list[dict] | tuple
 NO_IMAGES = "this model takes no images: send text only, or load a vision-language model"
@@ -69,11 +71,13 @@ class Pipeline:
         self.model_path = self.engine.model_path
         self.model_name = self.model_path.name
         self.vision = None  # vision-language models: prompts with images -> RequestInput
+        self.image_workers = None  # ... built on these threads, off the event loop (engine/vision/workers.py)
         if self.engine.image_processor is not None:
-            from engine.vision_input import VisionPrompter
-
+            config = self.engine.config
             self.vision = VisionPrompter(self.tokenizer, self.engine.chat_template, self.engine.image_processor,
-                                         self.engine.spec, self.engine.config)
+                                         self.engine.spec, config, self.engine.device, self.engine.dtype)
+            self.image_workers = ImageWorkers(config.image_workers, config.max_images_in_flight,
+                                              config.max_image_bytes_in_flight)
 
     # ---- prompts --------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict]) -> str:
@@ -108,9 +112,31 @@ class Pipeline:
         except TypeError as e:  # e.g. lone surrogates, which the Rust tokenizer cannot take
             raise ValueError(f"the prompt could not be tokenized: {e}") from e
 
-    def check_prompt(self, input_ids: list[int], gen_config: GenerationConfig | None = None) -> None:
+    async def build_input(self, prompt: Prompt, apply_chat_template: bool = True) -> list[int] | RequestInput:
+        """`prompt_input` without blocking the event loop: a prompt with images is built once on the image workers
+        (bounded: ImagesBusyError when they are full), so the caller can check it and submit that same object (as
+        `input_ids=`, to as many requests as it likes); a text prompt is tokenized on the default executor."""
+        if self.vision is not None:
+            num_images, num_bytes = self.vision.image_load(prompt)
+            if num_images:
+                return await self.image_workers.run(self.prompt_input, prompt, apply_chat_template,
+                                                    num_images=num_images, num_bytes=num_bytes)
+        elif isinstance(prompt, str) and len(prompt) < 4096:
+            return self.prompt_input(prompt, apply_chat_template)  # short text: not worth a thread hop
+        return await asyncio.to_thread(self.prompt_input, prompt, apply_chat_template)
+
+    def prompt_inputs(self, prompts: list[Prompt], apply_chat_template: bool = True) -> list:
+        """prompt_input of each prompt; those with images are built on the image workers side by side."""
+        if self.vision is None:
+            return [self.prompt_input(p, apply_chat_template) for p in prompts]
+        futures = [self.image_workers.executor.submit(self.prompt_input, p, apply_chat_template) for p in prompts]
+        return [f.result() for f in futures]
+
+    def check_prompt(self, input_ids: list[int] | RequestInput, gen_config: GenerationConfig | None = None) -> None:
         """Raise BadInputError / PromptTooLongError now for ids (and settings) the engine cannot serve, before
         anything is submitted or a stream starts."""
+        if isinstance(input_ids, RequestInput):
+            input_ids = input_ids.token_ids
         self.engine.check_prompt_ids(input_ids)
         if gen_config is not None:
             gen_config.check_for_model(self.engine.spec.vocab_size)
@@ -125,10 +151,10 @@ class Pipeline:
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         raise ValueError(f"a prompt is a string or a list of messages, got {type(prompt).__name__}")
 
-    def _submit(self, prompt, gen_config, callback, request_id, apply_chat_template, input_ids) -> str:
+    def _submit(self, prompt, gen_config, callback, request_id, apply_chat_template, input_ids, group=None) -> str:
         ids = input_ids if input_ids is not None else self.prompt_input(prompt, apply_chat_template)
         ids = ids if isinstance(ids, RequestInput) else list(ids)
-        return self.engine.add_request(ids, gen_config or GenerationConfig(), callback, request_id)
+        return self.engine.add_request(ids, gen_config or GenerationConfig(), callback, request_id, group=group)
 
     # ---- sync -----------------------------------------------------------------------------------------
     def __call__(self, prompts: Prompt | list[Prompt], gen_config: GenerationConfig | None = None,
@@ -140,9 +166,9 @@ class Pipeline:
         batch = [prompts] if single else list(prompts)
         gen_config = gen_config or GenerationConfig()
         # the whole batch is checked before any of it is submitted: a bad prompt raises with nothing left running
-        batch_ids = [self.prompt_input(prompt, apply_chat_template) for prompt in batch]
+        batch_ids = self.prompt_inputs(batch, apply_chat_template)
         for ids in batch_ids:
-            self.check_prompt(ids.token_ids if isinstance(ids, RequestInput) else ids, gen_config)
+            self.check_prompt(ids, gen_config)
         outputs: queue.SimpleQueue = queue.SimpleQueue()
         submitted = []
         try:
@@ -162,7 +188,8 @@ class Pipeline:
         return responses[0] if single else responses
 
     def stream(self, prompt: Prompt, gen_config: GenerationConfig | None = None, *,
-               apply_chat_template: bool = True, input_ids: list[int] | None = None) -> Iterator[Response]:
+               apply_chat_template: bool = True, input_ids: list[int] | RequestInput | None = None
+               ) -> Iterator[Response]:
         """Yield deltas (text and token ids since the last one); leaving the loop early aborts the request."""
         outputs: queue.SimpleQueue = queue.SimpleQueue()
         rid = self._submit(prompt, gen_config, outputs.put, None, apply_chat_template, input_ids)
@@ -179,9 +206,15 @@ class Pipeline:
     # ---- async ----------------------------------------------------------------------------------------
     async def generate(self, prompt: Prompt | None, gen_config: GenerationConfig | None = None, *,
                        request_id: str | None = None, apply_chat_template: bool = True,
-                       input_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:
-        """Async stream of RequestOutput deltas. Cancelling or closing it aborts the request at once."""
+                       input_ids: list[int] | RequestInput | None = None,
+                       group: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Async stream of RequestOutput deltas. Cancelling or closing it aborts the request at once. `input_ids`
+        may be a RequestInput from `build_input` (images prepared once, shared by every choice); given a prompt,
+        it is built here, off the event loop. Requests given one `group` share one fair share of the batch (an API
+        request's n choices)."""
         loop = asyncio.get_running_loop()
+        if input_ids is None:
+            input_ids = await self.build_input(prompt, apply_chat_template)
         outputs: asyncio.Queue = asyncio.Queue()
 
         def deliver(out: RequestOutput) -> None:
@@ -190,7 +223,7 @@ class Pipeline:
             except RuntimeError:  # the consumer's event loop has closed: nobody is listening any more
                 pass
 
-        rid = self._submit(prompt, gen_config, deliver, request_id, apply_chat_template, input_ids)
+        rid = self._submit(prompt, gen_config, deliver, request_id, apply_chat_template, input_ids, group)
         finished = False
         try:
             while not finished:
@@ -206,7 +239,7 @@ class Pipeline:
               add_special_tokens: bool = True) -> list[dict]:
         """Per-token log-probabilities of a given text (or ids) under this engine, no generation: entries
         {"token_id", "logprob", "top": [(id, logprob), ...], "text"}; the first token's logprob is None.
-        engine/quality.py turns them into perplexity; /v1/completions serves them as `echo` + `logprobs`."""
+        studio/quality.py turns them into perplexity; /v1/completions serves them as `echo` + `logprobs`."""
         if (text is None) == (input_ids is None):
             raise ValueError("score takes a text or input_ids, exactly one of them")
         if input_ids is None:
@@ -221,13 +254,19 @@ class Pipeline:
 
     # ---- state ----------------------------------------------------------------------------------------
     def memory(self) -> dict:
-        return self.engine.memory()
+        report = self.engine.memory()
+        if self.vision is not None:  # prepared images remembered by hash, decode counts, the workers' load
+            report.update(self.vision.memory())
+            report.update(self.image_workers.stats())
+        return report
 
     @property
     def session_len(self) -> int:
         return self.engine.session_len
 
     def close(self) -> None:
+        if self.image_workers is not None:
+            self.image_workers.shutdown()
         self.engine.shutdown()
 
     def __enter__(self):

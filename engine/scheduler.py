@@ -1,6 +1,11 @@
 """Continuous batching: which sequences run in the next step, as a prefill step or a decode step.
 
-- New requests join the running batch as soon as blocks and `max_batch_size` allow (FIFO).
+- New requests join the running batch as soon as blocks and `max_batch_size` allow. Sequences belong to groups
+  (one API request's n choices and prompts share one); admission is fair between groups: the next one admitted is
+  the oldest waiting sequence of the group with the fewest running, and when the batch (or the cache) is full, a
+  group holding more than its share (max_batch_size / groups) gives one sequence back (preempted, recomputed
+  later) so another group's waiting sequence can start. One n=128 request cannot hold every slot while a short
+  request waits.
 - A prefill step packs up to `max_prefill_token_num` prompt tokens; a longer prompt is prefilled in
   chunks over several steps. When sequences are decoding, prefill and decode steps alternate, so a long
   prompt never stalls the streams already running.
@@ -38,6 +43,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.last_step_was_prefill = False
         self.num_preemptions = 0
+        self.num_fair_preemptions = 0  # of which to give another request its share of the batch
 
     @property
     def has_work(self) -> bool:
@@ -79,12 +85,15 @@ class Scheduler:
                 seqs.append(seq)
                 counts.append(n)
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
-            seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq):
+        while self.waiting and budget > 0:
+            seq = self._next_waiting()
+            while len(self.running) >= self.max_batch_size or not self.block_manager.can_allocate(seq):
+                if not self._make_room_for(seq, keep=seqs):
+                    break
+            if len(self.running) >= self.max_batch_size or not self.block_manager.can_allocate(seq):
                 break
             self.block_manager.allocate(seq)
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             n = min(len(seq) - seq.num_computed_tokens, budget)
@@ -119,6 +128,48 @@ class Scheduler:
         if not scheduled:
             return None
         return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False)
+
+    def _running_per_group(self) -> dict:
+        counts: dict = {}
+        for seq in self.running:
+            counts[seq.group] = counts.get(seq.group, 0) + 1
+        return counts
+
+    def _next_waiting(self) -> Sequence:
+        """The oldest waiting sequence of the group with the fewest running sequences."""
+        counts = self._running_per_group()
+        best, best_count = self.waiting[0], counts.get(self.waiting[0].group, 0)
+        if best_count == 0:
+            return best
+        seen = {best.group}
+        for seq in self.waiting:
+            if seq.group in seen:
+                continue
+            seen.add(seq.group)
+            count = counts.get(seq.group, 0)
+            if count < best_count:
+                best, best_count = seq, count
+                if count == 0:
+                    break
+        return best
+
+    def _make_room_for(self, seq: Sequence, keep: list[Sequence]) -> bool:
+        """Preempt one sequence of the group furthest over its fair share, if `seq`'s group is under it; False when
+        none is (then `seq` waits, as it always did, for running sequences to finish)."""
+        counts = self._running_per_group()
+        groups = set(counts) | {s.group for s in self.waiting}
+        share = max(1, self.max_batch_size // max(1, len(groups)))
+        if counts.get(seq.group, 0) >= share:
+            return False
+        over = max(counts, key=counts.get, default=None)
+        if over is None or counts[over] <= share:
+            return False
+        for victim in reversed(self.running):
+            if victim.group == over and victim not in keep:
+                self._preempt(victim)
+                self.num_fair_preemptions += 1
+                return True
+        return False
 
     def _pick_victim(self, exclude: Sequence) -> Sequence | None:
         for seq in reversed(self.running):

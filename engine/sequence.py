@@ -31,8 +31,9 @@ PENDING = -1  # a token sampled on the device whose value the host has not read 
 
 class Sequence:
     def __init__(self, token_ids: list[int], sampling: SamplingState, max_tokens: int, block_size: int,
-                 mm_items: tuple[MultiModalItem, ...] = ()):
+                 mm_items: tuple[MultiModalItem, ...] = (), group: object = None):
         self.seq_id = next(_seq_counter)
+        self.group = self.seq_id if group is None else group  # the scheduler shares the batch fairly between groups
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)
@@ -50,6 +51,7 @@ class Sequence:
         self.pending_row = -1  # row of the in-flight step's token tensor holding this sequence's PENDING token
         self.request = None  # the engine's request record (set when the engine takes the request)
         self.mm_items = tuple(mm_items)  # images whose features fill placeholder positions of the prompt
+        self.mrope_delta: int | None = None  # M-RoPE models: rope position - token index after the prompt
 
     def __len__(self) -> int:
         return len(self.token_ids)

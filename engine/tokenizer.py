@@ -39,8 +39,10 @@ LLAVA_TEMPLATE = (
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
-def load_tokenizer(path: Path, spec: ModelSpec, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+def load_tokenizer(path: Path, spec: ModelSpec | None = None, trust_remote_code: bool = False):
+    """The folder's tokenizer (the engine's and the quantizer's one loader); TokenizerLoadError says what is missing
+    or what to pass (--trust-remote-code for custom-code tokenizers such as InternLM2's)."""
+    from transformers import AutoTokenizer  # lazy: transformers takes seconds to import; only loading needs it
 
     has_fast = (path / "tokenizer.json").is_file()
     if not has_fast and not any(path.glob("tokenizer*")) and not any(path.glob("*.model")):
@@ -64,6 +66,8 @@ def load_tokenizer(path: Path, spec: ModelSpec, trust_remote_code: bool = False)
 
 
 def chat_template_for(tokenizer, spec: ModelSpec, path: Path | None = None) -> str:
+    if getattr(spec.vision, "chat_template", None):  # a conversation template the model's own code applies (InternVL)
+        return spec.vision.chat_template
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.chat_template
     processor_template = path / "chat_template.json" if path is not None else None

@@ -1,7 +1,10 @@
-"""Prompts with images -> RequestInput, for vision-language models (LLaVA): the images are loaded under the media
-policy (engine/media.py), the chat template places an `<image>` marker where each image part was, the text is
-tokenized, and each marker becomes as many placeholder tokens as the image has feature rows (its size decides:
-models/llava.py's `num_features`), with a MultiModalItem (pixels, content hash) over them.
+"""Prompts with images -> RequestInput, for vision-language models (LLaVA): each image's encoded bytes are read under
+the media policy (engine/media.py) and hashed before any work; an image prepared lately (same hash) is taken from a
+small memo, any other is decoded once and preprocessed (engine/vision/preprocess.py: on the GPU, or with PIL on a CPU
+engine); the chat template places an `<image>` marker where each image part was, the text is tokenized, and each
+marker becomes as many placeholder tokens as the image has feature rows (its size decides: models/llava.py's
+`num_features`), with a MultiModalItem (pixels, content hash) over them. The content hash keys the encoder cache and
+the prefix cache too, so a repeated image skips preprocessing, the tower and its prefix blocks' prefill.
 
 Prompt forms: a string (one user turn, or raw text with apply_chat_template=False), OpenAI-style messages whose
 content may hold `{"type": "image_url", "image_url": {"url": ...}}` parts (or HF-style `{"type": "image", "image":
@@ -18,13 +21,18 @@ image slots (their embeddings are replaced by the image features anyway).
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import torch
+from PIL import Image
+
 from engine.errors import InvalidImageError
-from engine.inputs import MultiModalItem, RequestInput, tensor_hash
-from engine.media import MediaPolicy, load_image
+from engine.inputs import MultiModalItem, RequestInput
+from engine.media import MediaPolicy, as_rgb, decode_image, encoded_image, encoded_size
+from engine.vision.preprocess import image_tensor, preprocess, preprocess_pil
 
 ROLES = ("system", "user", "assistant")
 
@@ -81,14 +89,22 @@ def _parts(content) -> list:
 
 
 class VisionPrompter:
-    """Builds a vision-language model's RequestInputs. Thread-safe: the API encodes on worker threads."""
+    """Builds a vision-language model's RequestInputs. Thread-safe: the image workers (engine/vision/workers.py)
+    build several at once. Prepared images are remembered by content hash (bounded in bytes), so an image sent
+    again (every chat turn resends the chat's images) is neither decoded nor preprocessed again."""
 
-    MEMO_ENTRIES = 8  # processed images kept by source (the API encodes a prompt twice: to check it, to run it)
-
-    def __init__(self, tokenizer, chat_template: str | None, processor, spec, config):
+    def __init__(self, tokenizer, chat_template: str | None, processor, spec, config, device=None, dtype=None):
         self.tokenizer, self.chat_template, self.processor = tokenizer, chat_template, processor
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype if dtype is not None and self.device.type == "cuda" else torch.float32
+        # processors with a plain-torch / PIL description of their steps (LLaVA's) use it; the others (Qwen2-VL's
+        # native-resolution processor) run their own transformers steps
+        self.preprocess_backend = preprocess_backend(self.device) if hasattr(processor, "torch_config") else "hf"
+        self.torch_config = processor.torch_config() if self.preprocess_backend != "hf" else None
+        self.memo_bytes = config.image_memo_bytes
         self.policy = media_policy(config)
-        self.marker = "<image>"
+        self.marker = getattr(processor, "image_marker", "<image>")  # the template's image slot (Qwen2-VL's own)
+        self.image_text = getattr(processor, "image_text", self.marker + "\n")  # an image in text without a template
         vision = spec.vision
         vocab = spec.vocab_size
         marker_id = tokenizer.convert_tokens_to_ids(self.marker)
@@ -101,8 +117,11 @@ class VisionPrompter:
             placeholder = next((t for t in (getattr(tokenizer, "pad_token_id", None), unk, 0)
                                 if t is not None and 0 <= t < vocab), 0)
         self.placeholder_id = int(placeholder)
-        self._memo: OrderedDict[bytes, ProcessedImage] = OrderedDict()
+        self._memo: OrderedDict[int, ProcessedImage] = OrderedDict()
+        self._memo_used = 0
         self._lock = threading.Lock()
+        self._local = threading.local()
+        self.stats = {"images_decoded": 0, "image_memo_hits": 0}
 
     # ---- prompt -> text with markers + image refs -----------------------------------------------------------------
     def build(self, prompt, apply_chat_template: bool = True) -> RequestInput:
@@ -113,7 +132,7 @@ class VisionPrompter:
                 text = self.render([{"role": "user", "content": parts}])
                 return self.tokenize(text, refs, add_special_tokens=self._needs_bos(text))
             if self.marker not in text:
-                text = (self.marker + "\n") * len(refs) + text
+                text = self.image_text * len(refs) + text
             return self.tokenize(text, refs, add_special_tokens=True)
         if isinstance(prompt, str) and not apply_chat_template:
             return self.tokenize(prompt, [], add_special_tokens=True)
@@ -160,7 +179,7 @@ class VisionPrompter:
                 return text
         except Exception:  # noqa: BLE001 - a string-only template: render with strings below
             pass
-        as_strings = [{"role": m["role"], "content": "".join(p if isinstance(p, str) else self.marker + "\n"
+        as_strings = [{"role": m["role"], "content": "".join(p if isinstance(p, str) else self.image_text
                                                              for p in m["content"])} for m in messages]
         return self._apply(as_strings)
 
@@ -176,6 +195,9 @@ class VisionPrompter:
 
     # ---- text + images -> RequestInput -------------------------------------------------------------------------
     def tokenize(self, text: str, refs: list, add_special_tokens: bool) -> RequestInput:
+        wrap = getattr(self.processor, "image_wrap", None)  # InternVL: <img> ... </img> around an image's tokens
+        if wrap and refs:
+            text = text.replace(self.marker, wrap[0] + self.marker + wrap[1])
         if len(refs) > self.policy.max_images:
             raise InvalidImageError(f"the prompt has {len(refs)} images; at most {self.policy.max_images} are "
                                     "allowed per request")
@@ -201,35 +223,93 @@ class VisionPrompter:
         return RequestInput(token_ids, tuple(items))
 
     def process(self, ref: ImageRef) -> ProcessedImage:
-        key = self._memo_key(ref)
-        if key is not None:
-            with self._lock:
-                hit = self._memo.get(key)
-                if hit is not None:
-                    self._memo.move_to_end(key)
-                    return hit
-        image = load_image(ref.source, self.policy, trusted=ref.trusted)
+        """One image: its content hash first (from the encoded bytes, or a given PIL image's pixels), then, unless
+        an identical image was prepared lately, decoded once and preprocessed (on the engine's GPU when it has
+        one, else by transformers' processor)."""
+        encoded = encoded_image(ref.source, self.policy, trusted=ref.trusted)
+        key = content_hash(encoded)
+        with self._lock:
+            hit = self._memo.get(key)
+            if hit is not None:
+                self._memo.move_to_end(key)
+                self.stats["image_memo_hits"] += 1
+                return hit
+        image = as_rgb(encoded) if isinstance(encoded, Image.Image) else decode_image(encoded, self.policy)
+        with self._lock:
+            self.stats["images_decoded"] += 1
         try:
-            pixels, size = self.processor(image)
+            pixels, size = self._preprocess(image)
         except Exception as e:  # noqa: BLE001 - PIL / numpy failures on odd images
             raise InvalidImageError(f"the image could not be prepared for the model ({type(e).__name__}: {e})") from e
-        processed = ProcessedImage(pixels, size, self.processor.num_features(size), tensor_hash(pixels, extra=size))
-        if key is not None:
-            with self._lock:
+        del image
+        processed = ProcessedImage(pixels, size, self.processor.num_features(size), key)
+        size_bytes = pixels.numel() * pixels.element_size()
+        with self._lock:
+            if key not in self._memo and size_bytes <= self.memo_bytes:
                 self._memo[key] = processed
-                while len(self._memo) > self.MEMO_ENTRIES:
-                    self._memo.popitem(last=False)
+                self._memo_used += size_bytes
+                while self._memo_used > self.memo_bytes:
+                    _, old = self._memo.popitem(last=False)
+                    self._memo_used -= old.pixel_values.numel() * old.pixel_values.element_size()
         return processed
 
-    @staticmethod
-    def _memo_key(ref: ImageRef) -> bytes | None:
-        """Data URLs and bytes are remembered by content; URLs and paths are read again (their content may change)
-        and PIL images are not hashed here."""
-        source = ref.source
-        if isinstance(source, str) and source.startswith("data:"):
-            data = source.encode("utf-8", "surrogatepass")
-        elif isinstance(source, bytes | bytearray):
-            data = bytes(source)
+    def _preprocess(self, image):
+        """RGB PIL image -> (pixel_values, (height, width))."""
+        size = (image.height, image.width)
+        if self.torch_config is not None and self.torch_config.square_fill is not None:
+            size = (max(size), max(size))  # original LLaVA-1.5 "pad": the image is the padded square, as in "hf"
+        if self.preprocess_backend == "hf":
+            return self.processor(image)
+        if self.preprocess_backend == "pil":
+            return preprocess_pil(image, self.torch_config), size
+        if self.device.type != "cuda":
+            return preprocess(image_tensor(image), self.torch_config), size
+        stream = getattr(self._local, "stream", None)
+        if stream is None:  # one stream per worker thread: its work never waits behind the engine's steps
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            pixels = preprocess(image_tensor(image, self.device), self.torch_config).to(self.dtype)
+        stream.synchronize()  # ready before the engine's stream reads it (encode_images records that use)
+        return pixels, size
+
+    def image_load(self, prompt) -> tuple[int, int]:
+        """(images, an upper bound of their encoded bytes) of a prompt, without reading any image."""
+        if isinstance(prompt, tuple):
+            refs = self._tuple_prompt(prompt)[1]
+        elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            refs = [p for m in prompt for p in _parts(m.get("content")) if isinstance(p, ImageRef)]
         else:
-            return None
-        return hashlib.blake2b(data, digest_size=16).digest()
+            refs = []
+        return len(refs), sum(encoded_size(r.source, self.policy) for r in refs)
+
+    def memory(self) -> dict:
+        with self._lock:
+            return {**self.stats, "image_memo_bytes": self._memo_used, "image_memo_capacity_bytes": self.memo_bytes,
+                    "image_memo_entries": len(self._memo), "image_preprocess": self.preprocess_backend}
+
+
+def content_hash(encoded) -> int:
+    """A 63-bit hash of an image's encoded bytes, or of a PIL image's mode, size and pixels."""
+    h = hashlib.blake2b(digest_size=8)
+    if isinstance(encoded, bytes | bytearray):
+        h.update(b"bytes:")
+        h.update(encoded)
+    else:
+        h.update(repr(("pixels", encoded.mode, encoded.size)).encode())
+        h.update(encoded.tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def preprocess_backend(device, requested: str | None = None) -> str:
+    """How images are preprocessed: "torch" (engine/vision/preprocess.py's tensor ops on the engine's device),
+    "pil" (the same steps with PIL's resize: transformers' PIL processor exactly, without its full-size copies) or
+    "hf" (transformers' processor itself). Measured on CPU (a 640x480 photo, one core): PIL's resize 2.7 ms, torch's
+    4.1 ms, and torch's multi-threaded ops contend with the engine's own CPU work; transformers' processor holds
+    about 3.5 copies of a full-size image (a 40-megapixel PNG: ~550 MB per image being prepared). So a CPU engine
+    uses "pil", a GPU engine "torch" on the GPU. ENGINE_IMAGE_PREPROCESS=torch|pil|hf overrides."""
+    requested = requested or os.environ.get("ENGINE_IMAGE_PREPROCESS", "auto")
+    if requested not in ("auto", "torch", "pil", "hf"):
+        raise ValueError(f"ENGINE_IMAGE_PREPROCESS must be auto, torch, pil or hf, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "torch" if device is not None and torch.device(device).type == "cuda" else "pil"

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from engine.checkpoint import DTYPES
+from engine.config import VALID_DTYPES  # names only: engine.config imports no torch (fast --help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize a Hugging Face checkpoint to W4A16 with AWQ; writes an AutoAWQ-GEMM-format folder.",
     )
     p.add_argument(
-        "model", help="local Hugging Face model folder (Llama, Mistral, Qwen2, InternLM2; LLaVA: its language model)"
+        "model", help="local Hugging Face model folder (Llama, Mistral, Qwen2, InternLM2; LLaVA, Qwen2-VL, Qwen2.5-VL, "
+        "InternVL: their language model)"
     )
     p.add_argument("--work-dir", required=True, help="output folder (written atomically at the end)")
     p.add_argument(
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-clip", action="store_true", help="skip the clip (max-abs shrink) search")
     p.add_argument("--method", choices=("awq", "rtn"), default="awq", help="awq, or plain round to nearest")
     p.add_argument("--device", default="auto", help="cuda | cpu | auto (default: cuda when available)")
-    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="compute dtype (default: auto)")
+    p.add_argument("--dtype", choices=VALID_DTYPES, default="auto", help="compute dtype (default: auto)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the folder's own tokenizer code (InternLM2)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --work-dir")
     p.add_argument("--search-tokens", type=int, default=65536, help="tokens the scale search uses (default: 65536)")
@@ -73,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
         quiet_progress_bars()
+    # lazy: the quantizer pulls in torch and transformers (seconds); --help and argument errors answer before that
     from quant.api import quantize_model
-    from quant.awq import NullProgress, QuantizationCancelled, TqdmProgress
-    from quant.calib_data import CalibDataError
+    from quant.awq import NullProgress, TqdmProgress  # lazy: as above
+    from quant.errors import CalibDataError, QuantizationCancelled  # lazy: as above
 
     progress = NullProgress() if args.quiet else TqdmProgress()
     try:

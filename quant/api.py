@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from engine.tokenizer import load_tokenizer
 from quant.arch import linear_widths
 from quant.awq import AWQConfig, as_progress, check_cancel, quantize_layers
 from quant.calib_data import BUILTIN, check_calib_source, describe_calib_source, load_calib_samples
@@ -32,44 +33,6 @@ from quant.source_model import SourceModel, load_source_model, quant_text_config
 log = logging.getLogger(__name__)
 
 
-class WorkEta:
-    """Time left, estimated from completed work units only (layers, for the quantize stage): the mean time of the
-    units finished so far times the units left, counting down between completions. Within a unit it never grows;
-    it floors at the time the units after the current one need. None until one unit is done."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
-        self.clock = clock
-        self.started: float | None = None
-        self.first_done = 0
-        self.done = 0
-        self.total = 1
-        self.last_done_at: float | None = None
-
-    def update(self, done: int, total: int) -> None:
-        now = self.clock()
-        if self.started is None:
-            self.started, self.first_done, self.done = now, done, done
-        if done > self.done:
-            self.done, self.last_done_at = done, now
-        self.total = max(total, 1)
-
-    def per_unit(self) -> float | None:
-        units = self.done - self.first_done
-        if units <= 0 or self.last_done_at is None:
-            return None
-        return (self.last_done_at - self.started) / units
-
-    def seconds_left(self) -> float | None:
-        per_unit = self.per_unit()
-        if per_unit is None:
-            return None
-        left = self.total - self.done
-        if left <= 0:
-            return 0.0
-        since = self.clock() - self.last_done_at
-        return max(per_unit * (left - 1), per_unit * left - since)
-
-
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -77,21 +40,6 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch sees no CUDA GPU; pass --device cpu (slow)")
     return dev
-
-
-def load_tokenizer(path: Path, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except Exception as e:
-        hint = (
-            " This folder's tokenizer is custom code (auto_map in tokenizer_config.json): pass --trust-remote-code "
-            "to run it, as LMDeploy does."
-            if not trust_remote_code
-            else ""
-        )
-        raise ValueError(f"could not load the tokenizer of {path}: {type(e).__name__}: {e}.{hint}") from e
 
 
 def validate_settings(cfg: dict, w_bits: int, w_group_size: int) -> None:
@@ -239,7 +187,7 @@ def quantize_loaded(
     if cfg.method == "awq" and samples is None:
         t0 = time.perf_counter()
         prog.on_progress("calibration", 0, 1, f"tokenizing {calib_dataset}")
-        tokenizer = load_tokenizer(loaded.path, trust_remote_code)
+        tokenizer = load_tokenizer(loaded.path, trust_remote_code=trust_remote_code)
         samples = load_calib_samples(calib_dataset, tokenizer, calib_samples, calib_seqlen)
         short = f" of the {calib_samples} asked for (the data ran out)" if samples.shape[0] < calib_samples else ""
         prog.on_progress("calibration", 1, 1, f"{samples.shape[0]} samples{short} x {samples.shape[1]} tokens")

@@ -19,13 +19,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from engine.checkpoint import ModelLoadError, text_config
-
-ModelPathError = ModelLoadError  # the model folder is missing or is not a Hugging Face model folder
-
-
-class UnsupportedArchitectureError(ValueError):
-    pass
+from engine.checkpoint import text_config
+from quant.errors import ModelPathError, UnsupportedArchitectureError  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)

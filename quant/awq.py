@@ -34,12 +34,8 @@ import torch
 from torch import nn
 
 from quant.arch import ArchSpec, ScaleGroup, find_layers
+from quant.errors import QuantizationCancelled
 from quant.primitives import PACK_FACTOR, dequantize, fake_quantize, quantize, resolve_group_size
-
-
-class QuantizationCancelled(RuntimeError):
-    """Raised between layers when the cancel event is set; nothing is left behind that looks finished."""
-
 
 # ----------------------------------------------------------------------------- progress
 

@@ -22,16 +22,17 @@ import json
 import logging
 import os
 import random
-import socket
 import sys
 import sysconfig
-import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
+
+from engine import envs
+from engine.hub import hub_unreachable_reason
+from quant.errors import CalibDataError
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,6 @@ LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 HUB_TIMEOUT_S = 5.0  # connect timeout of the hub probe; datasets' own retries can take minutes offline
 TOKENIZE_BATCH = 256  # texts per tokenizer call
 TXT_CHUNK_CHARS = 1 << 16  # a .txt file is tokenized in pieces of about this many characters
-
-
-class CalibDataError(ValueError):
-    """A calibration set that cannot be loaded or is too small; the message says what to pass instead."""
 
 
 @dataclass(frozen=True)
@@ -72,44 +69,10 @@ _LOCAL_HINT = (
 )
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def hub_offline_reason(timeout: float = HUB_TIMEOUT_S) -> str | None:
-    """None when the hub endpoint accepts a TCP connection within `timeout`; otherwise why not.
-
-    The probe runs in a daemon thread so a stuck DNS lookup cannot hold the caller past the timeout.
-    """
-    var = _offline_env()
-    if var:
-        return f"{var} is set"
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    url = urlparse(endpoint)
-    host = url.hostname or "huggingface.co"
-    port = url.port or (80 if url.scheme == "http" else 443)
-    result: list[str | None] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result.append(None)
-        except OSError as e:
-            result.append(f"{host}:{port} is unreachable ({type(e).__name__}: {e})")
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout + 0.5)
-    if not result:
-        return f"{host}:{port} did not answer within {timeout:.0f} s"
-    return result[0]
-
-
-def _offline_env() -> str | None:
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if _env_flag(var):
-            return var
-    return None
+    """None when the hub may be used (no offline variable set, its endpoint answers within `timeout`); else why."""
+    var = envs.hf_offline_variable()
+    return f"{var} is set" if var else hub_unreachable_reason(timeout)
 
 
 def _apply_offline_env() -> None:
@@ -127,7 +90,7 @@ def _apply_offline_env() -> None:
 
 def _check_hub(key: str, timeout: float) -> None:
     spec = HUB_DATASETS[key]
-    if _offline_env():
+    if envs.hf_offline_variable():
         return  # may still be in the local datasets cache: loading will tell
     reason = hub_offline_reason(timeout)
     if reason is not None:
@@ -141,7 +104,7 @@ def _check_hub(key: str, timeout: float) -> None:
 def _load_hub_texts(key: str, timeout: float) -> list[str]:
     spec = HUB_DATASETS[key]
     _check_hub(key, timeout)
-    offline = _offline_env()
+    offline = envs.hf_offline_variable()
     try:
         import datasets
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 
 from engine.checkpoint import checkpoint_files
 from engine.models.internlm2 import llama_to_internlm2_name, merge_wqkv
+from engine.staging import clean_stale_staging, is_staging_dir, staged_folder  # noqa: F401 - re-exported
 from quant.awq import QuantizedLinear
 from quant.primitives import pack_awq
 from quant.source_model import SourceModel
@@ -211,63 +210,14 @@ def source_weight_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in checkpoint_files(path))
 
 
-_STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
-
-
-def is_staging_dir(path: Path) -> bool:
-    """A hidden `.NAME.tmp-PID-XXXXXXXX` folder: a quantized model being written, never a model to list or load."""
-    return _STAGING.match(path.name) is not None
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, OSError):
-        return True  # someone else's process (or an odd pid): not ours to judge, keep its folder
-    return True
-
-
-def clean_stale_staging(parent: Path) -> list[Path]:
-    """Delete the staging folders in `parent` whose writer process is gone (killed mid-export); returns them."""
-    removed = []
-    try:
-        entries = list(parent.iterdir())
-    except OSError:
-        return removed
-    for entry in entries:
-        m = _STAGING.match(entry.name)
-        if m is not None and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(m.group("pid"))):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-    return removed
-
-
 @contextmanager
 def staged_output_dir(work_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yields a hidden temporary sibling of work_dir to write into; on normal exit it replaces work_dir, on any
     exception (cancellation, Ctrl-C) it is deleted and work_dir is left as it was."""
     target = Path(work_dir).expanduser().resolve()
     check_output_dir(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_staging(target.parent)  # a run killed before (SIGKILL, power loss) left its staging folder behind
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_folder(target) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_output_dir(target: Path, overwrite: bool) -> None:

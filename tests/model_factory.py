@@ -1,8 +1,8 @@
 """Tiny real-architecture Hugging Face checkpoints with random weights, written to a folder, for the tests.
 
 Each `make_*` writes a complete folder (safetensors weights, config.json, generation_config.json and the local
-byte-level BPE tokenizer from engine.demo_model) and returns its path. Weights are float32, seeded, and drawn
-at unit activation scale (see engine.demo_model.init_random_weights_), so logits are well spread and a mix-up
+byte-level BPE tokenizer from studio.demo_model) and returns its path. Weights are float32, seeded, and drawn
+at unit activation scale (see studio.demo_model.init_random_weights_), so logits are well spread and a mix-up
 of norms or biases shows. The model's vocab_size always equals len(tokenizer).
 
 Llama, Mistral and Qwen2 come from transformers' own classes, so `AutoModelForCausalLM.from_pretrained(path)`
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from engine.demo_model import build_tokenizer, init_random_weights_, save_causal_lm, special_token_ids
+from studio.demo_model import build_tokenizer, init_random_weights_, save_causal_lm, special_token_ids
 
 # What internlm2_5-*-chat configs carry: dynamic NTK scaling, which only changes RoPE past max_position_embeddings.
 INTERNLM2_ROPE_SCALING = {"type": "dynamic", "factor": 2.0}

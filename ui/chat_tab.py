@@ -28,8 +28,8 @@ import gradio as gr
 
 from engine.config import GenerationConfig
 from engine.errors import ImageInputError, InvalidImageError
-from engine.manager import LoadedModel, ModelSlot
 from engine.media import IMAGE_MIME_TYPES, load_image
+from studio.manager import LoadedModel, ModelSlot
 from ui.common import (
     fmt_bytes,
     friendly_error,
@@ -261,7 +261,8 @@ async def stream_reply(state: StudioState, history: list[dict], system: str, par
         loaded = models.current
         config = gen_config(*params)
         send_images = takes_images(loaded)
-        messages = to_engine_messages(system, history, images=send_images)
+        # the files' bytes read off the event loop; pipe.generate then builds the request once, on the image workers
+        messages = await asyncio.to_thread(to_engine_messages, system, history, send_images)
         if not send_images and count_images(history):  # a chat with images, continued on a text-only model
             n = count_images(history)
             note = (f"{n} image{'s' if n != 1 else ''} of this chat not sent: {loaded.name} takes no images")

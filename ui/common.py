@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 
 from engine.errors import EngineError
-from engine.manager import LoadedModel
+from quant.export import source_weight_bytes
+from studio.manager import LoadedModel
 
 log = logging.getLogger("ui")
 
@@ -64,8 +65,6 @@ def kv_policy(loaded: LoadedModel) -> str:
 def checkpoint_bytes(path) -> int | None:
     """"Weights on disk": the bytes of a folder's weight files (*.safetensors, else *.bin). The one definition the
     Model tab and the Quantize tab's summary both use (the in-memory size depends on the compute dtype)."""
-    from quant.export import source_weight_bytes
-
     try:
         return source_weight_bytes(Path(path))
     except Exception:  # noqa: BLE001 - e.g. a hub id whose files live in the hub cache
@@ -103,6 +102,8 @@ def image_limit(loaded: LoadedModel) -> int:
 
 def tower_name(vision) -> str:
     """'CLIP ViT-L/14, 336 px' (a known size) or 'CLIP ViT/14 (3 layers, width 32), 56 px'."""
+    if not hasattr(vision, "clip"):  # a tower that names itself (Qwen2-VL: engine/models/qwen2_vl.py)
+        return vision.tower_name
     clip = vision.clip
     size = CLIP_SIZES.get((clip.hidden_size, clip.num_layers))
     name = (f"CLIP ViT-{size}/{clip.patch_size}" if size else
@@ -113,6 +114,8 @@ def tower_name(vision) -> str:
 def image_tokens(vision) -> tuple[int, int]:
     """(fewest, most) image tokens one image takes: fixed for LLaVA-1.5; for anyres (NeXT) it depends on the image's
     size: a tile's worth at least, at most what the largest grid pinpoint gives."""
+    if hasattr(vision, "token_range"):  # Qwen2-VL: native resolution within min_pixels / max_pixels
+        return vision.token_range
     if not vision.anyres or not vision.grid_pinpoints:
         n = vision.num_features((vision.clip.image_size, vision.clip.image_size))
         return n, n
@@ -124,15 +127,19 @@ def image_tokens_text(vision) -> str:
     low, high = image_tokens(vision)
     if low == high:
         return f"{low:,} image tokens per image"
-    return f"{low:,}–{high:,} image tokens per image (anyres tiling: depends on its size)"
+    sizing = getattr(vision, "sizing", "anyres tiling")
+    return f"{low:,}–{high:,} image tokens per image ({sizing}: depends on its size)"
 
 
 def vision_text(loaded: LoadedModel) -> str:
     """The model card's line on what the model sees: tower, tokens per image, images per prompt."""
     vision = vision_spec(loaded)
+    limit = image_limit(loaded)
+    if hasattr(vision, "family"):  # Qwen2-VL / Qwen2.5-VL
+        return (f"{tower_name(vision)} · {image_tokens_text(vision)} · up to {limit} image{'s' if limit != 1 else ''} "
+                f"per chat ({vision.family})")
     family = "LLaVA-NeXT" if vision.anyres else "LLaVA-1.5"
     layout = "llava-hf" if vision.layout == "hf" else "original"
-    limit = image_limit(loaded)
     return (f"{tower_name(vision)} · {image_tokens_text(vision)} · up to {limit} image{'s' if limit != 1 else ''} "
             f"per chat ({family}, {layout} layout)")
 
@@ -218,8 +225,7 @@ def ok_html(title: str, message: str = "") -> str:
 
 def is_user_error(e: BaseException) -> bool:
     """Bad input the user can fix (a wrong path, a too-long prompt ...), as opposed to a fault in the program."""
-    return isinstance(e, USER_ERRORS) or type(e).__name__ in ("CalibDataError", "QuantizationCancelled",
-                                                              "UnsupportedArchitectureError")
+    return isinstance(e, USER_ERRORS)
 
 
 def log_failure(logger: logging.Logger, what: str, e: BaseException) -> None:

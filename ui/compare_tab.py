@@ -1,34 +1,25 @@
 """Compare tab: one model under several settings (fp16 / bf16 / W4A16 x KV off / int8 / int4, session lengths, cache
 fractions), side by side: memory by part, KV capacity, decode and throughput, perplexity, a greedy reply.
 
-The predicted table (engine/planner.py, config.json only) updates as the settings change, before anything runs.
-Run starts benchmarks.compare.run_compare in a worker thread: every setting runs in a fresh child process, so the
-chat tab's model is untouched and the numbers are clean; progress shows per setting, Cancel kills the running
-child. The last results (table, chart, JSON / markdown / PNG files) are kept while the app runs."""
+The predicted table (studio/planner.py, config.json only) updates as the settings change, before anything runs.
+Run starts the comparison as a background job (studio.compare.start_compare on studio/jobs.py): every setting runs
+in a fresh child process, so the chat tab's model is untouched and the numbers are clean. The job outlives the
+browser tab; every tab (a reload, a new login) shows it through a timer: progress per setting with an ETA, Cancel
+(kills the running child), and once it has ended its results (table, chart, JSON / markdown / PNG files)."""
 
 from __future__ import annotations
 
-import asyncio
 import html
-import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from benchmarks.compare import (
-    ChildRunner,
-    CompareSpec,
-    Workload,
-    parse_settings,
-    predict_rows,
-    run_compare,
-    write_outputs,
-)
-from ui.common import error_html, friendly_error, log, whole_number
+from studio.compare import CompareOutcome, CompareSpec, Workload, parse_settings, predict_rows, start_compare
+from studio.demo_model import build_demo_model
+from studio.jobs import JobBusyError, JobSnapshot
+from ui.common import error_html, fmt_seconds, friendly_error, log, whole_number
+from ui.job_view import job_progress_html, until_ended, watch_jobs
 from ui.state import StudioState
 
 SETTING_CHOICES = ["fp16", "fp16-kv8", "fp16-kv4", "bf16", "w4a16", "w4a16-kv8", "w4a16-kv4", "fp32", "fp32-kv4"]
@@ -39,31 +30,8 @@ RESULT_COLUMNS = ["setting", "session_len", "cache_max_entry_count", "status", "
                   "kv_capacity_tokens", "pred_kv_capacity_tokens", "max_sessions", "memory_after_load_GiB",
                   "memory_peak_GiB", "decode_tok_s", "throughput_tok_s", "ttft_ms", "perplexity", "greedy_match",
                   "error"]
-POLL_S = 0.25
-
-
-@dataclass
-class CompareRun:
-    """One Run click: the worker thread, its child runner, per-setting progress and the outcome."""
-
-    runner: ChildRunner = field(default_factory=ChildRunner)
-    jobs: dict = field(default_factory=dict)  # label -> (stage, fraction)
-    fraction: float = 0.0
-    rows: list = field(default_factory=list)
-    result: dict | None = None
-    error: BaseException | None = None
-    finished: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass
-class CompareStore:
-    """The tab's memory while the app runs: the running comparison and the last finished one."""
-
-    running: CompareRun | None = None
-    result: dict | None = None
-    files: list[str] = field(default_factory=list)
-    out_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="studio-compare-")))
-    lock: threading.Lock = field(default_factory=threading.Lock)
+STARTING = '<div class="studio-card" id="compare-status">Starting...</div>'
+NO_RESULTS = '<div class="studio-muted" id="compare-status">No comparison run yet.</div>'
 
 
 def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
@@ -96,6 +64,9 @@ def build_spec(state: StudioState, model, awq_model, settings, session_lens, fra
                concurrency, gpu_memory, quantize=False) -> CompareSpec:
     """The form's values -> a validated CompareSpec (ValueError with a sentence for anything wrong)."""
     model = (model or "").strip() or str(state.settings.default_model_path)
+    for path in (model, (awq_model or "").strip()):  # the Model tab's folder policy (--model-dir), same answer
+        if path:
+            state.settings.check_model_path(path)
     if not settings:
         raise ValueError("tick at least one setting to compare")
     workload = Workload(whole_number(prompt_len, "Prompt length", minimum=1),
@@ -110,8 +81,6 @@ def predicted_table(state: StudioState, *form) -> tuple[pd.DataFrame, str]:
     try:
         spec = build_spec(state, *form)
         if state.is_demo_path(spec.model):
-            from engine.demo_model import build_demo_model
-
             build_demo_model(state.settings.demo_model_dir)
         rows = predict_rows(spec, quantize=bool(form[-1]) if len(form) > 9 else False)
         for r in rows:
@@ -122,32 +91,40 @@ def predicted_table(state: StudioState, *form) -> tuple[pd.DataFrame, str]:
         return _frame([], PREDICTED_COLUMNS), error_html("Cannot plan these settings", friendly_error(e))
 
 
-def progress_html(run: CompareRun) -> str:
-    items = "".join(
-        f'<li><b>{html.escape(label)}</b>: {html.escape(stage)} ({fraction * 100:.0f}%)</li>'
-        for label, (stage, fraction) in run.jobs.items())
-    return f'<div class="studio-card" id="compare-progress"><ul>{items}</ul></div>'
-
-
-def results_outputs(store: CompareStore):
-    result = store.result
-    if result is None:
-        return (_frame([], RESULT_COLUMNS), gr.update(value=None), gr.update(value=None),
-                '<div class="studio-muted" id="compare-status">No comparison run yet.</div>')
+def results_outputs(snap: JobSnapshot | None):
+    """(table, chart, files, status) of a comparison that has ended (None: none has)."""
+    if snap is None or snap.result is None:
+        status = NO_RESULTS if snap is None else error_html("Comparison failed", friendly_error(snap.error))
+        return _frame([], RESULT_COLUMNS), gr.update(value=None), gr.update(value=None), status
+    outcome: CompareOutcome = snap.result
+    result = outcome.result
     kind = result.get("memory_kind") or ""
     demo = any(r.get("is_demo") for r in result["rows"])
     note = (" Random weights (demo model or shape:), so perplexity and replies are meaningless." if demo else "")
     n_ok = sum(r.get("status") == "ok" for r in result["rows"])
-    status = (f'<div class="studio-callout studio-ok" id="compare-done"><b>Comparison done</b>: {n_ok} of '
-              f'{len(result["rows"])} settings measured on {html.escape(result["device"])}'
-              + (" (cancelled)" if result.get("cancelled") else "")
-              + f'. Memory: {html.escape(kind)}.{html.escape(note)}</div>')
-    png = next((f for f in store.files if f.endswith(".png")), None)
-    return _frame(result["rows"], RESULT_COLUMNS), gr.update(value=png), gr.update(value=store.files), status
+    if result.get("cancelled"):
+        return (_frame(result["rows"], RESULT_COLUMNS), gr.update(value=None), gr.update(value=None),
+                f'<div class="studio-callout studio-warn" id="compare-cancelled"><b>Comparison cancelled</b> after '
+                f"{fmt_seconds(snap.elapsed_s)}: {n_ok} of {len(result['rows'])} settings measured.</div>")
+    status = (f'<div class="studio-callout studio-ok" id="compare-done" data-job="{snap.id}"><b>Comparison done</b>: '
+              f'{n_ok} of '
+              f'{len(result["rows"])} settings measured on {html.escape(result["device"])} in '
+              f"{fmt_seconds(snap.elapsed_s)}. Memory: {html.escape(kind)}.{html.escape(note)}</div>")
+    png = next((f for f in outcome.files if f.endswith(".png")), None)
+    return _frame(result["rows"], RESULT_COLUMNS), gr.update(value=png), gr.update(value=outcome.files), status
+
+
+def finished(state: StudioState) -> JobSnapshot | None:
+    job = state.compare_jobs.latest
+    return job.snapshot() if job is not None and job.finished.is_set() else None
+
+
+def progress_card(snap: JobSnapshot) -> str:
+    steps = [f"{label}: {stage} ({fraction * 100:.0f}%)" for label, (stage, fraction) in (snap.detail or {}).items()]
+    return job_progress_html(snap, "compare-job", steps)
 
 
 def build_compare_tab(state: StudioState):
-    store = CompareStore()
     cpu = not _has_gpu()
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
@@ -185,12 +162,12 @@ def build_compare_tab(state: StudioState):
             predicted = gr.Dataframe(lambda: predicted_table(state, *defaults)[0], elem_id="compare-predicted",
                                      interactive=False, wrap=True)
             plan_note = gr.HTML("", elem_id="compare-plan-note")
-            status = gr.HTML(lambda: results_outputs(store)[3], elem_id="compare-status-box")
+            status = gr.HTML(NO_RESULTS, elem_id="compare-status-box")
     gr.Markdown("#### Measured (each setting in a fresh process)")
-    results = gr.Dataframe(lambda: results_outputs(store)[0], elem_id="compare-results", interactive=False, wrap=True)
-    chart = gr.Image(lambda: results_outputs(store)[1]["value"], label="Memory by part · tokens/s · perplexity",
+    results = gr.Dataframe(_frame([], RESULT_COLUMNS), elem_id="compare-results", interactive=False, wrap=True)
+    chart = gr.Image(None, label="Memory by part · tokens/s · perplexity",
                      elem_id="compare-chart", type="filepath", interactive=False)
-    files = gr.File(lambda: results_outputs(store)[2]["value"], label="Download (JSON, markdown, PNG)",
+    files = gr.File(None, label="Download (JSON, markdown, PNG)",
                     file_count="multiple", elem_id="compare-files", interactive=False)
 
     def plan(*values):
@@ -199,66 +176,34 @@ def build_compare_tab(state: StudioState):
     for comp in form:
         comp.change(plan, inputs=form, outputs=[predicted, plan_note], api_visibility="private", queue=False)
 
-    async def run(*values, progress=gr.Progress()):
+    async def run(*values):
         try:
             spec = build_spec(state, *values)
             if state.is_demo_path(spec.model):
-                from engine.demo_model import build_demo_model
-
                 build_demo_model(state.settings.demo_model_dir)
-            with store.lock:
-                if store.running is not None and not store.running.finished.is_set():
-                    raise ValueError("a comparison is already running (maybe from another browser tab): wait for "
-                                     "it or cancel it")
-                current = store.running = CompareRun()
+            out_dir = state.compare_out_root / time.strftime("%Y%m%d-%H%M%S")
+            job = start_compare(state.compare_jobs, spec, out_dir, quantize=bool(values[-1]))
+        except JobBusyError as e:  # a toast: the box goes on showing the running comparison (the timer draws it)
+            gr.Warning(friendly_error(e))
+            return gr.skip(), gr.skip(), gr.skip(), error_html("Could not start", friendly_error(e))
         except Exception as e:  # noqa: BLE001
-            table, chart_v, files_v, _ = results_outputs(store)
+            table, chart_v, files_v, _ = results_outputs(finished(state))
             return table, chart_v, files_v, error_html("Could not start", friendly_error(e))
-        out_dir = store.out_root / time.strftime("%Y%m%d-%H%M%S")
-
-        def on_progress(index, count, label, stage, fraction):
-            current.jobs[label] = (stage, fraction)
-            current.fraction = (index + fraction) / count if count else 0.0  # count 0: quantizing first
-
-        def work():
-            try:
-                current.result = run_compare(spec, out_dir, quantize=bool(values[-1]), on_progress=on_progress,
-                                             runner=current.runner, on_row=current.rows.append)
-            except BaseException as e:  # noqa: BLE001
-                current.error = e
-            finally:
-                current.finished.set()
-
         log.info("compare: %s, settings %s", spec.model, ",".join(s.name for s in spec.settings))
-        threading.Thread(target=work, name="compare", daemon=True).start()
-        try:
-            while not current.finished.is_set():
-                label = next(reversed(current.jobs), "starting")
-                stage = current.jobs.get(label, ("", 0))[0]
-                progress(current.fraction, desc=f"{label}: {stage}")
-                await asyncio.sleep(POLL_S)
-        except asyncio.CancelledError:  # the browser went away: stop the child too
-            current.runner.cancel()
-            raise
-        if current.error is not None:
-            table, chart_v, files_v, _ = results_outputs(store)
-            return table, chart_v, files_v, error_html("Comparison failed", friendly_error(current.error))
-        with store.lock:
-            store.result = current.result
-            store.files = [str(out_dir / n) for n in ("compare.json", "compare.md", "compare.png")]
-        return results_outputs(store)
+        return results_outputs(await until_ended(job))
 
     def cancel():
-        current = store.running
-        if current is None or current.finished.is_set():
+        if not state.compare_jobs.cancel():
             gr.Info("No comparison is running.")
             return
-        current.runner.cancel()
         gr.Info("Cancelling: the running setting's process is stopped.")
 
-    run_btn.click(run, inputs=form, outputs=[results, chart, files, status], api_name="compare",
-                  concurrency_limit=2, show_progress_on=[status])
+    run_btn.click(lambda: STARTING, outputs=status, queue=False, api_visibility="private").then(
+        run, inputs=form, outputs=[results, chart, files, status], api_name="compare", concurrency_limit=2,
+        show_progress="hidden")
     cancel_btn.click(cancel, api_name="cancel_compare", queue=False)
+    watch_jobs(state.compare_jobs, [results, chart, files, status],
+               running=lambda snap: (gr.skip(), gr.skip(), gr.skip(), progress_card(snap)), ended=results_outputs)
     return plan, form, [predicted, plan_note]
 
 
@@ -268,4 +213,4 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-__all__ = ["build_compare_tab", "write_outputs"]
+__all__ = ["build_compare_tab"]

@@ -15,8 +15,8 @@ from pathlib import Path
 import gradio as gr
 
 from engine.config import VALID_DTYPES, VALID_MODEL_FORMATS, EngineConfig
-from engine.demo_model import DEMO_MODEL_NOTE, build_demo_model
-from engine.manager import ModelManager
+from studio.demo_model import DEMO_MODEL_NOTE, build_demo_model
+from studio.manager import ModelManager
 from ui.common import describe, error_html, friendly_error, header_html, log_failure, ok_html, whole_number
 from ui.state import StudioState
 

@@ -1,32 +1,33 @@
 """Quantize tab: AWQ W4A16 quantization of a Hugging Face folder, point and click.
 
-The quantizer (`quant.quantize_model`) runs in a worker thread and reports (stage, done, total, message) into a
-QuantJob; the Gradio event polls the job and turns it into gr.Progress updates (layer x of N, stage, ETA). Cancel
-sets the job's cancel event, which the quantizer checks between steps. One job runs at a time: quantizing takes the
-whole GPU. At the end: a summary (time, what calibration really got, size on disk before / after, per-layer error
-chart) and "Load this model".
+Start runs the quantization as a background job (studio/quantize_job.py on studio/jobs.py), not inside the browser
+tab's event: it goes on when the tab closes, and every tab (a reload, a new login) shows the same job through a
+timer: its progress (layer x of N, stage, an ETA from finished layers), Cancel (the quantizer stops between
+steps), and once it has ended its summary (time, what calibration really got, size on disk before / after, the
+before/after perplexity, per-layer error chart) and "Load this model". One job runs at a time: quantizing takes
+the whole GPU. The `quantize` event (and API) starts the job and returns its summary when it ends.
 
-The default calibration set is the built-in offline text (quant.calib_data's `builtin`): it needs no network. The
-ETA is an estimate from finished layers (quant.api.WorkEta). Messages speak the tab's words, not the CLI's flags."""
+The default calibration set is the built-in offline text (quant.calib_data's `builtin`): it needs no network.
+Messages speak the tab's words, not the CLI's flags."""
 
 from __future__ import annotations
 
-import asyncio
 import html
 import json
 import logging
-import re
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from quant.api import WorkEta
+from quant.api import fitting_group_sizes
 from quant.calib_data import BUILTIN
-from ui.common import error_html, fmt_bytes, fmt_seconds, friendly_error, log_failure, whole_number
+from studio.demo_model import build_demo_model
+from studio.jobs import CANCELLED, FAILED, JobBusyError, JobSnapshot
+from studio.quantize_job import QuantizeOutcome, start_quantize
+from ui.common import error_html, fmt_bytes, fmt_seconds, friendly_error, whole_number
+from ui.job_view import job_progress_html, until_ended, watch_jobs
 from ui.state import StudioState
 
 log = logging.getLogger("ui.quantize")
@@ -37,10 +38,6 @@ CALIB_CHOICES = ([("Built-in text (offline)", BUILTIN)]
                  + [(f"{name} (Hugging Face hub: needs network)", name) for name in HUB_CALIB_SETS]
                  + [("Upload a file", UPLOAD), ("Local file or folder", LOCAL)])
 CALIB_LABELS = {value: label for label, value in CALIB_CHOICES}
-STAGE_SPAN = {"load": (0.0, 0.08), "calibration": (0.08, 0.12), "quantize": (0.12, 0.9), "export": (0.9, 0.93),
-              "quality": (0.93, 1.0)}
-STAGE_LABEL = {"load": "Loading the model", "calibration": "Preparing calibration data", "quantize": "Quantizing",
-               "export": "Writing the quantized folder", "quality": "Measuring perplexity before / after"}
 GPU_CALIB = (128, 2048)  # samples x tokens: AutoAWQ / LMDeploy's defaults, about a minute for a 7B model on a GPU
 CPU_CALIB = (16, 512)  # without a GPU: 128 x 2048 took 4 minutes even for the 853K-parameter demo model
 # CLI wording in messages from quant/ -> the words of this tab (the longest first)
@@ -53,89 +50,9 @@ UI_WORDS = [
     ("--calib-seqlen", "Sequence length"), ("--calib-samples", "Samples"), ("--calib-dataset", "Calibration set"),
     ("--trust-remote-code", "Trust remote code"), ("pass --device cpu (slow)", "quantize on a machine with a GPU"),
 ]
-POLL_S = 0.2
 IDLE_HTML = ('<div class="studio-card studio-muted" id="quant-status">Not started. Progress (layer, stage, ETA) '
              "shows here.</div>")
-RUNNING_HTML = '<div class="studio-card" id="quant-status"></div>'  # blank under the progress overlay
-
-
-class QuantJob:
-    """One quantization in a worker thread; progress and outcome readable from any thread."""
-
-    def __init__(self, model_path: str, work_dir: str, kwargs: dict, check_quality: bool = True):
-        self.model_path, self.work_dir, self.kwargs = model_path, work_dir, kwargs
-        self.check_quality = check_quality
-        self.quality: dict | None = None  # before/after perplexity (engine/quality.py), or {"error": ...}
-        self.cancel_event = threading.Event()
-        self.stage, self.done, self.total, self.message = "load", 0, 1, "starting"
-        self.started = time.monotonic()
-        self.eta = WorkEta()
-        self.calibration: str | None = None  # what the calibration stage really got, in words
-        self.history: list[tuple[str, int, int]] = []  # every (stage, done, total) reported, for the record
-        self.report: dict | None = None
-        self.error: BaseException | None = None
-        self.finished = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="awq-quantize", daemon=True)
-
-    def start(self) -> QuantJob:
-        self.thread.start()
-        return self
-
-    def on_progress(self, stage: str, done: int, total: int, message: str = "") -> None:
-        if stage == "quantize":
-            self.eta.update(done, total)
-        if stage == "calibration" and done >= total and message:
-            self.calibration = message
-        self.history.append((stage, done, total))
-        self.stage, self.done, self.total, self.message = stage, done, max(total, 1), message
-
-    def _run(self) -> None:
-        try:
-            from quant import quantize_model
-
-            self.report = quantize_model(self.model_path, self.work_dir, progress=self,
-                                         cancel_event=self.cancel_event, **self.kwargs)
-            if self.check_quality:
-                self._measure_quality()
-        except BaseException as e:  # noqa: BLE001 - handed to the UI as a message
-            self.error = e
-            if type(e).__name__ != "QuantizationCancelled":
-                log_failure(log, f"quantizing {self.model_path!r}", e)
-        finally:
-            self.finished.set()
-
-    def _measure_quality(self) -> None:
-        """Before/after perplexity of what was just written; a failure here (no memory left for a second model,
-        say) is reported next to the result, it does not undo the finished folder."""
-        from engine.quality import quantization_check
-
-        try:
-            self.quality = quantization_check(
-                self.model_path, self.report["work_dir"], cancelled=self.cancel_event.is_set,
-                progress=lambda done, total, message: self.on_progress("quality", done, total, message))
-        except Exception as e:  # noqa: BLE001 - shown in the summary
-            log_failure(log, f"measuring the perplexity of {self.report['work_dir']!r}", e)
-            self.quality = {"error": f"{type(e).__name__}: {e}"}
-
-    @property
-    def fraction(self) -> float:
-        lo, hi = STAGE_SPAN.get(self.stage, (0.0, 1.0))
-        return lo + (hi - lo) * min(1.0, self.done / self.total)
-
-    def eta_seconds(self) -> float | None:
-        return self.eta.seconds_left() if self.stage == "quantize" else None
-
-    def describe(self) -> str:
-        if self.cancel_event.is_set():
-            return "Cancelling after the current step..."
-        label = STAGE_LABEL.get(self.stage, self.stage)
-        if self.stage == "quantize":
-            current = min(self.done + 1, self.total)
-            step = re.sub(r"^layer \d+/\d+:?\s*", "", self.message or "")
-            eta = self.eta_seconds()
-            eta_text = f" · about {fmt_seconds(eta)} left (estimate)" if eta is not None else ""
-            return f"Layer {current} of {self.total} · {step or 'working'}{eta_text}"
-        return f"{label} · {self.message}" if self.message else label
+STARTING_HTML = '<div class="studio-card" id="quant-status">Starting...</div>'
 
 
 def is_nonempty_dir(path: Path) -> bool:
@@ -150,8 +67,6 @@ def fitting_group_size(model_path: str, wanted=None) -> int:
     except (TypeError, ValueError):
         return 128
     try:
-        from quant.api import fitting_group_sizes
-
         config = Path(model_path or "").expanduser() / "config.json"
         fits = fitting_group_sizes(json.loads(config.read_text()))  # a LLaVA's language model widths count
     except (OSError, ValueError, TypeError, AttributeError):
@@ -264,6 +179,21 @@ def error_frame(report: dict | None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["layer", "output MSE", "method"])
 
 
+def job_outputs(state: StudioState, snap: JobSnapshot) -> tuple:
+    """(status, chart, load button, result path) for a job that has ended."""
+    hidden = gr.update(visible=False)
+    if snap.state == CANCELLED:
+        return (f'<div class="studio-callout studio-warn" id="quant-cancelled"><b>Cancelled</b> after '
+                f"{fmt_seconds(snap.elapsed_s)}; nothing was written.</div>"), hidden, hidden, None
+    if snap.state == FAILED:
+        return error_html("Quantization failed", ui_words(friendly_error(snap.error))), hidden, hidden, None
+    outcome: QuantizeOutcome = snap.result
+    report = outcome.report
+    summary = summary_html(report, snap.elapsed_s, outcome.quality, state.is_demo_path(outcome.model_path))
+    chart = gr.update(value=error_frame(report), visible=True, sort=[str(d["index"]) for d in report["layers"]])
+    return summary, chart, gr.update(visible=True), report["work_dir"]
+
+
 @dataclass
 class QuantizeTab:
     model_path: gr.Textbox
@@ -338,7 +268,7 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
                    outputs=output, api_visibility="private", queue=False)
 
     async def start(model, calib_choice, uploaded, local, n_samples, n_seqlen, w_bits, group_size, scale_search,
-                    clip_search, out_dir, trust_remote_code=False, replace=False, progress=gr.Progress()):
+                    clip_search, out_dir, trust_remote_code=False, replace=False):
         hidden = gr.update(visible=False)
         try:
             model = (model or "").strip()
@@ -373,57 +303,41 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
                 trust_remote_code=bool(trust_remote_code), overwrite=bool(replace),
             )
             if state.is_demo_path(model):
-                from engine.demo_model import build_demo_model
-
                 build_demo_model(state.settings.demo_model_dir)
-            with state.lock:
-                running = state.quant_job
-                if running is not None and not running.finished.is_set():
-                    raise ValueError("a quantization is already running (maybe from another browser tab): "
-                                     "wait for it or cancel it")
-                job = state.quant_job = QuantJob(model, out_dir, kwargs).start()
+            job = start_quantize(state.quant_jobs, model, out_dir, kwargs, on_done=on_done)
+        except JobBusyError as e:  # a toast: the box goes on showing the running job (the timer draws it)
+            gr.Warning(ui_words(friendly_error(e)))
+            return error_html("Could not start", ui_words(friendly_error(e))), gr.skip(), gr.skip(), gr.skip(), \
+                gr.skip()
         except Exception as e:  # noqa: BLE001
             return error_html("Could not start", ui_words(friendly_error(e))), hidden, hidden, None, gr.skip()
-        try:
-            while not job.finished.is_set():
-                progress(job.fraction, desc=job.describe())
-                await asyncio.sleep(POLL_S)
-        except asyncio.CancelledError:  # the browser went away or the event was cancelled: stop the worker too
-            job.cancel_event.set()
-            raise
-        seconds = time.monotonic() - job.started
-        if job.error is not None:
-            if type(job.error).__name__ == "QuantizationCancelled":
-                return (f'<div class="studio-callout studio-warn" id="quant-cancelled"><b>Cancelled</b> after '
-                        f"{fmt_seconds(seconds)}; nothing was written.</div>"), hidden, hidden, None, gr.skip()
-            return (error_html("Quantization failed", ui_words(friendly_error(job.error))), hidden, hidden, None,
-                    gr.skip())
-        report = job.report
-        log.info("quantized %s -> %s in %.1f s (%s)", model, report["work_dir"], seconds, job.calibration or "no calib")
-        state.add_quantized(report["work_dir"])
-        progress(1.0, desc="Done")
-        summary = summary_html(report, seconds, job.quality, state.is_demo_path(model))
-        chart = gr.update(value=error_frame(report), visible=True, sort=[str(d["index"]) for d in report["layers"]])
-        fresh = default_output_dir(state, model, group_size)
-        return summary, chart, gr.update(visible=True), report["work_dir"], fresh
+        status_v, chart_v, load_v, path_v = job_outputs(state, await until_ended(job))
+        return status_v, chart_v, load_v, path_v, default_output_dir(state, model, group_size)
+
+    def on_done(outcome: QuantizeOutcome) -> None:
+        log.info("quantized %s -> %s (%s)", outcome.model_path, outcome.report["work_dir"],
+                 outcome.calibration or "no calib")
+        state.add_quantized(outcome.report["work_dir"])
 
     def cancel():
-        job = state.quant_job
-        if job is None or job.finished.is_set():
+        if not state.quant_jobs.cancel():
             gr.Info("No quantization is running.")
             return
-        job.cancel_event.set()
         gr.Info("Cancelling: the quantizer stops after its current step.")
 
     def reset():
         hidden = gr.update(visible=False)
-        return RUNNING_HTML, hidden, hidden, ""
+        return STARTING_HTML, hidden, hidden, ""
 
     start_inputs = [model_path, calib, calib_file, calib_path, samples, seqlen, bits, group, search_scale, clip,
                     output, trust, overwrite]
     start_btn.click(reset, outputs=[status, chart, load_btn, load_status], queue=False,
                     api_visibility="private").then(
         start, inputs=start_inputs, outputs=[status, chart, load_btn, result_path, output], api_name="quantize",
-        concurrency_limit=4, show_progress_on=[status])
+        concurrency_limit=4, show_progress="hidden")
+    hidden = gr.update(visible=False)
+    watch_jobs(state.quant_jobs, [status, chart, load_btn, result_path],
+               running=lambda snap: (job_progress_html(snap, "quant-job"), hidden, hidden, None),
+               ended=lambda snap: job_outputs(state, snap))
     cancel_btn.click(cancel, api_name="cancel_quantize", queue=False)
     return QuantizeTab(model_path, load_btn, result_path, load_status)

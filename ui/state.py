@@ -1,19 +1,22 @@
 """The one object the UI's event handlers share: the ModelManager (so the UI and the API serve one engine), the
-settings the app was started with, the folders the Quantize tab produced, the running quantization job and the
-memory panel's rolling history. It is built once in app.py and passed to every tab's build function."""
+settings the app was started with, the folders the Quantize tab produced, the Quantize and Compare background jobs
+(studio/jobs.py: they outlive any browser tab) and the memory panel's rolling history. It is built once in app.py
+and passed to every tab's build function."""
 
 from __future__ import annotations
 
 import collections
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from engine.checkpoint import is_hub_id
 from engine.config import EngineConfig
-from engine.demo_model import default_demo_model_dir
-from engine.manager import ModelManager
-from engine.real_model import DefaultModel
+from studio.default_model import DefaultModel
+from studio.demo_model import default_demo_model_dir
+from studio.jobs import JobSlot
+from studio.manager import ModelManager
 
 MEMORY_HISTORY_SECONDS = 120  # the memory plot's rolling window
 
@@ -30,7 +33,7 @@ class StudioSettings:
     # None: any path. Otherwise (a server listening beyond loopback) model folders and calibration files must lie
     # under one of these roots, and quantized output under quant_output_root: no caller can read or write elsewhere.
     model_roots: tuple[Path, ...] | None = None
-    # the real default model (engine/real_model.py) when the app found or made it; None: the demo model is the default
+    # the real default model (studio/default_model.py) when the app found or made it; None: the demo model is it
     default_model: DefaultModel | None = None
 
     @property
@@ -43,12 +46,11 @@ class StudioSettings:
         return (*(self.model_roots or ()), self.demo_model_dir, *extra, self.quant_output_root)
 
     def check_model_path(self, path: str | Path) -> None:
-        """Refuse a model (or calibration) path outside the configured roots, before anything touches it. A hub id
-        ("org/name") that is no local path passes: it goes to the Hugging Face cache."""
+        """The one policy for every path a UI route reads (Model, Quantize, Compare and its AWQ folder, calibration
+        files): refuse one outside the configured roots before anything touches it, with one answer whether it
+        exists or not. A hub id ("org/name") that is no local path passes: it goes to the Hugging Face cache."""
         if self.model_roots is None:
             return
-        from engine.checkpoint import is_hub_id
-
         if is_hub_id(str(path)) and not Path(path).expanduser().exists():
             return
         if not _is_under(path, self.allowed_model_roots()):
@@ -76,7 +78,10 @@ class StudioState:
     settings: StudioSettings = field(default_factory=StudioSettings)
     quantized_models: list[str] = field(default_factory=list)  # folders the Quantize tab wrote, newest first
     loading: str | None = None  # name of the model being loaded, for the header while the manager swaps models
-    quant_job: Any = None  # ui.quantize_tab.QuantJob while one runs (one at a time: it takes the whole GPU)
+    # the background jobs (studio/jobs.py): one of each kind at a time; the latest stays readable for any new tab
+    quant_jobs: JobSlot = field(default_factory=lambda: JobSlot("quantization"))
+    compare_jobs: JobSlot = field(default_factory=lambda: JobSlot("comparison"))
+    compare_out_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="studio-compare-")))
     memory_history: collections.deque = field(
         default_factory=lambda: collections.deque(maxlen=MEMORY_HISTORY_SECONDS)
     )

@@ -15,13 +15,12 @@ Tile configs: default_config (measured, see benchmarks/bench_gemv.py).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from engine import envs
 from engine.kernels.activation import silu, silu_and_mul
 from engine.kernels.pdl import launch_options, release_next, wait_for_previous
 from engine.kernels.split_k import num_sms, split_k, split_k_epilogue, split_locks
@@ -141,7 +140,7 @@ def _gemv_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     fits = rows == 1 or (rows <= GEMV_MAX_M and weight.shape[0] <= 8192)
     use = (fits and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16)
-           and os.environ.get("ENGINE_GEMV", "1") != "0")
+           and envs.gemv_enabled())
     return rows if use else 0
 
 

@@ -8,10 +8,9 @@ so adding a kernel never touches model code.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from engine import envs
 from engine.kernels import reference
 
 _triton_table: dict | None = None  # triton_ops.TRITON_OPS once read ({} where triton is missing)
@@ -21,7 +20,7 @@ def _load_triton_ops() -> dict:
     global _triton_table
     if _triton_table is None:
         try:
-            from engine.kernels.triton_ops import TRITON_OPS
+            from engine.kernels.triton_ops import TRITON_OPS  # lazy: Triton is needed (and importable) only on CUDA
         except ImportError:
             TRITON_OPS = {}
         _triton_table = TRITON_OPS
@@ -35,7 +34,7 @@ def __getattr__(name: str):
 
 
 def _pick(name: str, x: torch.Tensor):
-    if x.is_cuda and os.environ.get("ENGINE_KERNELS", "auto") != "reference":
+    if x.is_cuda and not envs.kernels_forced_to_reference():
         fn = (_triton_table if _triton_table is not None else _load_triton_ops()).get(name)
         if fn is not None:
             return fn
@@ -95,16 +94,6 @@ def awq_linear(x, qweight, qzeros, scales, group_size, bias=None):
 def awq_linear_k(x, qweight_k, qzeros, scales, group_size, bias=None):
     """awq_linear on the K-packed qweight that AWQLinear.post_load makes (GPU only)."""
     return _pick("awq_linear_k", x)(x, qweight_k, qzeros, scales, group_size, bias)
-
-
-def awq_linear_tiled(x, packed, n_out, group_size, scale_dtype=torch.float16, bias=None):
-    """awq_linear on the tile-contiguous buffer that awq_tile_repack makes (ENGINE_AWQ_KERNEL=tiled)."""
-    return _pick("awq_linear_tiled", x)(x, packed, n_out, group_size, scale_dtype, bias)
-
-
-def awq_tile_repack(qweight, qzeros, scales, group_size):
-    """AutoAWQ GEMM tensors -> the tiled layout of kernels/awq_tiled.py (codes, scales and zeros per tile; GPU)."""
-    return _load_triton_ops()["awq_tile_repack"](qweight, qzeros, scales, group_size)
 
 
 def awq_repack(qweight, group_size):

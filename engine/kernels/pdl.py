@@ -10,11 +10,12 @@ benchmarks). Under the interpreter and on older GPUs the kernels compile without
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from engine import envs
 
 
 @functools.lru_cache
@@ -33,7 +34,7 @@ def _device_supports_pdl(index: int) -> bool:
 
 def pdl_enabled(t: torch.Tensor) -> bool:
     """Whether kernels working on `t` should be launched with PDL."""
-    if not t.is_cuda or os.environ.get("ENGINE_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+    if not t.is_cuda or not envs.pdl_allowed():
         return False
     return _triton_supports_pdl() and _device_supports_pdl(t.device.index or 0)
 

@@ -58,13 +58,6 @@ def _round_half_even(x):
 
 
 @triton.jit
-def _quantize(x, scale, mn, QMAX: tl.constexpr):
-    """x: [BLOCK_H, BLOCK_DH] fp32, scale/mn: [BLOCK_H] -> codes in [0, QMAX] as uint8."""
-    q = _round_half_even(tl.math.div_rn(x - mn[:, None], scale[:, None]))
-    return tl.minimum(tl.maximum(q, 0.0), QMAX).to(tl.uint8)
-
-
-@triton.jit
 def _store_heads(
     x_ptr,
     cache_ptr,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from engine.kernels.activation import silu_and_mul
 from engine.kernels.awq_gemm import awq_linear, awq_linear_k, awq_repack
-from engine.kernels.awq_tiled import awq_tile_repack, awq_tiled_linear
 from engine.kernels.decode_attention import paged_decode_attention
 from engine.kernels.gemv import linear, silu_mul_linear
 from engine.kernels.prefill_attention import paged_prefill_attention
@@ -27,8 +26,6 @@ TRITON_OPS: dict[str, object] = dict(
     awq_linear=awq_linear,
     awq_linear_k=awq_linear_k,
     awq_repack=awq_repack,
-    awq_linear_tiled=awq_tiled_linear,
-    awq_tile_repack=awq_tile_repack,
     linear=linear,
     silu_mul_linear=silu_mul_linear,
 )

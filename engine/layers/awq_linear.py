@@ -12,8 +12,6 @@ Modules listed in `modules_to_not_convert` stay plain Linear layers.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -32,7 +30,6 @@ class AWQLinear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.shard_sizes = shard_sizes or [out_features]
         self.k_packed = False  # qweight in the checkpoint layout until post_load repacks it
-        self.tiled = False  # ENGINE_AWQ_KERNEL=tiled: qweight is kernels/awq_tiled.py's buffer (codes, scales, zeros)
         groups = in_features // group_size
 
         def param(shape, dtype_, pack):
@@ -54,11 +51,6 @@ class AWQLinear(nn.Module):
         """Repack qweight into the kernels' K-packed layout (GPU only; groups of 32, 64 or a multiple of 128)."""
         if self.k_packed or not self.qweight.is_cuda:
             return
-        if os.environ.get("ENGINE_AWQ_KERNEL", "packed") == "tiled":  # opt-in while it is measured
-            packed = ops.awq_tile_repack(self.qweight.data, self.qzeros.data, self.scales.data, self.group_size)
-            self.qweight = nn.Parameter(packed, requires_grad=False)
-            self.k_packed = self.tiled = True
-            return
         packed = ops.awq_repack(self.qweight.data, self.group_size)
         self.qweight = nn.Parameter(packed, requires_grad=False)
         self.k_packed = True
@@ -69,9 +61,6 @@ class AWQLinear(nn.Module):
         without attention: 2.07 vs 1.74 ms, benchmarks/bench_gemv.py)."""
         if silu_mul:
             x = ops.silu_and_mul(x)
-        if self.tiled:
-            return ops.awq_linear_tiled(x, self.qweight, self.out_features, self.group_size, self.scales.dtype,
-                                        self.bias)
         if self.k_packed:
             return ops.awq_linear_k(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
         return ops.awq_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)

@@ -1,5 +1,5 @@
 """Vocab-parallel embedding for tensor parallelism (column/row-parallel linears need no class of their own:
-a rank's Linear / AWQLinear is built at its local size and loads its slice, engine/distributed/shard_loader.py).
+a rank's Linear / AWQLinear is built at its local size and loads its slice, engine/parallel/shard_loader.py).
 
 Each rank holds rows [vocab_start, vocab_start + num_embeddings) of the (padded) vocabulary; ids outside
 that range embed to zero and one all-reduce sums the ranks. With tp = 1 it is a plain nn.Embedding.
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.distributed import comm
+from engine.parallel import comm
 
 
 class VocabParallelEmbedding(nn.Embedding):

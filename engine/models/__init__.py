@@ -12,7 +12,7 @@ then register it:  `"LlavaForConditionalGeneration": llava.ENTRY,`
 
 from __future__ import annotations
 
-from engine.models import internlm2, llama, llava
+from engine.models import internlm2, internvl, llama, llava, qwen2_vl
 from engine.models.spec import ModelEntry, ModelSpec, UnsupportedModelError
 
 MODELS: dict[str, ModelEntry] = {
@@ -24,6 +24,10 @@ MODELS: dict[str, ModelEntry] = {
     "LlavaNextForConditionalGeneration": llava.ENTRY,
     "LlavaLlamaForCausalLM": llava.ENTRY,
     "LlavaMistralForCausalLM": llava.ENTRY,
+    "Qwen2VLForConditionalGeneration": qwen2_vl.ENTRY,
+    "Qwen2_5_VLForConditionalGeneration": qwen2_vl.ENTRY,
+    "InternVLForConditionalGeneration": internvl.ENTRY,
+    "InternVLChatModel": internvl.ENTRY,
 }
 
 

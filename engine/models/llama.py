@@ -13,7 +13,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from engine.distributed import comm  # TP hook: all-reduce / all-gather, no-ops at tp = 1
 from engine.kernels import ops
 from engine.layers.attention import AttentionMetadata, PagedAttention
 from engine.layers.linear import Linear
@@ -21,6 +20,7 @@ from engine.layers.norm import RMSNorm
 from engine.layers.parallel_linear import VocabParallelEmbedding  # TP hook
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.spec import ModelEntry, ModelSpec, parse_decoder_spec
+from engine.parallel import comm  # TP hook: all-reduce / all-gather, no-ops at tp = 1
 
 LinearFactory = Callable[..., nn.Module]  # (in_features, out_features, bias, dtype, shard_sizes=None, prefix="")
 

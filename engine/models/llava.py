@@ -37,6 +37,7 @@ from engine.layers.linear import Linear
 from engine.models.clip import CLIPVisionSpec, CLIPVisionTower
 from engine.models.llama import LlamaForCausalLM, plain_linear
 from engine.models.spec import ModelEntry, ModelSpec, parse_decoder_spec
+from engine.vision.preprocess import PreprocessConfig
 
 HF_ARCHS = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 ORIGINAL_ARCHS = {"LlavaLlamaForCausalLM": "LlamaForCausalLM", "LlavaMistralForCausalLM": "MistralForCausalLM"}
@@ -430,6 +431,10 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         if todo:
             tiles = [items[i].pixel_values if items[i].pixel_values.dim() == 4 else items[i].pixel_values[None]
                      for i in todo]
+            if weight.is_cuda:  # pixels prepared on an image worker's stream: keep their memory until this one is done
+                for t in tiles:
+                    if t.is_cuda:
+                        t.record_stream(torch.cuda.current_stream(weight.device))
             pixels = torch.cat(tiles).to(device=weight.device, dtype=weight.dtype)  # [num_tiles, 3, H, W]
             feats = self.vision_tower(pixels)  # [num_tiles, num_positions, h * num_layers]
             if self.vision.select_strategy == "default":
@@ -504,6 +509,12 @@ class LlavaImageProcessor:
 
     def num_features(self, image_size: tuple[int, int]) -> int:
         return self.vision.num_features(image_size)
+
+    def torch_config(self) -> PreprocessConfig:
+        """The same preprocessing as tensor ops (engine/vision/preprocess.py), for the GPU."""
+        fill = tuple(int(x * 255) for x in self.image_mean) if self.vision.pad_to_square else None
+        pinpoints = (getattr(self.hf, "image_grid_pinpoints", None) or []) if self.vision.anyres else []
+        return PreprocessConfig.from_hf(self.hf, pinpoints, fill)
 
     def __call__(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
         if self.vision.pad_to_square and image.width != image.height:

@@ -17,7 +17,7 @@ MODEL_NAME = "demo"
 @pytest.fixture(scope="session")
 def manager(demo_model_path):
     from engine import EngineConfig
-    from engine.manager import ModelManager
+    from studio.manager import ModelManager
 
     mgr = ModelManager()
     mgr.load(demo_model_path, EngineConfig(cache_block_seq_len=16, cpu_kv_cache_bytes=64 * 2**20,

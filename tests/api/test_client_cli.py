@@ -1,11 +1,11 @@
-"""`python -m engine.client`: the terminal chat client against the running API (multi-turn, streaming, /reset)."""
+"""`python -m studio.client`: the terminal chat client against the running API (multi-turn, streaming, /reset)."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
 
-from engine import client as chat_client
+from studio import client as chat_client
 from tests.api.conftest import MODEL_NAME
 
 

@@ -192,7 +192,7 @@ def test_concurrency_limit_429_with_retry_after(extra_server, pipe):
 def test_no_model_loaded_is_503(extra_server):
     from api import build_api
     from api.background import BackgroundServer
-    from engine.manager import ModelManager
+    from studio.manager import ModelManager
 
     with BackgroundServer(build_api(ModelManager())) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
         assert http.get("/health").status_code == 503
@@ -227,7 +227,7 @@ def test_model_swap_mid_stream_ends_it_with_an_error_event(demo_model_path):
     from api import build_api
     from api.background import BackgroundServer
     from engine import EngineConfig
-    from engine.manager import ModelManager
+    from studio.manager import ModelManager
 
     mgr = ModelManager()
     config = EngineConfig(cache_block_seq_len=16, cpu_kv_cache_bytes=16 * 2**20)

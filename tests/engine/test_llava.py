@@ -236,7 +236,7 @@ def test_original_layout_tower_from_override_and_embedded(llava15, ref15, tmp_pa
 
 def test_original_layout_missing_tower_says_what_to_pass(llava15, tmp_path, monkeypatch):
     from engine import checkpoint, loader
-    from engine.manager import ModelManager
+    from studio.manager import ModelManager
 
     llava_dir, _ = make_original_layout(llava15, tmp_path / "local", tower_name="/nowhere/clip-vit-large-patch14-336")
     with pytest.raises(ModelLoadError) as e:
@@ -436,7 +436,7 @@ def test_vision_settings_are_validated():
 
 
 def test_terminal_chat_attaches_images(llava15, tmp_path, monkeypatch, capsys):
-    from engine import chat
+    from studio import chat
 
     image(30, 30, seed=16).save(tmp_path / "cat.png")
     lines = iter([f"/image {tmp_path / 'cat.png'}", "What is it?", f"/image {tmp_path / 'none.png'}", "Thanks",

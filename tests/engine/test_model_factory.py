@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import demo_model
-from engine.demo_model import BUILD_MARKER, DEMO_MODEL_NOTE, build_demo_model, build_tokenizer
+from studio import demo_model
+from studio.demo_model import BUILD_MARKER, DEMO_MODEL_NOTE, build_demo_model, build_tokenizer
 from tests.model_factory import make_internlm2, make_llama, make_qwen2
 
 ROUND_TRIP_TEXTS = [
@@ -145,7 +145,7 @@ def test_demo_model_folder(demo_model_path):
     config = json.loads((demo_model_path / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_key_value_heads"]) == (128, 4, 2)
-    assert not list(demo_model_path.parent.glob(".*.building-*"))  # the staging folder is gone
+    assert not list(demo_model_path.parent.glob(".*.tmp-*"))  # the staging folder is gone
 
     mtime = (demo_model_path / "model.safetensors").stat().st_mtime_ns
     assert build_demo_model(demo_model_path) == demo_model_path  # complete: reused, not rebuilt

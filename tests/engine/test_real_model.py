@@ -1,4 +1,4 @@
-"""The real trained model, SmolLM2-135M-Instruct (engine/real_model.py): the engine against transformers on the
+"""The real trained model, SmolLM2-135M-Instruct (studio/default_model.py): the engine against transformers on the
 same weights, chat replies that end at <|im_end|>, and what the int8 / int4 KV cache costs in perplexity.
 
 fp32 on CPU: the engine equals transformers token for token. Figures printed here (bf16 agreement, KV-quant
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine import EngineConfig, GenerationConfig, pipeline
-from engine.quality import greedy_agreement, heldout_text, perplexity, top1_agreement
+from studio.quality import greedy_agreement, heldout_text, perplexity, top1_agreement
 from tests.engine.conftest import engine_prompt_logits, greedy, hf_greedy
 
 PLAIN = "The three primary colours are"

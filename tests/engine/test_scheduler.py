@@ -125,3 +125,30 @@ def test_remove_frees_blocks_of_running_and_waiting_sequences():
     sched.remove(b)  # waiting, holds no blocks
     sched.remove(a)
     assert not sched.has_work and bm.num_free_blocks == 16
+
+
+def grouped(n: int, group: str) -> Sequence:
+    s = seq(n)
+    s.group = group
+    return s
+
+
+def test_a_big_group_gives_a_waiting_group_its_share_of_the_batch():
+    sched = Scheduler(BlockManager(256, BS), max_batch_size=4, max_prefill_token_num=1000)
+    big = [grouped(3, "big") for _ in range(6)]
+    for s in big:
+        sched.add(s)
+    run(sched.schedule())
+    assert [s.group for s in sched.running] == ["big"] * 4  # alone, it may take the whole batch
+    short = grouped(3, "short")
+    sched.add(short)
+    run(sched.schedule())  # a decode step comes first (prefill and decode alternate)
+    batch = sched.schedule()
+    assert short in batch.seqs and short.status == SequenceStatus.RUNNING  # admitted ahead of big's waiting two
+    assert sched.num_fair_preemptions == 1 and len(sched.running) == 4
+    preempted = [s for s in big if s.status == SequenceStatus.WAITING]
+    assert len(preempted) == 3 and not any(s.block_table for s in preempted)
+    run(batch)
+    for _ in range(3):  # big keeps at least its share: no further preemption while short runs
+        run(sched.schedule())
+    assert sched.num_fair_preemptions == 1 and short in sched.running

@@ -171,8 +171,8 @@ def test_failing_worker_ends_requests_with_an_error(llama_gqa_path, monkeypatch,
 
 
 def test_unsplittable_shapes_are_refused():
-    from engine.distributed.shard_loader import TPShapeError, make_plan
     from engine.models import parse_model_spec
+    from engine.parallel.shard_loader import TPShapeError, make_plan
 
     cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 96, "num_hidden_layers": 1,
            "num_attention_heads": 3, "num_key_value_heads": 3, "intermediate_size": 128, "vocab_size": 100}
@@ -205,7 +205,7 @@ def test_each_rank_reads_only_its_slices(llama_gqa_path, monkeypatch):
     from safetensors.torch import load_file
 
     from engine import loader
-    from engine.distributed.shard_loader import make_plan, sharded_tensors
+    from engine.parallel.shard_loader import make_plan, sharded_tensors
 
     spec = loader.read_model_spec(llama_gqa_path)
     full = {}

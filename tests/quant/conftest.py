@@ -24,7 +24,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from engine.demo_model import build_tokenizer
+    from studio.demo_model import build_tokenizer
 
     return build_tokenizer()
 
@@ -32,7 +32,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def calib_txt(tmp_path_factory):
     """About 10k tokens of English prose and code: enough for a few blocks of 32-64 tokens."""
-    from engine.demo_model import TRAINING_CORPUS
+    from studio.demo_model import TRAINING_CORPUS
 
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(TRAINING_CORPUS * 8, encoding="utf-8")

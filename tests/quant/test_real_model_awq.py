@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from engine import EngineConfig, pipeline
-from engine.quality import heldout_text, perplexity
+from studio.quality import heldout_text, perplexity
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP = 64

@@ -239,8 +239,8 @@ def test_quantize_demo_model_and_load_result(page, studio, demo_model_path):
     assert all(re.search(r"Layer [1-4] of 4", label) for label in layer_labels), layer_labels
     assert all("left (estimate)" in label for label in layer_labels if "left" in label), layer_labels
     # however fast the run, the job reported every layer, in order (what the bar is drawn from)
-    job = studio.app.state.studio.quant_job
-    layers_done = [done for stage, done, _ in job.history if stage == "quantize"]
+    outcome = studio.app.state.studio.quant_jobs.latest.result
+    layers_done = [done for stage, done, _ in outcome.history if stage == "quantize"]
     assert layers_done == sorted(layers_done) and set(range(5)) <= set(layers_done), layers_done
     summary = page.locator("#quant-status-box").inner_text()
     assert "Quantization done" in summary and "smaller" in summary and "on disk" in summary
@@ -248,7 +248,7 @@ def test_quantize_demo_model_and_load_result(page, studio, demo_model_path):
     page.locator("#quant-chart").wait_for(state="visible")
     page.locator("#quant-chart canvas, #quant-chart svg").first.wait_for(state="visible")
     shot(page, "quantize-tab-done")
-    assert output.input_value() != job.report["work_dir"]  # a fresh name for the next run
+    assert output.input_value() != outcome.report["work_dir"]  # a fresh name for the next run
     assert not page.js_errors, page.js_errors
 
     page.locator("#quant-load").click()

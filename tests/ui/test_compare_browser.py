@@ -59,6 +59,8 @@ def test_compare_two_settings_and_a_failing_one(page, studio):
     sessions = page.locator("#compare-session-lens textarea, #compare-session-lens input").first
     sessions.fill("128")
     sessions.press("Tab")
+    slot = studio.app.state.studio.compare_jobs
+    before = slot.latest  # an earlier test's comparison (its results show until this one starts)
     page.locator("#compare-run").click()
     bar = page.locator("#compare-status-box [role=progressbar]")
     labels: list[str] = []
@@ -69,10 +71,15 @@ def test_compare_two_settings_and_a_failing_one(page, studio):
             try:
                 label = bar.get_attribute("aria-label", timeout=500) or ""
             except Exception:  # noqa: BLE001 - the bar went away between count() and the read
-                return done.count() > 0
+                return finished()
             if label and (not labels or labels[-1] != label):
                 labels.append(label)
-        return done.count() > 0
+        return finished()
+
+    def finished():
+        job = slot.latest
+        return (job is not before and job.finished.is_set() and done.count() > 0
+                and done.get_attribute("data-job") == str(job.id))
 
     wait_ui(page, progress_or_done, 300, "the comparison to finish")
     seen = " | ".join(labels)

@@ -11,7 +11,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory):
-    from engine.demo_model import TRAINING_CORPUS
+    from studio.demo_model import TRAINING_CORPUS
 
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(TRAINING_CORPUS * 20)
@@ -32,9 +32,18 @@ def test_cancel_stops_a_running_quantization(client, studio, demo_model_path, ca
     job = client.submit(*quantize_args(demo_model_path, calib_file, output, samples=32, seqlen=128),
                         api_name="/quantize")
     deadline = time.monotonic() + 60
-    while state.quant_job is None or state.quant_job.stage != "quantize":
+    def stage():
+        latest = state.quant_jobs.latest
+        return (latest.snapshot().detail or {}).get("stage") if latest is not None else None
+
+    while stage() != "quantize":
         assert time.monotonic() < deadline and not job.done(), "the quantization did not reach the layer stage"
         time.sleep(0.02)
+    running = state.quant_jobs.latest
+    second = client.predict(*quantize_args(demo_model_path, calib_file, studio.quant_root / "second"),
+                            api_name="/quantize")[0]  # one at a time: it takes the whole GPU
+    assert "already running" in second and "another browser tab" in second, second
+    assert state.quant_jobs.latest is running and not (studio.quant_root / "second").exists()
     client.predict(api_name="/cancel_quantize")
     status = job.result(timeout=120)[0]
     assert "Cancelled" in status, status
@@ -81,7 +90,7 @@ def test_builtin_offline_calibration_by_default_and_a_fresh_name_or_overwrite(cl
     status, _chart, next_output = client.predict(*args, api_name="/quantize")  # (the button and State not here)
     assert "Quantization done" in status, status
     assert "Built-in offline text" in status and "6 samples × 64 tokens = 384 tokens" in status, status
-    quality = state.quant_job.quality  # the before/after perplexity, from two small engines on the held-out text
+    quality = state.quant_jobs.latest.result.quality  # before/after perplexity: two small engines, held-out text
     assert quality["before"] > 1 and quality["after"] > 1 and quality["num_tokens"] > 100, quality
     assert f"16-bit {quality['before']:.2f} → quantized {quality['after']:.2f}" in status, status
     assert state.quantized_models[0] == output and (studio.quant_root / output).is_dir()
@@ -100,7 +109,7 @@ def test_builtin_offline_calibration_by_default_and_a_fresh_name_or_overwrite(cl
 
 
 def test_too_little_calibration_text_is_said_in_the_summary(client, studio, demo_model_path, tmp_path):
-    from engine.demo_model import TRAINING_CORPUS
+    from studio.demo_model import TRAINING_CORPUS
 
     small = tmp_path / "small.txt"
     small.write_text(TRAINING_CORPUS)
