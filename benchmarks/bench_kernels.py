@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import graph_us, markdown_table
+from engine.kernels.reference import KV_GROUPS
 
 MODELS = {  # name -> hidden, intermediate, q heads, kv heads, head_dim
     "llama2-7b": {"hidden": 4096, "inter": 11008, "hq": 32, "hk": 32, "d": 128},
@@ -81,7 +82,8 @@ class PagedKV:
             self.k = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
             v_storage = (self.num_blocks, num_kv_heads, stored, BLOCK_SIZE)  # token-minor, as the engine allocates
             self.v = torch.randint(0, 256, v_storage, dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
-            sz = torch.empty((self.num_blocks, num_kv_heads, BLOCK_SIZE, 2), dtype=torch.float16, device=device)
+            groups = KV_GROUPS[quant_policy]  # (scale, min) pairs per head vector
+            sz = torch.empty((self.num_blocks, num_kv_heads, groups, BLOCK_SIZE, 2), dtype=torch.float16, device=device)
             sz[..., 0].uniform_(0.005, 0.05)
             sz[..., 1].uniform_(-2.0, -1.0)
             self.k_sz, self.v_sz = sz, sz.clone()
@@ -98,10 +100,10 @@ class PagedKV:
         return self.num_blocks // (batch * context // BLOCK_SIZE)
 
     def bytes_per_token(self) -> int:
-        """K and V bytes one cached token costs (codes plus scale/zero when quantized)."""
+        """K and V bytes one cached token costs (codes plus their (scale, min) pairs when quantized)."""
         stored = self.head_dim // 2 if self.quant_policy == 4 else self.head_dim
         elt = 2 if self.quant_policy == 0 else 1
-        sz = 2 * 2 if self.quant_policy else 0
+        sz = KV_GROUPS[self.quant_policy] * 2 * 2 if self.quant_policy else 0
         return 2 * self.num_kv_heads * (stored * elt + sz)
 
     def args(self):
@@ -123,7 +125,7 @@ class PagedKV:
         if not self.quant_policy:
             return None, None, 0
         if not hasattr(self, "_old"):
-            self._old = tuple(t.permute(0, 2, 1, 3).contiguous() for t in (self.k_sz, self.v_sz))
+            self._old = tuple(t[:, :, 0].permute(0, 2, 1, 3).contiguous() for t in (self.k_sz, self.v_sz))
         return (*self._old, self.quant_policy)
 
 

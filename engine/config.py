@@ -44,7 +44,7 @@ def _check_float(name: str, value) -> None:
 class EngineConfig:
     model_format: str = "auto"  # auto: read quantization_config from config.json
     dtype: str = "auto"  # auto: the checkpoint's dtype on GPU, float32 on CPU (CPU half matmuls are slow)
-    quant_policy: int = 0  # KV cache: 0 model dtype, 8 int8, 4 int4 (per token, per head, asymmetric)
+    quant_policy: int = 0  # KV cache: 0 model dtype, 8 int8, 4 int4 (Hadamard-rotated, asymmetric; reference.py)
     cache_max_entry_count: float = 0.8  # fraction of memory free after weights load given to the KV cache
     cache_block_seq_len: int = 64  # tokens per KV block
     session_len: int | None = None  # max prompt + generated tokens per request; None: model's max positions

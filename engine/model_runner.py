@@ -11,6 +11,7 @@ import torch
 from engine.config import EngineConfig
 from engine.cuda_graph import CudaGraphDecoder
 from engine.encoder_cache import EncoderCache, image_embeddings
+from engine.kernels.reference import KV_GROUPS
 from engine.layers.attention import AttentionMetadata, KVCache
 from engine.layers.sampler import SamplingBatch, sample
 from engine.models.spec import ModelSpec
@@ -28,7 +29,7 @@ def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype, quant_policy: int) -
         per_head = spec.head_dim * elem
     else:
         values = spec.head_dim if quant_policy == 8 else spec.head_dim // 2
-        per_head = values + 2 * scale_zero_dtype(dtype).itemsize
+        per_head = values + KV_GROUPS[quant_policy] * 2 * scale_zero_dtype(dtype).itemsize  # (scale, min) pairs
     return 2 * spec.num_layers * spec.num_kv_heads * per_head
 
 
@@ -147,7 +148,7 @@ class ModelRunner:
                 caches.append(KVCache(self._cache_tensor(shape, dtype=self.dtype, device=self.device),
                                       self._cache_tensor(shape, dtype=self.dtype, device=self.device)))
             else:
-                sz_shape = (num_blocks, spec.num_kv_heads, self.block_size, 2)  # (scale, min), head-major
+                sz_shape = (num_blocks, spec.num_kv_heads, KV_GROUPS[qp], self.block_size, 2)  # (scale, min)
                 sz = scale_zero_dtype(self.dtype)
                 v_storage = (num_blocks, spec.num_kv_heads, head_dim, self.block_size)  # token-minor V
                 caches.append(KVCache(

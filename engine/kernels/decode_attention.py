@@ -19,7 +19,10 @@ torch.empty, and the counters are allocated before capture. The kernel takes par
 merging programs reset them) and lets the next kernel launch at once.
 
 Head vectors are handled as two halves (d < D/2, d >= D/2), the int4 packing of reference.py, so one code path
-serves all cache formats: q.k = q_lo.k_lo + q_hi.k_hi.
+serves all cache formats: q.k = q_lo.k_lo + q_hi.k_hi. Quantized caches hold Hadamard-rotated vectors
+(reference.kv_rotates): the program rotates q once before the loop (qH . kH = q . k) and its normalized output once
+after it (fp16 tensor-core dots, the output split into fp16 + residual; an fp32 FMA dot spilled registers). int4
+caches have a (scale, min) pair per half, so the halves' score dots are scaled apart and P is scaled per half.
 
 Quantized caches (x = code * scale + min per token and head) are never dequantized element by element: the
 per-token affine map moves onto the small operands,
@@ -27,7 +30,9 @@ per-token affine map moves onto the small operands,
     sum_n p_n v_n = (p * scale) @ codes + sum_n p_n * min_n         (P is scaled before the P @ V dot)
 so the [tokens, D] code tiles only have to become 16-bit dot operands, which is done with integer ops:
 code | 0x6400 read as fp16 is exactly 1024 + code (inline PTX: two byte permutes per four codes). V's 1024 is
-subtracted in fp16x2 (exact); K keeps it and the score fix-up takes 1024 * scale * sum(q) off instead (the
+subtracted in fp16x2 (exact) together with the codes' midpoint (128 / 8: centered codes, the min takes
+midpoint * scale, so rounding P to fp16 leaves no error common to all of head_dim, which the rotation back would
+gather into one output element); K keeps it and the score fix-up takes 1024 * scale * sum(q) off instead (the
 tensor cores' fp32 accumulation of V's offset would not be exact enough; K's rounding stays far below the
 softmax's). The old path converted every code with int->float instructions (a quarter of the integer rate),
 did the affine math on [tokens, D] fp32 tiles, read per-token scales with strided scalar loads that the
@@ -51,8 +56,18 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.paged_kv import LOG2E, as_pairs, check_attention_inputs, split_pairs
+from engine.kernels.paged_kv import (
+    LOG2E,
+    as_pairs,
+    check_attention_inputs,
+    group_stride,
+    rotate_halves,
+    rotate_halves_fp16,
+    rotation_args,
+    split_pairs,
+)
 from engine.kernels.pdl import launch_options, release_next, wait_for_previous
+from engine.kernels.reference import KV_GROUPS
 
 DEFAULT_SM_COUNT = 4  # stands in for the multiprocessor count off-GPU (TRITON_INTERPRET): keeps CPU grids small
 PROGRAMS_PER_SM = 4  # programs to aim for per multiprocessor: enough loads in flight to saturate HBM
@@ -63,11 +78,15 @@ MIN_ARRIVAL_COUNTERS = 1 << 14  # (sequence, kv head) counters allocated up fron
 
 
 @triton.jit
-def _codes_to_dot(codes, DOT_DTYPE: tl.constexpr, CVT: tl.constexpr, KEEP_OFFSET: tl.constexpr):
-    """uint8 codes (0..255) -> exactly equal DOT_DTYPE values (plus 1024 with KEEP_OFFSET, CVT > 0).
-    CVT 0: a plain conversion. 1: (code | 0x6400) read as fp16 is exactly 1024 + code, and subtracting 1024 is exact
-    too. 2: the same in PTX, four codes at a time (two byte permutes, and two fp16x2 subtractions unless
-    KEEP_OFFSET; CUDA only). The int->float conversion instructions run at a quarter of the integer rate."""
+def _codes_to_dot(codes, DOT_DTYPE: tl.constexpr, CVT: tl.constexpr, KEEP_OFFSET: tl.constexpr,
+                  CENTER: tl.constexpr):
+    """uint8 codes (0..255) -> exactly equal DOT_DTYPE values: code + 1024 with KEEP_OFFSET (CVT > 0; code with
+    CVT 0), else the centered code - CENTER (CENTER 128 for 8-bit codes, 8 for 4-bit ones: the P @ V dot's rounding
+    of P then leaves no common-mode error across head_dim, which the Hadamard rotation back would pile onto one
+    output element). CVT 0: a plain conversion. 1: (code | 0x6400) read as fp16 is exactly 1024 + code, and
+    subtracting 1024 + CENTER is exact too. 2: the same in PTX, four codes at a time (two byte permutes, and two
+    fp16x2 subtractions unless KEEP_OFFSET; CUDA only). The int->float conversion instructions run at a quarter of
+    the integer rate."""
     if CVT == 2:
         if KEEP_OFFSET:
             x = tl.inline_asm_elementwise(
@@ -84,11 +103,12 @@ def _codes_to_dot(codes, DOT_DTYPE: tl.constexpr, CVT: tl.constexpr, KEEP_OFFSET
                 pack=4,
             )
         else:
+            tl.static_assert(CENTER == 128, "PTX conversion of centered 8-bit codes only")
             x = tl.inline_asm_elementwise(
                 asm="""{
                 .reg .b32 magic, offset;
                 mov.b32 magic, 0x64646464;
-                mov.b32 offset, 0x64006400;
+                mov.b32 offset, 0x64806480;
                 prmt.b32 $0, $2, magic, 0x4140;
                 prmt.b32 $1, $2, magic, 0x4342;
                 sub.f16x2 $0, $0, offset;
@@ -103,15 +123,18 @@ def _codes_to_dot(codes, DOT_DTYPE: tl.constexpr, CVT: tl.constexpr, KEEP_OFFSET
     elif CVT == 1:
         x = (codes.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
         if not KEEP_OFFSET:
-            x = x - 1024.0
+            x = x - (1024.0 + CENTER)
     else:
         x = codes.to(DOT_DTYPE)
+        if not KEEP_OFFSET:
+            x = x - CENTER
     return x
 
 
 @triton.jit
 def _nibbles_to_dot(packed, DOT_DTYPE: tl.constexpr, CVT: tl.constexpr, KEEP_OFFSET: tl.constexpr):
-    """uint8 bytes of two 4-bit codes -> (low nibbles, high nibbles) as _codes_to_dot converts codes."""
+    """uint8 bytes of two 4-bit codes -> (low nibbles, high nibbles) as _codes_to_dot converts codes (centered:
+    code - 8)."""
     if CVT == 2 and KEEP_OFFSET:
         lo, hi = tl.inline_asm_elementwise(
             asm="""{
@@ -136,7 +159,7 @@ def _nibbles_to_dot(packed, DOT_DTYPE: tl.constexpr, CVT: tl.constexpr, KEEP_OFF
             asm="""{
             .reg .b32 magic, offset, l, h;
             mov.b32 magic, 0x64646464;
-            mov.b32 offset, 0x64006400;
+            mov.b32 offset, 0x64086408;
             and.b32 l, $4, 0x0F0F0F0F;
             shr.u32 h, $4, 4;
             and.b32 h, h, 0x0F0F0F0F;
@@ -156,8 +179,8 @@ def _nibbles_to_dot(packed, DOT_DTYPE: tl.constexpr, CVT: tl.constexpr, KEEP_OFF
             pack=4,
         )
     else:
-        lo = _codes_to_dot(packed & 0xF, DOT_DTYPE, CVT, KEEP_OFFSET)
-        hi = _codes_to_dot(packed >> 4, DOT_DTYPE, CVT, KEEP_OFFSET)
+        lo = _codes_to_dot(packed & 0xF, DOT_DTYPE, CVT, KEEP_OFFSET, 8)
+        hi = _codes_to_dot(packed >> 4, DOT_DTYPE, CVT, KEEP_OFFSET, 8)
     return lo, hi
 
 
@@ -169,8 +192,8 @@ def _load_codes(ptrs, hi_offset, QUANT_POLICY: tl.constexpr, DOT_DTYPE: tl.const
     if QUANT_POLICY == 4:
         lo, hi = _nibbles_to_dot(tl.load(ptrs), DOT_DTYPE, CVT, KEEP_OFFSET)  # element d low nibble, d + D/2 high
     else:
-        lo = _codes_to_dot(tl.load(ptrs), DOT_DTYPE, CVT, KEEP_OFFSET)
-        hi = _codes_to_dot(tl.load(ptrs + hi_offset), DOT_DTYPE, CVT, KEEP_OFFSET)
+        lo = _codes_to_dot(tl.load(ptrs), DOT_DTYPE, CVT, KEEP_OFFSET, 128)
+        hi = _codes_to_dot(tl.load(ptrs + hi_offset), DOT_DTYPE, CVT, KEEP_OFFSET, 128)
     return lo, hi
 
 
@@ -231,6 +254,7 @@ def _decode_kernel(
     lse_ptr,  # SPLIT: [B, Hq, num_splits] fp32, log2-sum-exp2 of each split's scaled scores
     arrivals_ptr,  # SPLIT: int32 counters, one per (sequence, kv head), zero between launches
     qk_scale,  # softmax scale * log2(e)
+    rot_scale,  # ROTATE: 1 / sqrt(head_dim), the Hadamard matrix's scale
     num_splits,  # a runtime value: split counts share a compiled kernel (per MERGE_STEPS)
     stride_qb,
     stride_qh,
@@ -243,8 +267,10 @@ def _decode_kernel(
     stride_vcd,
     stride_kszb,
     stride_kszh,
+    stride_kszg,
     stride_vszb,
     stride_vszh,
+    stride_vszg,
     stride_btb,
     stride_ob,
     stride_oh,
@@ -255,6 +281,8 @@ def _decode_kernel(
     stride_lseh,
     GROUP: tl.constexpr,
     QUANT_POLICY: tl.constexpr,
+    GROUPS: tl.constexpr,  # quantized: (scale, min) pairs per head vector, 1 or 2 (one per half)
+    ROTATE: tl.constexpr,  # the cache holds Hadamard-rotated vectors: q is rotated, the output rotated back
     BLOCK_SIZE: tl.constexpr,
     HALF_D: tl.constexpr,
     BLOCK_DH: tl.constexpr,
@@ -266,6 +294,7 @@ def _decode_kernel(
     DOT_DTYPE: tl.constexpr,  # operand type of both dots
     CVT: tl.constexpr,  # quantized: how codes become dot operands (_codes_to_dot)
     DOT_PRECISION: tl.constexpr,
+    ROT_PRECISION: tl.constexpr,  # the rotations: "ieee" (fp32 models) or anything else (fp16 dots)
     USE_PDL: tl.constexpr,
 ):
     # q is the previous kernel's output (block tables and kv lengths are treated as such too), and the counters
@@ -293,17 +322,34 @@ def _decode_kernel(
     offs_d = tl.arange(0, BLOCK_DH)
     mask_hd = mask_h[:, None] & (offs_d[None, :] < HALF_D)
     q_ptrs = q_ptr + batch * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]  # [BLOCK_H, BLOCK_DH]
-    q_lo = tl.load(q_ptrs, mask=mask_hd, other=0.0).to(DOT_DTYPE)
-    q_hi = tl.load(q_ptrs + HALF_D, mask=mask_hd, other=0.0).to(DOT_DTYPE)
+    q_lo = tl.load(q_ptrs, mask=mask_hd, other=0.0)
+    q_hi = tl.load(q_ptrs + HALF_D, mask=mask_hd, other=0.0)
+    if ROTATE:  # q H . k H = q . k
+        if ROT_PRECISION == "ieee":
+            q_lo, q_hi = rotate_halves(q_lo.to(tl.float32), q_hi.to(tl.float32), rot_scale, HALF_D, "ieee")
+        else:  # q becomes fp16 for the dots anyway (DOT_DTYPE)
+            q_lo, q_hi = rotate_halves_fp16(q_lo, q_hi, rot_scale, HALF_D, False, 0)
+    q_lo = q_lo.to(DOT_DTYPE)
+    q_hi = q_hi.to(DOT_DTYPE)
     if QUANT_POLICY != 0:
-        q_sum = tl.sum(q_lo.to(tl.float32), axis=1) + tl.sum(q_hi.to(tl.float32), axis=1)  # [BLOCK_H]
-        # sum_n p_n and sum_n p_n * min_n kept per lane and reduced once after the loop (no per-tile reductions)
+        q_sum_lo = tl.sum(q_lo.to(tl.float32), axis=1)  # [BLOCK_H], one per half (GROUPS 2: each has its own min)
+        q_sum_hi = tl.sum(q_hi.to(tl.float32), axis=1)
+        if GROUPS == 1:
+            q_sum_lo += q_sum_hi
+        # sum_n p_n and sum_n p_n * min_n (per group) kept per lane and reduced once after the loop (no per-tile
+        # reductions)
         l_acc = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
-        p_min_acc = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+        p_min_lo_acc = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+        if GROUPS == 2:
+            p_min_hi_acc = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
     if CVT != 0:
         K_OFFSET: tl.constexpr = 1024.0  # K codes enter the dot as 1024 + code (_codes_to_dot, KEEP_OFFSET)
     else:
         K_OFFSET: tl.constexpr = 0.0
+    if QUANT_POLICY == 4:  # V codes enter the dot centered: code - V_CENTER (_codes_to_dot)
+        V_CENTER: tl.constexpr = 8.0
+    else:
+        V_CENTER: tl.constexpr = 128.0
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -347,14 +393,29 @@ def _decode_kernel(
             k_t_ptrs = k_cache_ptr + k_rows[None, :] + offs_d[:, None]  # [BLOCK_DH, BLOCK_N]
             k_lo, k_hi = _load_codes(k_t_ptrs, HALF_D, QUANT_POLICY, DOT_DTYPE, CVT, True)  # [BLOCK_DH, BLOCK_N]
             v_lo, v_hi = _load_codes(v_ptrs, HALF_D * stride_vcd, QUANT_POLICY, DOT_DTYPE, CVT, False)
-            # (scale, min) pairs, contiguous inside a block, each read as one integer twice their width: [BLOCK_N]
-            k_scale, k_min = split_pairs(tl.load(k_sz_ptr + block_ids * stride_kszb + tok))
-            v_scale, v_min = split_pairs(tl.load(v_sz_ptr + block_ids * stride_vszb + tok))
+            # (scale, min) pairs of each group, contiguous inside a block, each read as one integer twice their
+            # width: [BLOCK_N]
+            k_pairs_at = k_sz_ptr + block_ids * stride_kszb + tok
+            v_pairs_at = v_sz_ptr + block_ids * stride_vszb + tok
+            k_scale_lo, k_min_lo = split_pairs(tl.load(k_pairs_at))
+            v_scale_lo, v_min_lo = split_pairs(tl.load(v_pairs_at))
+            v_min_lo = v_min_lo + V_CENTER * v_scale_lo  # v = (code - V_CENTER) * scale + (min + V_CENTER * scale)
             s = tl.dot(q_lo, k_lo, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]: q . (K_OFFSET + code)
-            s = tl.dot(q_hi, k_hi, s, input_precision=DOT_PRECISION)
-            k_scale = k_scale * qk_scale
-            k_bias = k_min * qk_scale - K_OFFSET * k_scale
-            s = s * k_scale[None, :] + q_sum[:, None] * k_bias[None, :]
+            if GROUPS == 1:  # one (scale, min) for the whole vector
+                s = tl.dot(q_hi, k_hi, s, input_precision=DOT_PRECISION)
+            else:  # the halves' dots scaled on their own
+                k_scale_hi, k_min_hi = split_pairs(tl.load(k_pairs_at + stride_kszg))
+                v_scale_hi, v_min_hi = split_pairs(tl.load(v_pairs_at + stride_vszg))
+                v_min_hi = v_min_hi + V_CENTER * v_scale_hi
+                s_hi = tl.dot(q_hi, k_hi, input_precision=DOT_PRECISION)
+                k_scale_hi = k_scale_hi * qk_scale
+                k_bias_hi = k_min_hi * qk_scale - K_OFFSET * k_scale_hi
+                s_hi = s_hi * k_scale_hi[None, :] + q_sum_hi[:, None] * k_bias_hi[None, :]
+            k_scale_lo = k_scale_lo * qk_scale
+            k_bias_lo = k_min_lo * qk_scale - K_OFFSET * k_scale_lo
+            s = s * k_scale_lo[None, :] + q_sum_lo[:, None] * k_bias_lo[None, :]
+            if GROUPS == 2:
+                s += s_hi
         s = tl.where(mask_n[None, :], s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -363,24 +424,41 @@ def _decode_kernel(
         m_i = m_new
         if QUANT_POLICY == 0:
             l_i = l_i * alpha + tl.sum(p, axis=1)
+            p_lo = p.to(DOT_DTYPE)
+            p_hi = p_lo
         else:
-            v_scale = tl.where(mask_n, v_scale, 0.0)  # past-the-context scales and mins may be anything (NaN)
-            v_min = tl.where(mask_n, v_min, 0.0)
+            # past-the-context scales and mins may be anything (NaN)
+            v_scale_lo = tl.where(mask_n, v_scale_lo, 0.0)
+            v_min_lo = tl.where(mask_n, v_min_lo, 0.0)
             l_acc = l_acc * alpha[:, None] + p
-            p_min_acc = p_min_acc * alpha[:, None] + p * v_min[None, :]
-            p = p * v_scale[None, :]
-        p = p.to(DOT_DTYPE)
-        acc_lo = tl.dot(p, v_lo, acc_lo * alpha[:, None], input_precision=DOT_PRECISION)
-        acc_hi = tl.dot(p, v_hi, acc_hi * alpha[:, None], input_precision=DOT_PRECISION)
+            p_min_lo_acc = p_min_lo_acc * alpha[:, None] + p * v_min_lo[None, :]
+            p_lo = (p * v_scale_lo[None, :]).to(DOT_DTYPE)
+            if GROUPS == 1:
+                p_hi = p_lo
+            else:
+                v_scale_hi = tl.where(mask_n, v_scale_hi, 0.0)
+                v_min_hi = tl.where(mask_n, v_min_hi, 0.0)
+                p_min_hi_acc = p_min_hi_acc * alpha[:, None] + p * v_min_hi[None, :]
+                p_hi = (p * v_scale_hi[None, :]).to(DOT_DTYPE)
+        acc_lo = tl.dot(p_lo, v_lo, acc_lo * alpha[:, None], input_precision=DOT_PRECISION)
+        acc_hi = tl.dot(p_hi, v_hi, acc_hi * alpha[:, None], input_precision=DOT_PRECISION)
 
     if QUANT_POLICY != 0:
         l_i = tl.sum(l_acc, axis=1)
-        p_min = tl.sum(p_min_acc, axis=1)
-        acc_lo += p_min[:, None]
-        acc_hi += p_min[:, None]
+        p_min_lo = tl.sum(p_min_lo_acc, axis=1)
+        acc_lo += p_min_lo[:, None]
+        if GROUPS == 1:
+            acc_hi += p_min_lo[:, None]
+        else:
+            acc_hi += tl.sum(p_min_hi_acc, axis=1)[:, None]
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # an empty split leaves l = 0: its output is 0, its lse -inf
     acc_lo = acc_lo / l_safe[:, None]
     acc_hi = acc_hi / l_safe[:, None]
+    if ROTATE:  # the output in the cache's rotated basis: rotate it back (H H = I), once normalized
+        if ROT_PRECISION == "ieee":
+            acc_lo, acc_hi = rotate_halves(acc_lo, acc_hi, rot_scale, HALF_D, "ieee")
+        else:  # on fp16 tensor cores: the fp32 FMA dot would spill registers
+            acc_lo, acc_hi = rotate_halves_fp16(acc_lo, acc_hi, rot_scale, HALF_D, True, 1)
     if not SPLIT or live == 1:  # one split holds the whole context: its output is final
         out_ptrs = out_ptr + batch * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptrs, acc_lo.to(out_ptr.dtype.element_ty), mask=mask_hd)
@@ -479,7 +557,7 @@ def decode_attention_launch(
     check_attention_inputs(q, k_cache, v_cache, k_scale_zero, v_scale_zero, block_tables, kv_lens, quant_policy)
     assert num_splits >= 1
     if quant_policy:
-        k_pairs, v_pairs = as_pairs(k_scale_zero), as_pairs(v_scale_zero)  # [nb, Hk, block_size] int32 / int64
+        k_pairs, v_pairs = as_pairs(k_scale_zero), as_pairs(v_scale_zero)  # [nb, Hk, G, block_size] int32 / int64
     else:
         k_pairs, v_pairs = k_cache, v_cache  # unused placeholders (QUANT_POLICY=0)
 
@@ -498,6 +576,7 @@ def decode_attention_launch(
     else:
         partial, lse, arrivals = out.unsqueeze(2), out, kv_lens  # unused placeholders with a single split
     dot_dtype, cvt, precision = _dot_types(q, quant_policy)
+    rotate, rot_scale = rotation_args(head_dim, quant_policy)
 
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q,
@@ -512,6 +591,7 @@ def decode_attention_launch(
         lse,
         arrivals,
         scale * LOG2E,
+        rot_scale,
         num_splits,
         q.stride(0),
         q.stride(1),
@@ -524,8 +604,10 @@ def decode_attention_launch(
         v_cache.stride(3),
         k_pairs.stride(0),
         k_pairs.stride(1),
+        group_stride(k_pairs) if quant_policy else 0,
         v_pairs.stride(0),
         v_pairs.stride(1),
+        group_stride(v_pairs) if quant_policy else 0,
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
@@ -536,6 +618,8 @@ def decode_attention_launch(
         lse.stride(1),
         GROUP=group,
         QUANT_POLICY=quant_policy,
+        GROUPS=KV_GROUPS[quant_policy] if quant_policy else 1,
+        ROTATE=rotate,
         BLOCK_SIZE=k_cache.shape[1],
         HALF_D=half_d,
         BLOCK_DH=max(16, triton.next_power_of_2(half_d)),  # tl.dot needs K >= 16
@@ -547,6 +631,7 @@ def decode_attention_launch(
         DOT_DTYPE=dot_dtype,
         CVT=cvt,
         DOT_PRECISION=precision,
+        ROT_PRECISION="ieee" if q.dtype == torch.float32 else "fp16",
         num_warps=num_warps,
         num_stages=num_stages,
         **launch_options(q),
@@ -561,7 +646,7 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # [B, max_blocks]
     kv_lens: torch.Tensor,  # [B], the new token included
     scale: float,
-    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, Hk, block_size, 2]
+    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, Hk, G, block_size, 2]
     v_scale_zero: torch.Tensor | None = None,
     quant_policy: int = 0,
 ) -> torch.Tensor:

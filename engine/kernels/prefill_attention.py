@@ -6,7 +6,9 @@ and chunked prefill (q_len < kv_len). Grid (q tiles, q heads, batch); a program 
 fp32) over the context tiles its rows can see, applying the causal mask only on the tiles that cross the
 diagonal. K/V come from the paged cache through per-token block-table lookups (any block size), dequantized
 in registers when quant_policy is 8 or 4. (Prefill reuses each dequantized tile for BLOCK_M query rows, so
-unlike decode it dequantizes K/V tiles outright.)
+unlike decode it dequantizes K/V tiles outright.) Quantized caches of a head_dim reference.kv_rotates hold K and V
+rotated by the Hadamard matrix H: the program rotates its q tile once (qH . kH = q . k) and its output once at the end
+(the P @ V sum is then in the rotated basis; H H = I).
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.paged_kv import LOG2E, as_pairs, check_attention_inputs, split_pairs
+from engine.kernels.paged_kv import (
+    LOG2E,
+    as_pairs,
+    check_attention_inputs,
+    group_stride,
+    rotate_halves,
+    rotate_halves_fp16,
+    rotation_args,
+    split_pairs,
+)
 
 
 @triton.jit
@@ -33,12 +44,13 @@ def _load_kv_tile(
     stride_cd,
     stride_szb,
     stride_szh,
+    stride_szg,
     stride_szs,
     QUANT_POLICY: tl.constexpr,
     HALF_D: tl.constexpr,
 ):
-    """(lo, hi) halves [BLOCK_N, BLOCK_DH] of BLOCK_N cached head vectors; fp32 when dequantized, else the cache
-    dtype. Masked tokens read as 0."""
+    """(lo, hi) halves [BLOCK_N, BLOCK_DH] of BLOCK_N cached head vectors (as stored: rotated when quantized); fp32
+    when dequantized, each half with its own (scale, min), else the cache dtype. Masked tokens read as 0."""
     mask = mask_n[:, None] & (offs_d[None, :] < HALF_D)
     rows = block_ids * stride_cb + block_offs * stride_cs + kv_head * stride_ch  # [BLOCK_N]
     ptrs = cache_ptr + rows[:, None] + offs_d[None, :] * stride_cd  # [BLOCK_N, BLOCK_DH]
@@ -51,17 +63,19 @@ def _load_kv_tile(
         hi = tl.load(ptrs + HALF_D * stride_cd, mask=mask, other=0)
     if QUANT_POLICY != 0:
         sz = sz_ptr + block_ids * stride_szb + kv_head * stride_szh + block_offs * stride_szs  # [BLOCK_N]
-        scale = tl.load(sz, mask=mask_n, other=0.0).to(tl.float32)
-        mn = tl.load(sz + 1, mask=mask_n, other=0.0).to(tl.float32)
-        lo = lo.to(tl.float32) * scale[:, None] + mn[:, None]
-        hi = hi.to(tl.float32) * scale[:, None] + mn[:, None]
+        scale_lo = tl.load(sz, mask=mask_n, other=0.0).to(tl.float32)
+        mn_lo = tl.load(sz + 1, mask=mask_n, other=0.0).to(tl.float32)
+        scale_hi = tl.load(sz + stride_szg, mask=mask_n, other=0.0).to(tl.float32)
+        mn_hi = tl.load(sz + stride_szg + 1, mask=mask_n, other=0.0).to(tl.float32)
+        lo = lo.to(tl.float32) * scale_lo[:, None] + mn_lo[:, None]
+        hi = hi.to(tl.float32) * scale_hi[:, None] + mn_hi[:, None]
     return lo, hi
 
 
 @triton.jit
 def _load_v_token_minor(
     cache_ptr,
-    pairs_ptr,  # the V scale_zero viewed as one int32 / int64 per (scale, min) pair: [num_blocks, Hk, block_size]
+    pairs_ptr,  # the V scale_zero viewed as one int32 / int64 per (scale, min) pair: [num_blocks, Hk, 2, block_size]
     block_table_ptr,
     start_n,
     block_ids,  # [BLOCK_N] int64 physical block of each token (masked entries: 0)
@@ -75,6 +89,7 @@ def _load_v_token_minor(
     stride_cd,
     stride_pb,
     stride_ph,
+    stride_pg,
     QUANT_POLICY: tl.constexpr,
     HALF_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -99,12 +114,15 @@ def _load_v_token_minor(
         lo = tl.load(ptrs, mask=mask_d, other=0)
         hi = tl.load(ptrs + HALF_D * stride_cd, mask=mask_d, other=0)
     # (scale, min) pairs read as one int32 / int64 each (paged_kv.split_pairs), unmasked like the codes
-    pairs = tl.load(pairs_ptr + ids * stride_pb + kv_head * stride_ph + block_offs)  # [BLOCK_N]
-    scale, mn = split_pairs(pairs)
-    scale = tl.where(mask_n, scale, 0.0)
-    mn = tl.where(mask_n, mn, 0.0)
-    lo = lo.to(tl.float32) * scale[None, :] + mn[None, :]
-    hi = hi.to(tl.float32) * scale[None, :] + mn[None, :]
+    pairs_at = pairs_ptr + ids * stride_pb + kv_head * stride_ph + block_offs  # [BLOCK_N]
+    scale_lo, mn_lo = split_pairs(tl.load(pairs_at))  # one pair per half
+    scale_hi, mn_hi = split_pairs(tl.load(pairs_at + stride_pg))
+    scale_lo = tl.where(mask_n, scale_lo, 0.0)
+    scale_hi = tl.where(mask_n, scale_hi, 0.0)
+    mn_lo = tl.where(mask_n, mn_lo, 0.0)
+    mn_hi = tl.where(mask_n, mn_hi, 0.0)
+    lo = lo.to(tl.float32) * scale_lo[None, :] + mn_lo[None, :]
+    hi = hi.to(tl.float32) * scale_hi[None, :] + mn_hi[None, :]
     return tl.trans(lo), tl.trans(hi)
 
 
@@ -120,6 +138,7 @@ def _prefill_kernel(
     kv_lens_ptr,
     out_ptr,
     qk_scale,  # softmax scale * log2(e)
+    rot_scale,  # ROTATE: 1 / sqrt(head_dim), the Hadamard matrix's scale
     stride_qt,
     stride_qh,
     stride_kcb,
@@ -132,9 +151,11 @@ def _prefill_kernel(
     stride_vcd,
     stride_kszb,
     stride_kszh,
+    stride_kszg,
     stride_kszs,
     stride_vszb,
     stride_vszh,
+    stride_vszg,
     stride_vszs,
     stride_btb,
     stride_ot,
@@ -142,8 +163,10 @@ def _prefill_kernel(
     v_pairs_ptr,  # V_TOKEN_MINOR: v_sz as pairs (as_pairs); else a placeholder
     stride_vpb,
     stride_vph,
+    stride_vpg,
     GROUP: tl.constexpr,
     QUANT_POLICY: tl.constexpr,
+    ROTATE: tl.constexpr,  # the cache holds Hadamard-rotated vectors: q is rotated, the output rotated back
     BLOCK_SIZE: tl.constexpr,
     HALF_D: tl.constexpr,
     BLOCK_DH: tl.constexpr,
@@ -151,6 +174,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     V_TOKEN_MINOR: tl.constexpr,  # quantized V stored token-minor (reference.py), as the model runner allocates it
     DOT_PRECISION: tl.constexpr,
+    ROT_PRECISION: tl.constexpr,  # the rotations: "ieee" (fp32 models) or anything else (fp16 dots)
 ):
     m_block = tl.program_id(0)
     head = tl.program_id(1)
@@ -174,6 +198,13 @@ def _prefill_kernel(
     q_ptrs = q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :]  # [BLOCK_M, BLOCK_DH]
     q_lo = tl.load(q_ptrs, mask=mask_md, other=0.0)
     q_hi = tl.load(q_ptrs + HALF_D, mask=mask_md, other=0.0)
+    if ROTATE:  # q H . k H = q . k
+        if ROT_PRECISION == "ieee":
+            r_lo, r_hi = rotate_halves(q_lo.to(tl.float32), q_hi.to(tl.float32), rot_scale, HALF_D, "ieee")
+        else:  # 16-bit q: exact in fp16 (bf16 within fp16's range), the dots accumulate in fp32
+            r_lo, r_hi = rotate_halves_fp16(q_lo, q_hi, rot_scale, HALF_D, False, 0)
+        q_lo = r_lo.to(q_ptr.dtype.element_ty)
+        q_hi = r_hi.to(q_ptr.dtype.element_ty)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -193,7 +224,8 @@ def _prefill_kernel(
 
         k_lo, k_hi = _load_kv_tile(k_cache_ptr, k_sz_ptr, block_ids, block_offs, kv_head, offs_d, mask_n,
                                    stride_kcb, stride_kcs, stride_kch, stride_kcd,
-                                   stride_kszb, stride_kszh, stride_kszs, QUANT_POLICY, HALF_D)  # [BLOCK_N, BLOCK_DH]
+                                   stride_kszb, stride_kszh, stride_kszg, stride_kszs, QUANT_POLICY,
+                                   HALF_D)  # [BLOCK_N, BLOCK_DH]
         s = tl.dot(q_lo, tl.trans(k_lo.to(q_lo.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         s = tl.dot(q_hi, tl.trans(k_hi.to(q_hi.dtype)), s, input_precision=DOT_PRECISION)
         s = s * qk_scale
@@ -210,18 +242,23 @@ def _prefill_kernel(
         if V_TOKEN_MINOR:
             v_lo, v_hi = _load_v_token_minor(v_cache_ptr, v_pairs_ptr, block_table_ptr, start_n, block_ids,
                                              block_offs, kv_head, offs_d, mask_n, stride_vcb, stride_vcs, stride_vch,
-                                             stride_vcd, stride_vpb, stride_vph, QUANT_POLICY, HALF_D, BLOCK_SIZE,
-                                             BLOCK_N)
+                                             stride_vcd, stride_vpb, stride_vph, stride_vpg, QUANT_POLICY, HALF_D,
+                                             BLOCK_SIZE, BLOCK_N)
         else:
             v_lo, v_hi = _load_kv_tile(v_cache_ptr, v_sz_ptr, block_ids, block_offs, kv_head, offs_d, mask_n,
                                        stride_vcb, stride_vcs, stride_vch, stride_vcd,
-                                       stride_vszb, stride_vszh, stride_vszs, QUANT_POLICY, HALF_D)
+                                       stride_vszb, stride_vszh, stride_vszg, stride_vszs, QUANT_POLICY, HALF_D)
         p = p.to(q_lo.dtype)
         acc_lo = tl.dot(p, v_lo.to(q_lo.dtype), acc_lo * alpha[:, None], input_precision=DOT_PRECISION)
         acc_hi = tl.dot(p, v_hi.to(q_lo.dtype), acc_hi * alpha[:, None], input_precision=DOT_PRECISION)
 
     acc_lo = acc_lo / l_i[:, None]
     acc_hi = acc_hi / l_i[:, None]
+    if ROTATE:  # the output in the cache's rotated basis: rotate it back (H H = I), once normalized
+        if ROT_PRECISION == "ieee":
+            acc_lo, acc_hi = rotate_halves(acc_lo, acc_hi, rot_scale, HALF_D, "ieee")
+        else:  # on fp16 tensor cores: the fp32 FMA dot would spill registers
+            acc_lo, acc_hi = rotate_halves_fp16(acc_lo, acc_hi, rot_scale, HALF_D, True, 1)
     out_ptrs = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(out_ptrs, acc_lo.to(out_ptr.dtype.element_ty), mask=mask_md)
     tl.store(out_ptrs + HALF_D, acc_hi.to(out_ptr.dtype.element_ty), mask=mask_md)
@@ -248,7 +285,8 @@ def prefill_attention_launch(
     check_attention_inputs(q, k_cache, v_cache, k_scale_zero, v_scale_zero, block_tables, kv_lens, quant_policy)
     assert cu_seqlens_q.shape == (batch + 1,) and cu_seqlens_q.is_contiguous(), "cu_seqlens_q must be [B + 1]"
     if not quant_policy:
-        k_scale_zero, v_scale_zero = k_cache, v_cache  # unused placeholders (QUANT_POLICY=0)
+        k_scale_zero, v_scale_zero = k_cache.unsqueeze(0), v_cache.unsqueeze(0)  # unused placeholders, 5-d like them
+    rotate, rot_scale = rotation_args(head_dim, quant_policy)
 
     out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)  # [num_tokens, Hq, D]
     if num_tokens == 0 or batch == 0 or max_seqlen_q <= 0:
@@ -268,6 +306,7 @@ def prefill_attention_launch(
         kv_lens,
         out,
         scale * LOG2E,
+        rot_scale,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -280,18 +319,22 @@ def prefill_attention_launch(
         v_cache.stride(3),
         k_scale_zero.stride(0),
         k_scale_zero.stride(1),
-        k_scale_zero.stride(2),
+        group_stride(k_scale_zero) if quant_policy else 0,
+        k_scale_zero.stride(3),
         v_scale_zero.stride(0),
         v_scale_zero.stride(1),
-        v_scale_zero.stride(2),
+        group_stride(v_scale_zero) if quant_policy else 0,
+        v_scale_zero.stride(3),
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
         v_pairs,
         v_pairs.stride(0),
         v_pairs.stride(1),
+        group_stride(v_pairs) if v_token_minor else 0,
         GROUP=num_q_heads // num_kv_heads,
         QUANT_POLICY=quant_policy,
+        ROTATE=rotate,
         BLOCK_SIZE=k_cache.shape[1],
         HALF_D=half_d,
         BLOCK_DH=max(16, triton.next_power_of_2(half_d)),  # tl.dot needs K >= 16
@@ -299,6 +342,7 @@ def prefill_attention_launch(
         BLOCK_N=block_n,
         V_TOKEN_MINOR=v_token_minor,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        ROT_PRECISION="ieee" if q.dtype == torch.float32 else "fp16",
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -313,7 +357,7 @@ def paged_prefill_attention(
     cu_seqlens_q: torch.Tensor,  # [B + 1] offsets of each sequence's new tokens in q
     kv_lens: torch.Tensor,  # [B] tokens in cache per sequence, new ones included (already stored)
     scale: float,
-    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, Hk, block_size, 2]
+    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, Hk, G, block_size, 2]
     v_scale_zero: torch.Tensor | None = None,
     quant_policy: int = 0,
     max_seqlen_q: int | None = None,  # host-side hint; computing it from cu_seqlens_q syncs the device

@@ -11,17 +11,26 @@ Paged KV cache layout (one pair of tensors per layer):
         a [num_blocks, num_kv_heads, head_dim_stored, block_size] tensor viewed through .permute(0, 3, 1, 2).
         (Decode's P @ V dot reduces over tokens; with a block's tokens adjacent, 8-bit codes reach it four to a
         word instead of byte by byte.) Code below indexes logically and works with either storage.
-    k_scale_zero, v_scale_zero: [num_blocks, num_kv_heads, block_size, 2], only when quantized: [b, h, s] is the
-        (scale, min) pair of the token in slot s of block b, head h; fp32 for fp32 models, else fp16. (Head-major,
-        so a block's pairs for one head are contiguous: decode loads a tile's worth with one vector load.)
-Quantization is asymmetric, per token and per head, with the zero point stored as the vector's minimum:
-q = clamp(round((x - min) / scale), 0, 2**bits - 1), x ~= q * scale + min. (Storing min rather than an integer
-zero point keeps both numbers representable in fp16: a zero point of -min / scale overflows fp16 for vectors
-whose range is tiny next to their mean, and a constant vector would need scale 0.)
+    k_scale_zero, v_scale_zero: [num_blocks, num_kv_heads, G, block_size, 2], only when quantized: [b, h, g, s] is
+        the (scale, min) pair of group g of the token in slot s of block b, head h; G = KV_GROUPS[quant_policy]: int4
+        has one pair per half (g = 0: elements d < head_dim / 2, g = 1: the rest), int8 one for the whole vector.
+        fp32 for fp32 models, else fp16. (Head-major, then group, so a block's pairs for one head and group are
+        contiguous: decode loads a tile's worth with one vector load.)
+Quantization (kv_rotates / quantize_kv): a head vector is first rotated by the orthonormal Hadamard matrix of
+head_dim (when head_dim / 2 is a power of two >= 16; Sylvester order, so H = [[A, A], [A, -A]] on the halves and
+H = H^T = H^-1), which spreads outlier channels over the whole vector; then each group (int4: each half, int8: the
+vector) is quantized asymmetrically on its own, with the zero point stored as the clipped minimum:
+q = clamp(round((x - min) / scale), 0, 2**bits - 1), x ~= q * scale + min. int4 picks, per half, the clipping ratio r
+of KV_CLIP_RATIOS (min = r * min(x), max = r * max(x)) with the smallest squared error. The cache thus holds K H and
+V H: attention kernels rotate q (q.k = qH . kH) and rotate the attention output back (sum p_n v_n = (sum p_n v_n H) H).
+(Storing min rather than an integer zero point keeps both numbers representable in fp16: a zero point of -min / scale
+overflows fp16 for vectors whose range is tiny next to their mean, and a constant vector would need scale 0.)
 A token's slot is block_id * block_size + offset; slot_mapping gives each new token's slot (-1: skip).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -65,25 +74,69 @@ def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return F.linear(silu_and_mul(x), weight, bias)
 
 
+KV_CLIP_RATIOS = {8: (1.0,), 4: tuple((40 - i) / 40 for i in range(8))}  # bits -> clipping ratios searched
+KV_GROUPS = {8: 1, 4: 2}  # bits -> (scale, min) groups per head vector: int4 one per half (+4 bytes a head)
+
+
+def kv_rotates(head_dim: int) -> bool:
+    """Whether quantized caches of this head_dim hold Hadamard-rotated vectors (head_dim / 2 a power of two >= 16:
+    the kernels' rotation is a 16-bit-exact tl.dot with a [head_dim / 2]^2 matrix of signs)."""
+    half = head_dim // 2
+    return head_dim % 2 == 0 and half >= 16 and half & (half - 1) == 0
+
+
+def hadamard(head_dim: int, device=None) -> torch.Tensor:
+    """The orthonormal Sylvester Hadamard matrix [head_dim, head_dim] fp32: entry (i, j) = (-1)^popcount(i & j) /
+    sqrt(head_dim). Symmetric and its own inverse."""
+    i = torch.arange(head_dim, device=device)
+    bits = i[:, None] & i[None, :]
+    parity = torch.zeros_like(bits)
+    while bool(bits.any()):
+        parity ^= bits & 1
+        bits = bits >> 1
+    return (1.0 - 2.0 * parity.float()) / math.sqrt(head_dim)
+
+
 def quantize_kv(x: torch.Tensor, bits: int):
-    """x: [N, H, D] -> (q uint8 [N, H, D or D // 2], scale_zero [N, H, 2] float32 holding (scale, min))."""
+    """x: [N, H, D] -> (q uint8 [N, H, D or D // 2], scale_zero [N, H, G, 2] float32 holding (scale, min) per group),
+    of x rotated when kv_rotates(D) (the layout notes above)."""
     qmax = (1 << bits) - 1
     xf = x.float()
-    mn, mx = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
-    scale = ((mx - mn) / qmax).clamp_min(1e-8)
-    q = torch.clamp(torch.round((xf - mn) / scale), 0, qmax).to(torch.uint8)
+    head_dim = xf.shape[-1]
+    if kv_rotates(head_dim):
+        xf = xf @ hadamard(head_dim, xf.device)
+    groups = KV_GROUPS[bits]
+    xf = xf.unflatten(-1, (groups, head_dim // groups))  # [N, H, G, D / G]
+    mn0, mx0 = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+    best = None
+    for r in torch.tensor(KV_CLIP_RATIOS[bits], dtype=torch.float32).tolist():  # fp32 ratios, first best kept
+        mn, mx = mn0 * r, mx0 * r
+        scale = ((mx - mn) / qmax).clamp_min(1e-8)
+        q = torch.clamp(torch.round((xf - mn) / scale), 0, qmax)
+        err = (q * scale + mn - xf).square().sum(-1, keepdim=True)
+        if best is None:
+            best = (q, scale, mn, err)
+        else:
+            better = err < best[3]
+            best = tuple(torch.where(better, new, old) for new, old in zip((q, scale, mn, err), best))
+    q, scale, mn, _ = best
+    q = q.to(torch.uint8).flatten(-2)
     if bits == 4:
-        half = q.shape[-1] // 2
-        q = q[..., :half] | (q[..., half:] << 4)
+        q = q[..., : head_dim // 2] | (q[..., head_dim // 2 :] << 4)
     return q, torch.cat([scale, mn], dim=-1)
 
 
 def dequantize_kv(q: torch.Tensor, scale_zero: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of quantize_kv: q [..., D or D // 2] uint8, scale_zero [..., 2] -> [..., D] dtype."""
+    """Inverse of quantize_kv (rotation undone): q [..., D or D // 2] uint8, scale_zero [..., G, 2] -> [..., D]."""
     if bits == 4:
         q = torch.cat([q & 0xF, q >> 4], dim=-1)
-    scale, mn = scale_zero[..., :1].float(), scale_zero[..., 1:].float()
-    return (q.float() * scale + mn).to(dtype)
+    head_dim = q.shape[-1]
+    scale, mn = scale_zero[..., :1].float(), scale_zero[..., 1:].float()  # [..., G, 1]
+    groups = scale_zero.shape[-2]
+    x = (q.unflatten(-1, (groups, head_dim // groups)).float() * scale + mn).flatten(-2)
+    if kv_rotates(head_dim):
+        x = x @ hadamard(head_dim, x.device)
+    return x.to(dtype)
 
 
 def store_kv(
@@ -107,9 +160,9 @@ def store_kv(
         v_cache[blocks, offsets] = v.to(v_cache.dtype)
         return
     for x, cache, sz in ((k, k_cache, k_scale_zero), (v, v_cache, v_scale_zero)):
-        q, scale_zero = quantize_kv(x, quant_policy)  # [N, Hk, D or D // 2], [N, Hk, 2]
+        q, scale_zero = quantize_kv(x, quant_policy)  # [N, Hk, D or D // 2], [N, Hk, G, 2]
         cache[blocks, offsets] = q
-        sz[blocks, :, offsets] = scale_zero.to(sz.dtype)  # indices split by a slice: indexed dim first, [N, Hk, 2]
+        sz[blocks, :, :, offsets] = scale_zero.to(sz.dtype)  # indices split by slices: indexed dim first
 
 
 def rotary_store_kv(
@@ -148,7 +201,7 @@ def gather_kv(
     x = cache[ids].flatten(0, 1)[:length]
     if quant_policy == 0:
         return x.to(dtype)
-    sz = scale_zero[ids].transpose(1, 2).flatten(0, 1)[:length]  # [nb, Hk, bs, 2] -> [length, Hk, 2]
+    sz = scale_zero[ids].permute(0, 3, 1, 2, 4).flatten(0, 1)[:length]  # [nb, Hk, G, bs, 2] -> [length, Hk, G, 2]
     return dequantize_kv(x, sz, quant_policy, dtype)
 
 

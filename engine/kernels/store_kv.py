@@ -3,11 +3,14 @@ position embedding optionally fused in (rotary_store_kv).
 
 Grid (tokens, 2): one program writes one token's keys (or values) for every kv head, so a decode step's few
 tokens get K and V written in parallel. Cache layout and quantization are those documented at the top of
-reference.py: quant_policy 8 stores uint8 codes, 4 packs two codes per byte as halves (byte j = element j low
-nibble | element j + D/2 high nibble), each with a per-token, per-head (scale, min) pair: x ~= q * scale + min,
-stored as [num_blocks, Hk, block_size, 2]. Caches are addressed through all four strides, so the token-minor
-quantized V layout (head_dim stride = block_size) needs no special case. Head vectors are handled as two halves
-throughout, which is exactly the int4 packing, and slot -1 is skipped.
+reference.py: quantized vectors are first rotated by the Hadamard matrix of head_dim (when reference.kv_rotates; a
+pair of tensor-core dots with a sign matrix made in registers, paged_kv.rotate_halves*); quant_policy 8 stores uint8
+codes with one (scale, min) pair per token and head, 4 packs two codes per byte as halves (byte j = element j low
+nibble | element j + D/2 high nibble) with a pair per half, each half's clipping ratio picked by squared error (a
+loop over reference.KV_CLIP_RATIOS): x ~= q * scale + min, pairs stored as [num_blocks, Hk, G, block_size, 2].
+Caches are addressed through all four strides, so the token-minor quantized V layout (head_dim stride = block_size)
+needs no special case. Head vectors are handled as two halves throughout, which is exactly the int4 packing, and
+slot -1 is skipped.
 
 rotary_store_kv is rotary.apply_rotary followed by store_kv in one launch (ROPE=True), one kernel fewer per decoder
 layer. Rotate-half RoPE works on the same two halves, so it slots in between the loads and the stores: the key
@@ -30,8 +33,19 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.paged_kv import (
+    CLIP_DENOM,
+    check_scale_zero,
+    group_stride,
+    rotate_halves,
+    rotate_halves_fp16,
+    rotation_args,
+)
 from engine.kernels.pdl import launch_options, release_next, wait_for_previous
+from engine.kernels.reference import KV_CLIP_RATIOS, KV_GROUPS
 from engine.kernels.rotary import rotate_half, rotate_heads
+
+_CLIP_DENOM = tl.constexpr(CLIP_DENOM)
 
 
 @triton.jit
@@ -89,6 +103,50 @@ def _store_heads(
 
 
 @triton.jit
+def _row_range(x, mask, valid):
+    """x: [BLOCK_T, BLOCK_DH] fp32 -> (min, max) per row over `mask` (0 for skipped tokens: the math stays finite)."""
+    inf = float("inf")
+    mn = tl.min(tl.where(mask, x, inf), axis=1)  # [BLOCK_T]
+    mx = tl.max(tl.where(mask, x, -inf), axis=1)
+    return tl.where(valid, mn, 0.0), tl.where(valid, mx, 0.0)
+
+
+@triton.jit
+def _quantize_half(x, mn0, mx0, mask, QMAX: tl.constexpr, NUM_CLIPS: tl.constexpr):
+    """x: [BLOCK_T, BLOCK_DH] fp32 halves of BLOCK_T vectors, their group's range (mn0, mx0) -> (codes uint8, scale,
+    min) per row: the clipping ratio (CLIP_DENOM - i) / CLIP_DENOM (paged_kv.py), i < NUM_CLIPS, with the smallest
+    squared error (the first on a tie), as reference.quantize_kv picks it (NUM_CLIPS > 1: one group per half)."""
+    inf = float("inf")
+    if NUM_CLIPS == 1:
+        mn = mn0
+        scale = tl.maximum(tl.math.div_rn(mx0 - mn0, QMAX * 1.0), 1e-8)
+    else:
+        best_err = tl.full(mn0.shape, inf, tl.float32)
+        mn = mn0
+        scale = tl.full(mn0.shape, 1.0, tl.float32)
+        for i in range(NUM_CLIPS):  # a loop, not unrolled: fewer live registers
+            # correctly rounded, so the very fp32 numbers of the reference's ratios (checked for these)
+            denom = tl.full(mn0.shape, _CLIP_DENOM, tl.float32)
+            ratio = tl.math.div_rn(denom - i, denom)
+            c_mn = mn0 * ratio
+            c_scale = tl.maximum(tl.math.div_rn(mx0 * ratio - c_mn, QMAX * 1.0), 1e-8)
+            c_inv = tl.math.div_rn(tl.full(mn0.shape, 1.0, tl.float32), c_scale)
+            q = tl.minimum(tl.maximum(_round_half_even((x - c_mn[:, None]) * c_inv[:, None]), 0.0), QMAX)
+            d = q * c_scale[:, None] + c_mn[:, None] - x
+            err = tl.sum(tl.where(mask, d * d, 0.0), axis=1)
+            better = err < best_err
+            best_err = tl.where(better, err, best_err)
+            mn = tl.where(better, c_mn, mn)
+            scale = tl.where(better, c_scale, scale)
+    # one reciprocal per token instead of a division per element (a correctly rounded division is a branchy
+    # instruction sequence); the product is within an ulp of the quotient, so a code can differ from
+    # reference.quantize_kv only when (x - min) / scale lies within an ulp of a rounding tie
+    inv = tl.math.div_rn(tl.full(mn0.shape, 1.0, tl.float32), scale)
+    q = tl.minimum(tl.maximum(_round_half_even((x - mn[:, None]) * inv[:, None]), 0.0), QMAX).to(tl.uint8)
+    return q, scale, mn
+
+
+@triton.jit
 def _store_quantized_tile(
     x_ptr,
     cache_ptr,
@@ -99,6 +157,7 @@ def _store_quantized_tile(
     tile,
     head,
     num_tokens,
+    rot_scale,
     stride_xn,
     stride_xh,
     stride_cb,
@@ -107,18 +166,24 @@ def _store_quantized_tile(
     stride_cd,
     stride_szb,
     stride_szh,
+    stride_szg,
     stride_szs,
     stride_cosn,
     stride_sinn,
     ROPE: tl.constexpr,
+    ROTATE: tl.constexpr,
     QUANT_POLICY: tl.constexpr,
+    GROUPS: tl.constexpr,
+    NUM_CLIPS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HALF_D: tl.constexpr,
     BLOCK_DH: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """BLOCK_T tokens' vectors of one kv head: quantized per token, codes and (scale, min) stored. ROPE: the
-    vectors are rotated first and rounded to x's dtype, so the codes are those of the rotated, stored-back k."""
+    """BLOCK_T tokens' vectors of one kv head: rotated (ROTATE), quantized per token and half, codes and (scale,
+    min) pairs stored. ROPE: the vectors are RoPE-rotated first and rounded to x's dtype, so the codes are those of
+    the rotated, stored-back k."""
     QMAX: tl.constexpr = (1 << QUANT_POLICY) - 1
     rows = tl.arange(0, BLOCK_T)
     offs_t = tile * BLOCK_T + rows  # [BLOCK_T] token indices
@@ -136,19 +201,21 @@ def _store_quantized_tile(
         r1, r2 = rotate_half(x1, x2, cos, sin)
         x1 = r1.to(x_ptr.dtype.element_ty).to(tl.float32)
         x2 = r2.to(x_ptr.dtype.element_ty).to(tl.float32)
+    if ROTATE:  # BLOCK_DH == HALF_D here (reference.kv_rotates); x holds 16-bit values (or fp32: "ieee")
+        if PRECISION == "fp16":
+            x1, x2 = rotate_halves_fp16(x1, x2, rot_scale, HALF_D, False, 0)
+        else:
+            x1, x2 = rotate_halves(x1, x2, rot_scale, HALF_D, PRECISION)
 
-    inf = float("inf")
-    mn = tl.min(tl.minimum(tl.where(mask, x1, inf), tl.where(mask, x2, inf)), axis=1)  # [BLOCK_T]
-    mx = tl.max(tl.maximum(tl.where(mask, x1, -inf), tl.where(mask, x2, -inf)), axis=1)
-    mn = tl.where(valid, mn, 0.0)  # skipped tokens: keep the math finite
-    mx = tl.where(valid, mx, 0.0)
-    scale = tl.maximum(tl.math.div_rn(mx - mn, QMAX * 1.0), 1e-8)
-    # one reciprocal per token instead of a division per element (a correctly rounded division is a branchy
-    # instruction sequence); the product is within an ulp of the quotient, so a code can differ from
-    # reference.quantize_kv only when (x - min) / scale lies within an ulp of a rounding tie
-    inv = tl.math.div_rn(tl.full([BLOCK_T], 1.0, tl.float32), scale)
-    q1 = tl.minimum(tl.maximum(_round_half_even((x1 - mn[:, None]) * inv[:, None]), 0.0), QMAX).to(tl.uint8)
-    q2 = tl.minimum(tl.maximum(_round_half_even((x2 - mn[:, None]) * inv[:, None]), 0.0), QMAX).to(tl.uint8)
+    mn1, mx1 = _row_range(x1, mask, valid)
+    mn2, mx2 = _row_range(x2, mask, valid)
+    if GROUPS == 1:  # one (scale, min) for the whole vector
+        mn1 = tl.minimum(mn1, mn2)
+        mx1 = tl.maximum(mx1, mx2)
+        mn2 = mn1
+        mx2 = mx1
+    q1, scale1, mn1 = _quantize_half(x1, mn1, mx1, mask, QMAX, NUM_CLIPS)
+    q2, scale2, mn2 = _quantize_half(x2, mn2, mx2, mask, QMAX, NUM_CLIPS)
     if QUANT_POLICY == 4:
         q1 = q1 | (q2 << 4)
 
@@ -163,13 +230,13 @@ def _store_quantized_tile(
         run = off0 + rows  # [BLOCK_T] consecutive offsets inside block slot0 // BLOCK_SIZE
         run_dst = cache_ptr + (slot0 // BLOCK_SIZE) * stride_cb + head * stride_ch + run[:, None] * stride_cs
         run_sz = sz_ptr + (slot0 // BLOCK_SIZE) * stride_szb + head * stride_szh + run * stride_szs
-        _store_codes(run_dst + offs_d[None, :] * stride_cd, run_sz, q1, q2, scale, mn, mask, valid, stride_cd,
-                     QUANT_POLICY, HALF_D)
+        _store_codes(run_dst + offs_d[None, :] * stride_cd, run_sz, q1, q2, scale1, mn1, scale2, mn2, mask, valid,
+                     stride_cd, stride_szg, QUANT_POLICY, GROUPS, HALF_D)
     else:
         rows_at = (slot // BLOCK_SIZE) * stride_cb + head * stride_ch + (slot % BLOCK_SIZE) * stride_cs  # [BLOCK_T]
         pairs_at = (slot // BLOCK_SIZE) * stride_szb + head * stride_szh + (slot % BLOCK_SIZE) * stride_szs
-        _store_codes(cache_ptr + rows_at[:, None] + offs_d[None, :] * stride_cd, sz_ptr + pairs_at, q1, q2, scale,
-                     mn, mask, valid, stride_cd, QUANT_POLICY, HALF_D)
+        _store_codes(cache_ptr + rows_at[:, None] + offs_d[None, :] * stride_cd, sz_ptr + pairs_at, q1, q2, scale1,
+                     mn1, scale2, mn2, mask, valid, stride_cd, stride_szg, QUANT_POLICY, GROUPS, HALF_D)
 
 
 @triton.jit
@@ -215,12 +282,16 @@ def _rotate_q_tile(
 
 
 @triton.jit
-def _store_codes(dst, sz, q1, q2, scale, mn, mask, valid, stride_cd, QUANT_POLICY: tl.constexpr, HALF_D: tl.constexpr):
+def _store_codes(dst, sz, q1, q2, scale1, mn1, scale2, mn2, mask, valid, stride_cd, stride_szg,
+                 QUANT_POLICY: tl.constexpr, GROUPS: tl.constexpr, HALF_D: tl.constexpr):
     tl.store(dst, q1, mask=mask)
     if QUANT_POLICY == 8:
         tl.store(dst + HALF_D * stride_cd, q2, mask=mask)
-    tl.store(sz, scale.to(sz.dtype.element_ty), mask=valid)
-    tl.store(sz + 1, mn.to(sz.dtype.element_ty), mask=valid)
+    tl.store(sz, scale1.to(sz.dtype.element_ty), mask=valid)
+    tl.store(sz + 1, mn1.to(sz.dtype.element_ty), mask=valid)
+    if GROUPS == 2:
+        tl.store(sz + stride_szg, scale2.to(sz.dtype.element_ty), mask=valid)
+        tl.store(sz + stride_szg + 1, mn2.to(sz.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -302,6 +373,7 @@ def _store_quantized_kernel(
     slot_ptr,
     num_tokens,
     q_per_kv,
+    rot_scale,
     stride_qn,
     stride_qh,
     stride_cosn,
@@ -320,16 +392,22 @@ def _store_quantized_kernel(
     stride_vcd,
     stride_kszb,
     stride_kszh,
+    stride_kszg,
     stride_kszs,
     stride_vszb,
     stride_vszh,
+    stride_vszg,
     stride_vszs,
     ROPE: tl.constexpr,
+    ROTATE: tl.constexpr,
     QUANT_POLICY: tl.constexpr,
+    GROUPS: tl.constexpr,
+    NUM_CLIPS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HALF_D: tl.constexpr,
     BLOCK_DH: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """Quantized caches: grid (token tiles, 2, or 3 with ROPE, kv heads), BLOCK_T tokens' keys (axis 1 = 0,
@@ -342,14 +420,16 @@ def _store_quantized_kernel(
     head = tl.program_id(2)
     if which == 0:
         _store_quantized_tile(k_ptr, k_cache_ptr, k_sz_ptr, slot_ptr, cos_ptr, sin_ptr, tile, head, num_tokens,
-                              stride_kn, stride_kh, stride_kcb, stride_kcs, stride_kch, stride_kcd, stride_kszb,
-                              stride_kszh, stride_kszs, stride_cosn, stride_sinn, ROPE, QUANT_POLICY, BLOCK_SIZE,
-                              HALF_D, BLOCK_DH, BLOCK_T)
+                              rot_scale, stride_kn, stride_kh, stride_kcb, stride_kcs, stride_kch, stride_kcd,
+                              stride_kszb, stride_kszh, stride_kszg, stride_kszs, stride_cosn, stride_sinn, ROPE,
+                              ROTATE, QUANT_POLICY, GROUPS, NUM_CLIPS, BLOCK_SIZE, HALF_D, BLOCK_DH, BLOCK_T,
+                              PRECISION)
     elif which == 1:
         _store_quantized_tile(v_ptr, v_cache_ptr, v_sz_ptr, slot_ptr, cos_ptr, sin_ptr, tile, head, num_tokens,
-                              stride_vn, stride_vh, stride_vcb, stride_vcs, stride_vch, stride_vcd, stride_vszb,
-                              stride_vszh, stride_vszs, stride_cosn, stride_sinn, False, QUANT_POLICY, BLOCK_SIZE,
-                              HALF_D, BLOCK_DH, BLOCK_T)
+                              rot_scale, stride_vn, stride_vh, stride_vcb, stride_vcs, stride_vch, stride_vcd,
+                              stride_vszb, stride_vszh, stride_vszg, stride_vszs, stride_cosn, stride_sinn, False,
+                              ROTATE, QUANT_POLICY, GROUPS, NUM_CLIPS, BLOCK_SIZE, HALF_D, BLOCK_DH, BLOCK_T,
+                              PRECISION)
     else:
         if ROPE:  # (launched only with ROPE; the constexpr keeps the code out of plain store_kv)
             _rotate_q_tile(q_ptr, cos_ptr, sin_ptr, tile, head, num_tokens, q_per_kv, stride_qn, stride_qh,
@@ -371,9 +451,7 @@ def _check_kv(k, v, k_cache, v_cache, slot_mapping, k_scale_zero, v_scale_zero, 
     if quant_policy:
         assert k_cache.dtype == torch.uint8 and v_cache.dtype == torch.uint8, "quantized caches are uint8"
         for sz in (k_scale_zero, v_scale_zero):
-            nb, bs, hk = k_cache.shape[:3]
-            assert sz is not None and sz.shape == (nb, hk, bs, 2), "scale_zero must be [nb, Hk, block_size, 2]"
-            assert sz.stride(-1) == 1, "scale_zero last dim must be contiguous"
+            check_scale_zero(sz, k_cache, quant_policy)
 
 
 def _launch(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale_zero, v_scale_zero, quant_policy) -> None:
@@ -400,11 +478,18 @@ def _launch(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale_zero, v_s
         )
         return
     block_t = 32 if k.is_cuda else 16  # interpreter: small tiles, so the CPU tests cross them
+    rotate, rot_scale = rotation_args(head_dim, quant_policy)
     _store_quantized_kernel[(triton.cdiv(num_tokens, block_t), programs_per_tile, num_kv_heads)](
         q, k, v, cos, sin, k_cache, v_cache, k_scale_zero, v_scale_zero, slot_mapping, num_tokens,
-        q.shape[1] // num_kv_heads, *rope_strides, *strides, *k_scale_zero.stride()[:3], *v_scale_zero.stride()[:3],
+        q.shape[1] // num_kv_heads, rot_scale, *rope_strides, *strides,
+        *[s for sz in (k_scale_zero, v_scale_zero)
+          for s in (sz.stride(0), sz.stride(1), group_stride(sz), sz.stride(3))],
         ROPE=rope,
+        ROTATE=rotate,
         QUANT_POLICY=quant_policy,
+        GROUPS=KV_GROUPS[quant_policy],
+        NUM_CLIPS=len(KV_CLIP_RATIOS[quant_policy]),
+        PRECISION={torch.float32: "ieee", torch.float16: "fp16"}.get(k.dtype, "tf32"),  # exact for 16-bit values
         BLOCK_SIZE=k_cache.shape[1],
         HALF_D=half_d,
         BLOCK_DH=triton.next_power_of_2(half_d),
@@ -420,7 +505,7 @@ def store_kv(
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hk, D or D // 2]
     v_cache: torch.Tensor,  # same shape; quantized: may be token-minor (reference.py)
     slot_mapping: torch.Tensor,  # [N] int, -1 = skip
-    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, Hk, block_size, 2]
+    k_scale_zero: torch.Tensor | None = None,  # [num_blocks, Hk, G, block_size, 2]
     v_scale_zero: torch.Tensor | None = None,
     quant_policy: int = 0,
 ) -> None:

@@ -37,7 +37,7 @@ def make_paged_kv(kv_lens, num_kv_heads, head_dim, block_size, quant_policy, dty
         k_cache = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
         v_cache = new_quantized_v_cache(shape, device, v_token_minor)
         sz_dtype = torch.float32 if dtype == torch.float32 else torch.float16
-        sz_shape = (num_blocks, num_kv_heads, block_size, 2)  # (scale, min) pairs, head-major
+        sz_shape = (num_blocks, num_kv_heads, reference.KV_GROUPS[quant_policy], block_size, 2)  # head-major
         k_sz = torch.full(sz_shape, float("nan"), dtype=sz_dtype, device=device)
         v_sz = torch.full(sz_shape, float("nan"), dtype=sz_dtype, device=device)
 

@@ -56,8 +56,9 @@ def test_paged_prefill_attention(dtype, num_q_heads, num_kv_heads, block_size, q
     _check(q_lens, kv_lens, num_q_heads, num_kv_heads, 64, block_size, quant_policy, dtype, DEVICE)
 
 
-def test_paged_prefill_attention_head_dim_128(poison_empty):
-    _check([5, 18], [21, 18], 4, 1, 128, 8, 8, torch.float16, DEVICE, pass_max_seqlen=False)  # GQA 4:1
+@pytest.mark.parametrize("quant_policy", [8, 4])
+def test_paged_prefill_attention_head_dim_128(quant_policy, poison_empty):
+    _check([5, 18], [21, 18], 4, 1, 128, 8, quant_policy, torch.float16, DEVICE, pass_max_seqlen=False)  # GQA 4:1
 
 
 @pytest.mark.parametrize("quant_policy", [0, 4])

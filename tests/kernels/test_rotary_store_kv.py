@@ -21,7 +21,7 @@ from engine.kernels.rotary import apply_rotary
 from engine.kernels.store_kv import rotary_store_kv, store_kv
 
 from .conftest import DEVICE, requires_cuda
-from .test_store_kv import CODE_TOLERANCE, _caches, _codes
+from .test_store_kv import _caches, assert_quantized_match
 
 
 def _qkv(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, device):
@@ -58,14 +58,20 @@ def _check(num_tokens, num_q_heads, num_kv_heads, head_dim, block_size, num_bloc
     exact = torch.device(device).type != "cuda"
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]  # about two ulps
 
-    def same(got, expected, codes_of_policy=0):
+    def same(got, expected):
         if exact:
             assert torch.equal(got.nan_to_num(123.0), expected.nan_to_num(123.0))
-        elif codes_of_policy:
-            diff = (_codes(got, codes_of_policy) - _codes(expected, codes_of_policy)).abs()
-            assert diff.max() <= 1 and (diff > 0).float().mean() <= 2e-2
         else:
             torch.testing.assert_close(got, expected, atol=tol, rtol=tol, equal_nan=True)
+
+    def same_caches(got, expected):  # [k, v, k pairs, v pairs]
+        if exact or not quant_policy:
+            for g, e in zip(got, expected):
+                if e is not None:
+                    same(g, e)
+        else:
+            for i in range(2):
+                assert_quantized_match(got[i], expected[i], got[i + 2], expected[i + 2], quant_policy)
 
     if slots is None:  # scattered slots, some of them padding
         slots = torch.randperm(num_blocks * block_size, device=device)[:num_tokens]
@@ -88,9 +94,7 @@ def _check(num_tokens, num_q_heads, num_kv_heads, head_dim, block_size, num_bloc
     q_size = num_q_heads * head_dim
     same(qkv[:, :q_size], qkv_two[:, :q_size])  # q as apply_rotary leaves it
     assert torch.equal(qkv[:, q_size:], qkv_before[:, q_size:])  # k and v untouched
-    for i, (g, e) in enumerate(zip(fused, two)):  # caches and (scale, min) pairs: the same bytes
-        if e is not None:
-            same(g, e, quant_policy if i < 2 else 0)
+    same_caches(fused, two)  # caches and (scale, min) pairs: the same bytes
 
     if not against_reference:
         return
@@ -100,16 +104,11 @@ def _check(num_tokens, num_q_heads, num_kv_heads, head_dim, block_size, num_bloc
     reference.rotary_store_kv(q_ref, k_ref, v_ref, cos, sin, *expected[:2], slots, *expected[2:], quant_policy)
     assert torch.equal(k_ref, k)  # the reference leaves k alone too
     same(q, q_ref)
-    max_diff, max_fraction = CODE_TOLERANCE[quant_policy]
-    for g, e in zip(fused[:2], expected[:2]):
+    for i in range(2):
         if quant_policy == 0:
-            same(g, e)
+            same(fused[i], expected[i])
         else:
-            diff = (_codes(g, quant_policy) - _codes(e, quant_policy)).abs()
-            assert diff.max() <= max_diff and (diff > 0).float().mean() <= max_fraction
-    for g, e in zip(fused[2:], expected[2:]):
-        if e is not None:
-            torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6, equal_nan=True)
+            assert_quantized_match(fused[i], expected[i], fused[i + 2], expected[i + 2], quant_policy)
 
 
 @pytest.mark.parametrize("quant_policy", [0, 8, 4])
