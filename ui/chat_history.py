@@ -57,6 +57,15 @@ def path(conv: dict) -> list[dict]:
     return out
 
 
+def path_to(conv: dict, node_id: str) -> list[dict]:
+    """The messages from the first one down to `node_id` (whatever branch it is on)."""
+    nodes, out = conv["nodes"], []
+    while node_id != ROOT:
+        out.append(nodes[node_id])
+        node_id = nodes[node_id]["parent"]
+    return out[::-1]
+
+
 def last_id(conv: dict) -> str:
     shown = path(conv)
     return shown[-1]["id"] if shown else ROOT
