@@ -161,7 +161,8 @@ def build_compare_tab(state: StudioState):
             with gr.Row():
                 session_lens = gr.Textbox(label="Session lengths", value="256" if cpu else "2048, 4096",
                                           elem_id="compare-session-lens")
-                fractions = gr.Textbox(label="Cache fraction (cache_max_entry_count)", value="0.8",
+                fractions = gr.Textbox(label="Cache fraction", value="0.8",
+                                       info="cache_max_entry_count; several: 0.5, 0.8",
                                        elem_id="compare-fractions")
                 gpu_memory = gr.Dropdown(GPU_CHOICES, value="local" if not cpu else "80", label="GPU memory (plan)",
                                          elem_id="compare-gpu")
@@ -243,6 +244,7 @@ def build_compare_tab(state: StudioState):
         if current.error is not None:
             table, chart_v, files_v, _ = results_outputs(store)
             return table, chart_v, files_v, error_html("Comparison failed", friendly_error(current.error))
+        _remember_for_library(state, spec.model, current.result)
         with store.lock:
             store.result = current.result
             store.files = [str(out_dir / n) for n in ("compare.json", "compare.md", "compare.png")]
@@ -260,6 +262,18 @@ def build_compare_tab(state: StudioState):
                   concurrency_limit=2, show_progress_on=[status])
     cancel_btn.click(cancel, api_name="cancel_compare", queue=False)
     return plan, form, [predicted, plan_note]
+
+
+def _remember_for_library(state: StudioState, model: str, result: dict) -> None:
+    """The Model tab's library shows each folder's last Compare run."""
+    from ui.model_library import compare_summary
+
+    try:
+        key = str(Path(model).expanduser().resolve())
+    except OSError:
+        return
+    with state.lock:
+        state.compare_results[key] = compare_summary(result)
 
 
 def _has_gpu() -> bool:

@@ -16,6 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from engine.memory import cpu_snapshot, gpu_snapshot
+from studio.memory_history import MemoryRecorder
 from ui.common import fmt_bytes, header_html, log
 from ui.state import StudioState
 
@@ -198,6 +199,8 @@ def refresh(state: StudioState):
 
 def build_memory_panel(state: StudioState, header: gr.HTML) -> MemoryPanel:
     reading = take_reading(state)
+    if state.memory_recorder is None:  # the history is recorded with or without a page open
+        state.memory_recorder = MemoryRecorder(lambda: take_reading(state), every_s=SAMPLE_EVERY_S + 0.1).start()
     with gr.Accordion("Memory", open=True, elem_id="memory-accordion"):
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=360):
