@@ -527,7 +527,10 @@ def build_chat_tab(state: StudioState, models: ModelSlot | None = None) -> ChatT
         md, js = folder / f"{stem}.md", folder / f"{stem}.json"
         md.write_text(ch.export_markdown(conv), encoding="utf-8")
         js.write_text(ch.export_json(conv), encoding="utf-8")
-        return [str(md), str(js)], gr.skip()
+        n = len(ch.path(conv))
+        done = (f'<div class="chat-stats" id="chat-stats">Exported “{html.escape(conv.get("title") or "chat")}”: '
+                f"{n} message{'s' if n != 1 else ''} as Markdown and JSON (download them on the left)</div>")
+        return [str(md), str(js)], done
 
     export_btn.click(export, inputs=conv_state, outputs=[export_files, stats], api_visibility="private")
 

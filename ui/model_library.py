@@ -15,8 +15,8 @@ from studio.catalog import CatalogEntry, hf_cache_root, scan
 from ui.common import fmt_bytes, fmt_params
 from ui.state import StudioState
 
-COLUMNS = ["Model", "Architecture", "Parameters", "On disk", "Format", "Images", "Last Compare", "Status", "Where",
-           "Path"]
+COLUMNS = ["Model", "Architecture", "Params", "On disk", "Format", "Images", "Last Compare", "Status", "Folder"]
+WIDTHS = ["11%", "13%", "6%", "7%", "11%", "6%", "12%", "16%", "18%"]
 
 
 def library_roots(state: StudioState) -> list[tuple[Path, str]]:
@@ -47,7 +47,8 @@ def library_entries(state: StudioState) -> list[CatalogEntry]:
 
 def library_frame(entries: list[CatalogEntry]) -> pd.DataFrame:
     rows = [[e.name, e.architecture, fmt_params(e.params) if e.params else "", fmt_bytes(e.size_bytes), e.format,
-             "yes" if e.vision else "no", e.compare, "ready" if e.ok else f"cannot load: {e.problem}", e.where, e.path]
+             "yes" if e.vision else "no", e.compare, "ready" if e.ok else f"cannot load: {e.problem}",
+             f"{e.path} ({e.where})"]
             for e in entries]
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -65,7 +66,7 @@ def build_library(state: StudioState, path_box: gr.Textbox) -> None:
             refresh_btn = gr.Button("Scan folders", size="sm", elem_id="library-refresh", scale=0)
             summary = gr.HTML('<div class="studio-muted" id="library-summary">Not scanned yet.</div>')
         table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True, elem_id="library-table",
-                             max_height=320)
+                             column_widths=WIDTHS, max_height=800)
         picked = gr.HTML("", elem_id="library-picked")
     entries_state = gr.State([])
 
