@@ -1,6 +1,7 @@
 """API tab: the OpenAI-compatible endpoint this same process serves at /v1 (one engine for the UI and the API),
-with copy-paste curl and openai-client examples for the loaded model. The base URL is taken from the browser's
-own request, so through an SSH port-forward it reads http://localhost:PORT/v1."""
+with copy-paste curl and openai-client examples for the loaded model, and below them a snippet for every route in
+curl, Python and JavaScript (ui/api_snippets.py). The base URL is taken from the browser's own request, so through
+an SSH port-forward it reads http://localhost:PORT/v1."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import html
 
 import gradio as gr
 
+from ui.api_snippets import snippets
 from ui.state import StudioState
 
 
@@ -84,8 +86,20 @@ def build_api_tab(state: StudioState):
             models = gr.Code(language="shell", label="curl: list models", interactive=False)
         with gr.Column():
             python = gr.Code(language="python", label="Python: openai client", interactive=False)
+    gr.Markdown("#### Every route: curl, Python, JavaScript")
+    route_codes = []
+    for i, route in enumerate(snippets("http://HOST/v1", "MODEL", False)):
+        with gr.Accordion(f"{route.method} {route.path.replace('MODEL', '{model}')} · {route.title}", open=i == 0,
+                          elem_id=f"api-route-{i}"):
+            with gr.Row(equal_height=False):
+                route_codes += [gr.Code(language="shell", label="curl", interactive=False),
+                                gr.Code(language="python", label="Python", interactive=False),
+                                gr.Code(language="javascript", label="JavaScript (fetch)", interactive=False)]
 
     def refresh(request: gr.Request):
-        return examples(state, base_url(request, state))
+        url = base_url(request, state)
+        codes = [code for r in snippets(url, model_name(state), state.settings.api_keys_required)
+                 for code in (r.curl, r.python, r.javascript)]
+        return (*examples(state, url), *codes)
 
-    return refresh, [info, curl, python, models]
+    return refresh, [info, curl, python, models, *route_codes]

@@ -47,8 +47,8 @@ def library_entries(state: StudioState) -> list[CatalogEntry]:
 
 def library_frame(entries: list[CatalogEntry]) -> pd.DataFrame:
     rows = [[e.name, e.architecture, fmt_params(e.params) if e.params else "", fmt_bytes(e.size_bytes), e.format,
-             "yes" if e.vision else "no", e.compare, "ready" if e.ok else f"cannot load: {e.problem}",
-             f"{e.path} ({e.where})"]
+             ("yes" if e.vision else "no") if e.architecture else "", e.compare,
+             "ready" if e.ok else f"cannot load: {e.problem}", f"{e.path} ({e.where})"]
             for e in entries]
     return pd.DataFrame(rows, columns=COLUMNS)
 
