@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 
 import pytest
 
@@ -307,3 +308,46 @@ def export(page, folder) -> dict:
         out[kind].write_bytes(body)
     assert set(out) == {"json", "md"}, out
     return out
+
+
+def test_small_things_a_new_user_saw(page, studio):
+    """The Quantize tab times this setting on this machine and offers a quick one; Compare's plan and label read
+    right on a CPU box; the memory history was recorded while no page looked (it spans more than this page)."""
+    page.get_by_role("tab", name="Quantize").click()
+    page.locator("#quant-estimate-btn").wait_for(state="visible")
+    for elem, value in (("quant-samples", 4), ("quant-seqlen", 64)):
+        box = page.locator(f"#{elem} input")
+        for _ in range(3):  # a fill that lands while the tab first renders can be reset: fill again, as a user would
+            box.fill(str(value))
+            box.blur()
+            try:
+                wait_ui(page, lambda b=box, v=value: b.input_value() == str(v), 10, f"{elem} to read {value}")
+                break
+            except AssertionError:
+                continue
+        assert box.input_value() == str(value)
+    page.locator("#quant-estimate-btn").click()
+    estimate = page.locator("#quant-estimate-box")
+    wait_ui(page, lambda: "on this machine" in estimate.inner_text() or "Could not" in estimate.inner_text(), WORK_S,
+            "the time estimate")
+    text = estimate.inner_text()
+    assert "This setting (4 × 64): about" in text and "4 layers ×" in text and "quick setting (8 × 256)" in text, text
+    shot(page, "quantize-estimate")
+    page.locator("#quant-quick").click()
+    wait_ui(page, lambda: page.locator("#quant-samples input").input_value() == "8"
+            and page.locator("#quant-seqlen input").input_value() == "256", UI_S, "the quick setting")
+
+    page.get_by_role("tab", name="Compare").click()
+    assert "80 GB" in page.locator("#compare-gpu input").input_value()  # no GPU here: plan for an 80 GB card
+    label = page.locator("#compare-fractions").get_by_text("Cache fraction", exact=True)
+    assert label.is_visible() and label.evaluate("e => e.scrollWidth <= e.clientWidth + 1")  # not cut off
+
+    # the memory history goes on with no page open (it was recorded only while a page polled)
+    assert not page.js_errors, page.js_errors
+    state = studio.app.state.studio
+    page.goto("about:blank")
+    left = time.time()
+    wait_ui(page, lambda: sum(r["time"] > left for r in list(state.memory_history)) >= 3, UI_S,
+            "three readings with no page open")
+    page.goto(studio.url + "/")
+    page.wait_for_selector("#mem-panel")
