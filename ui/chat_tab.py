@@ -273,7 +273,9 @@ def build_chat_tab(state: StudioState, models: ModelSlot | None = None) -> ChatT
         with gr.Column(scale=1, min_width=220, elem_id="chat-sidebar"):
             new_btn = gr.Button("New chat", variant="primary", size="sm", elem_id="chat-clear")
             search = gr.Textbox(show_label=False, placeholder="Search chats", elem_id="chat-search", max_lines=1)
-            chat_list = gr.Radio(choices=[], value=None, label="Saved in this browser", elem_id="chat-list")
+            chat_list = gr.Radio(choices=[], value=None, label="Saved in this browser", elem_id="chat-list",
+                                 info=f"never on the server; images whole up to "
+                                      f"{ch.IMAGE_BUDGET_BYTES // 2**20} MiB a chat, thumbnails beyond")
             title_box = gr.Textbox(label="Title", max_lines=1, elem_id="chat-title")
             with gr.Row():
                 rename_btn = gr.Button("Rename", size="sm", elem_id="chat-rename")

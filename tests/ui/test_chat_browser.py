@@ -183,6 +183,10 @@ def test_chat_is_saved_in_the_browser_reopened_after_reload_and_continued(page, 
     wait_ui(page, lambda: "Hello saved chat" in page.locator("#chat-list").inner_text(), UI_S,
             "the saved chat after the reload")
     assert bots(page).count() == 0  # a fresh page starts on a new chat
+    # ... with the settings last used with this model (its preset), not the defaults (256, 0.7)
+    max_new = page.locator("#chat-max-new input[type=number]")
+    wait_ui(page, lambda: max_new.input_value() == "24", UI_S, "the model's preset")
+    assert float(page.locator("#chat-temperature input[type=number]").input_value()) == 0
     page.locator("#chat-list label", has_text="Hello saved chat").first.click()
     wait_ui(page, lambda: bots(page).count() == 1 and users(page).count() == 1, UI_S, "the chat to reopen")
     assert users(page).first.inner_text().strip() == "Hello saved chat"
@@ -232,6 +236,16 @@ def test_reply_versions_and_an_edit_branch(page):
     click_and_wait(page, "#msg-prev", lambda: version(page) == "branch 1/2", "back to the first branch")
     wait_ui(page, lambda: users(page).first.inner_text().startswith("Pick a word"), UI_S, "the old branch")
     assert raw_text(page, bots(page).last) == replies[1] and version(page) == "version 2/3"
+
+    # delete the version shown: the one before it takes its place, the other stays
+    page.locator("#msg-delete").click()
+    wait_ui(page, lambda: "version 1/2" in bots(page).last.inner_text(), UI_S, "the deleted version to go")
+    assert raw_text(page, bots(page).last) == replies[0]
+    # an assistant message edited in place (steering): no new message, no new version
+    page.locator("#msg-edit textarea").fill("An edited reply.")
+    page.locator("#msg-save").click()
+    wait_ui(page, lambda: bots(page).last.inner_text().startswith("An edited reply."), UI_S, "the edit in place")
+    assert "version 1/2" in bots(page).last.inner_text() and users(page).count() == 1
     assert not page.js_errors, page.js_errors
 
 
