@@ -377,7 +377,7 @@ def build_chat_tab(state: StudioState, models: ModelSlot | None = None) -> ChatT
             log.info("chat: images refused before sending: %s", "; ".join(f"{n}: {r}" for n, r in refused))
             yield to_display(conv), conv, {"text": text, "files": kept}, error_stats(message_text)
             return
-        urls, names = await asyncio.to_thread(keep_images, conv, files)
+        urls, names = await asyncio.to_thread(keep_images, conv, files) if files else ([], [])
         user_id = ch.append(conv, "user", text, urls)
         conv["nodes"][user_id]["image_names"] = names
         node_id = ch.append(conv, "assistant", "")
