@@ -449,7 +449,7 @@ def build_chat_tab(state: StudioState, models: ModelSlot | None = None) -> ChatT
     submit = textbox.submit(respond, inputs=form, outputs=[chatbot, conv_state, textbox, stats], api_name="chat",
                             concurrency_limit=None, show_progress="hidden")
     submit.then(**persist_io)
-    # Regenerate while a reply streams replaces that reply (the running one is cancelled, which aborts it)
+    # Regenerate while a reply streams cancels it (which aborts it; its partial text stays as a version)
     regen = regen_btn.click(regenerate, inputs=[conv_state, system, *params], outputs=[chatbot, conv_state, stats],
                             api_name="regenerate", concurrency_limit=None, show_progress="hidden", cancels=[submit])
     regen.then(**persist_io)
@@ -461,96 +461,11 @@ def build_chat_tab(state: StudioState, models: ModelSlot | None = None) -> ChatT
     def stop(request: gr.Request):
         switch.stop(request)
 
+    # opening another chat (or importing one, deleting this one, New chat) ends a reply still streaming into this one
+    running: list = [submit, regen, cont]
+
     # Stop lets the reply end itself (it keeps the partial text and says "stopped"); New chat cancels outright.
     stop_btn.click(stop, api_name="stop_chat", queue=False)
-
-    # ---- the sidebar: new, open, search, rename, delete, export, import ----------------------------------------
-    def open_values(conv: dict | None, note_html: str = EMPTY_STATS):
-        settings = settings_values((conv or {}).get("settings") or {}, defaults) if conv else [gr.skip()] * len(params)
-        return (conv, to_display(conv), (conv or {}).get("system", "") if conv else gr.skip(), *settings, note_html,
-                (conv or {}).get("title", ""), None, NO_SELECTION, "")
-
-    open_outputs = [conv_state, chatbot, system, *params, stats, title_box, selected, msg_info, edit_box]
-
-    def open_chat(conv_id, store):
-        conv = (store or ch.empty_store())["chats"].get(conv_id)
-        if conv is None:
-            return (gr.skip(),) * len(open_outputs)
-        loaded = model_name()
-        note = EMPTY_STATS
-        if conv.get("model") and loaded and conv["model"] != loaded:
-            note = (f'<div class="chat-stats" id="chat-stats">This chat was with {html.escape(conv["model"])}; '
-                    f"{html.escape(loaded)} answers from here on.</div>")
-        return open_values(conv, note)
-
-    chat_list.input(open_chat, inputs=[chat_list, store], outputs=open_outputs, api_visibility="private", queue=False)
-
-    def new_chat():
-        return [], None, EMPTY_STATS, EMPTY_INPUT
-
-    # New chat empties the input box too (text and attachments), so nothing of the old conversation is sent again;
-    # the old chat stays saved. The event API's name is the old one (the button was Clear).
-    new_btn.click(new_chat, outputs=[chatbot, conv_state, stats, textbox], api_name="clear_chat", queue=False,
-                  cancels=[submit, regen, cont]).then(
-        lambda store, query: (gr.update(choices=ch.search(store, query), value=None), "", None, NO_SELECTION, ""),
-        inputs=[store, search], outputs=[chat_list, title_box, selected, msg_info, edit_box],
-        api_visibility="private", queue=False)
-
-    search.change(lambda store, query, conv: gr.update(
-        choices=ch.search(store, query),
-        value=conv["id"] if conv and any(i == conv["id"] for _, i in ch.search(store, query)) else None),
-        inputs=[store, search, conv_state], outputs=chat_list, api_visibility="private", queue=False)
-
-    def rename(title, conv):
-        if not conv or not (title or "").strip():
-            return gr.skip()
-        conv["title"] = title.strip()
-        return conv
-
-    rename_btn.click(rename, inputs=[title_box, conv_state], outputs=conv_state, api_visibility="private",
-                     queue=False).then(**persist_io)
-    title_box.submit(rename, inputs=[title_box, conv_state], outputs=conv_state, api_visibility="private",
-                     queue=False).then(**persist_io)
-
-    def delete_chat(conv, store, query):
-        if conv:
-            store = ch.remove(store, conv["id"])
-        return store, gr.update(choices=ch.search(store, query), value=None), None, [], "", EMPTY_STATS
-
-    delete_chat_btn.click(delete_chat, inputs=[conv_state, store, search],
-                          outputs=[store, chat_list, conv_state, chatbot, title_box, stats], api_visibility="private",
-                          queue=False)
-
-    def export(conv):
-        if not conv or not ch.path(conv):
-            return None, error_stats("Nothing to export: the chat is empty")
-        folder = Path(tempfile.mkdtemp(prefix="chat-export-"))
-        stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in (conv.get("title") or "chat"))[:40] or "chat"
-        md, js = folder / f"{stem}.md", folder / f"{stem}.json"
-        md.write_text(ch.export_markdown(conv), encoding="utf-8")
-        js.write_text(ch.export_json(conv), encoding="utf-8")
-        n = len(ch.path(conv))
-        done = (f'<div class="chat-stats" id="chat-stats">Exported “{html.escape(conv.get("title") or "chat")}”: '
-                f"{n} message{'s' if n != 1 else ''} as Markdown and JSON (download them on the left)</div>")
-        return [str(md), str(js)], done
-
-    export_btn.click(export, inputs=conv_state, outputs=[export_files, stats], api_visibility="private")
-
-    def import_chat(file, store, query):
-        path = file if isinstance(file, str) else getattr(file, "name", None) or (file or {}).get("path")
-        try:
-            conv = ch.import_json(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            skips = [gr.skip()] * (2 + len(open_outputs))
-            skips[open_outputs.index(stats) + 2] = error_stats(f"Could not import: {e}")
-            return tuple(skips)
-        if not conv.get("title"):
-            conv["title"] = "Imported chat"
-        store = ch.save(store, conv)
-        return (store, gr.update(choices=ch.search(store, query), value=conv["id"]), *open_values(conv))
-
-    import_btn.upload(import_chat, inputs=[import_btn, store, search], outputs=[store, chat_list, *open_outputs],
-                      api_visibility="private")
 
     # ---- one message: select, switch versions / branches, edit, delete -----------------------------------------
     def on_select(conv, evt: gr.SelectData):
@@ -594,9 +509,11 @@ def build_chat_tab(state: StudioState, models: ModelSlot | None = None) -> ChatT
         async for stats_value, _failure in reply(conv, reply_id, system_prompt, tuple(p), request):
             yield conv, to_display(conv), stats_value, new_id, selection_html(conv, new_id), gr.skip()
 
-    save_btn.click(save_edit, inputs=[conv_state, selected, edit_box, system, *params],
-                   outputs=[conv_state, chatbot, stats, selected, msg_info, edit_box], api_visibility="private",
-                   concurrency_limit=None, show_progress="hidden").then(**persist_io)
+    edit = save_btn.click(save_edit, inputs=[conv_state, selected, edit_box, system, *params],
+                          outputs=[conv_state, chatbot, stats, selected, msg_info, edit_box], api_visibility="private",
+                          concurrency_limit=None, show_progress="hidden")
+    edit.then(**persist_io)
+    running.append(edit)
 
     def delete_message(conv, node_id):
         if not conv or not node_id or node_id not in conv["nodes"]:
@@ -607,15 +524,108 @@ def build_chat_tab(state: StudioState, models: ModelSlot | None = None) -> ChatT
     delete_msg_btn.click(delete_message, inputs=[conv_state, selected], outputs=step_outputs,
                          api_visibility="private", queue=False).then(**persist_io)
 
+    # ---- the sidebar: new, open, search, rename, delete, export, import ----------------------------------------
+    def open_values(conv: dict | None, note_html: str = EMPTY_STATS):
+        settings = settings_values((conv or {}).get("settings") or {}, defaults) if conv else [gr.skip()] * len(params)
+        return (conv, to_display(conv), (conv or {}).get("system", "") if conv else gr.skip(), *settings, note_html,
+                (conv or {}).get("title", ""), None, NO_SELECTION, "")
+
+    open_outputs = [conv_state, chatbot, system, *params, stats, title_box, selected, msg_info, edit_box]
+
+    def open_chat(conv_id, store):
+        conv = (store or ch.empty_store())["chats"].get(conv_id)
+        if conv is None:
+            return (gr.skip(),) * len(open_outputs)
+        loaded = model_name()
+        note = EMPTY_STATS
+        if conv.get("model") and loaded and conv["model"] != loaded:
+            note = (f'<div class="chat-stats" id="chat-stats">This chat was with {html.escape(conv["model"])}; '
+                    f"{html.escape(loaded)} answers from here on.</div>")
+        return open_values(conv, note)
+
+    chat_list.input(open_chat, inputs=[chat_list, store], outputs=open_outputs, api_visibility="private", queue=False,
+                    cancels=running)
+
+    def new_chat():
+        return [], None, EMPTY_STATS, EMPTY_INPUT
+
+    # New chat empties the input box too (text and attachments), so nothing of the old conversation is sent again;
+    # the old chat stays saved. The event API's name is the old one (the button was Clear).
+    new_btn.click(new_chat, outputs=[chatbot, conv_state, stats, textbox], api_name="clear_chat", queue=False,
+                  cancels=running).then(
+        lambda store, query: (gr.update(choices=ch.search(store, query), value=None), "", None, NO_SELECTION, ""),
+        inputs=[store, search], outputs=[chat_list, title_box, selected, msg_info, edit_box],
+        api_visibility="private", queue=False)
+
+    search.change(lambda store, query, conv: gr.update(
+        choices=ch.search(store, query),
+        value=conv["id"] if conv and any(i == conv["id"] for _, i in ch.search(store, query)) else None),
+        inputs=[store, search, conv_state], outputs=chat_list, api_visibility="private", queue=False)
+
+    def rename(title, conv):
+        if not conv or not (title or "").strip():
+            return gr.skip()
+        conv["title"] = title.strip()
+        return conv
+
+    rename_btn.click(rename, inputs=[title_box, conv_state], outputs=conv_state, api_visibility="private",
+                     queue=False).then(**persist_io)
+    title_box.submit(rename, inputs=[title_box, conv_state], outputs=conv_state, api_visibility="private",
+                     queue=False).then(**persist_io)
+
+    def delete_chat(conv, store, query):
+        if conv:
+            store = ch.remove(store, conv["id"])
+        return store, gr.update(choices=ch.search(store, query), value=None), None, [], "", EMPTY_STATS
+
+    delete_chat_btn.click(delete_chat, inputs=[conv_state, store, search],
+                          outputs=[store, chat_list, conv_state, chatbot, title_box, stats], api_visibility="private",
+                          queue=False, cancels=running)
+
+    def export(conv):
+        if not conv or not ch.path(conv):
+            return None, error_stats("Nothing to export: the chat is empty")
+        folder = Path(tempfile.mkdtemp(prefix="chat-export-"))
+        stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in (conv.get("title") or "chat"))[:40] or "chat"
+        md, js = folder / f"{stem}.md", folder / f"{stem}.json"
+        md.write_text(ch.export_markdown(conv), encoding="utf-8")
+        js.write_text(ch.export_json(conv), encoding="utf-8")
+        n = len(ch.path(conv))
+        done = (f'<div class="chat-stats" id="chat-stats">Exported “{html.escape(conv.get("title") or "chat")}”: '
+                f"{n} message{'s' if n != 1 else ''} as Markdown and JSON (download them on the left)</div>")
+        return [str(md), str(js)], done
+
+    export_btn.click(export, inputs=conv_state, outputs=[export_files, stats], api_visibility="private")
+
+    def import_chat(file, store, query):
+        path = file if isinstance(file, str) else getattr(file, "name", None) or (file or {}).get("path")
+        try:
+            conv = ch.import_json(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            skips = [gr.skip()] * (2 + len(open_outputs))
+            skips[open_outputs.index(stats) + 2] = error_stats(f"Could not import: {e}")
+            return tuple(skips)
+        if not conv.get("title"):
+            conv["title"] = "Imported chat"
+        store = ch.save(store, conv)
+        return (store, gr.update(choices=ch.search(store, query), value=conv["id"]), *open_values(conv))
+
+    import_btn.upload(import_chat, inputs=[import_btn, store, search], outputs=[store, chat_list, *open_outputs],
+                      api_visibility="private", cancels=running)
+
     # ---- on page load / tab select: the note, the empty chat's text, the saved list, the model's preset --------
-    def refresh(store, query, conv):
+    preset_for = gr.State(None)  # the model whose preset this page applied (once: later changes stay the user's)
+
+    def refresh(store, query, conv, applied):
         loaded = models.current
         placeholder = gr.update(placeholder=PLACEHOLDER_LOADED if loaded else PLACEHOLDER_EMPTY)
         choices = ch.search(store, query)
         value = conv["id"] if conv and any(i == conv["id"] for _, i in choices) else None
-        preset = (store or {}).get("presets", {}).get(loaded.name) if loaded and not conv else None
+        fresh_model = loaded is not None and loaded.name != applied and not conv
+        preset = (store or {}).get("presets", {}).get(loaded.name) if fresh_model else None
         settings = settings_values(preset, defaults) if preset else [gr.skip()] * len(params)
-        return (chat_note_html(loaded), placeholder, gr.update(choices=choices, value=value), *settings)
+        return (chat_note_html(loaded), placeholder, gr.update(choices=choices, value=value), *settings,
+                loaded.name if fresh_model else gr.skip())
 
-    refresh_outputs = [note, chatbot, chat_list, *params]
-    return ChatTab(chatbot, textbox, stats, note, (refresh, [store, search, conv_state]), refresh_outputs)
+    refresh_outputs = [note, chatbot, chat_list, *params, preset_for]
+    return ChatTab(chatbot, textbox, stats, note, (refresh, [store, search, conv_state, preset_for]), refresh_outputs)
