@@ -625,7 +625,7 @@ def build_chat_tab(state: StudioState, models: ModelSlot | None = None) -> ChatT
         preset = (store or {}).get("presets", {}).get(loaded.name) if fresh_model else None
         settings = settings_values(preset, defaults) if preset else [gr.skip()] * len(params)
         return (chat_note_html(loaded), placeholder, gr.update(choices=choices, value=value), *settings,
-                loaded.name if fresh_model else gr.skip())
+                loaded.name if preset else gr.skip())
 
     refresh_outputs = [note, chatbot, chat_list, *params, preset_for]
     return ChatTab(chatbot, textbox, stats, note, (refresh, [store, search, conv_state, preset_for]), refresh_outputs)
