@@ -70,8 +70,9 @@ def examples(state: StudioState, url: str) -> tuple[str, str, str, str]:
         f"<tr><th>Base URL</th><td><code id=\"api-base-url\">{html.escape(url)}</code></td></tr>"
         f"<tr><th>Model</th><td>{model_note}</td></tr>"
         f"<tr><th>Auth</th><td>{auth}</td></tr>"
-        "<tr><th>Endpoints</th><td><code>/v1/models</code>, <code>/v1/chat/completions</code>, "
-        "<code>/v1/completions</code> (SSE streaming), <code>/health</code></td></tr>"
+        "<tr><th>Endpoints</th><td><code>/v1/models</code>, <code>/v1/models/{model}</code>, "
+        "<code>/v1/chat/completions</code>, <code>/v1/completions</code> (SSE streaming), <code>/health</code>, "
+        "<code>/metrics</code>: examples for each below</td></tr>"
         "</table><p class=\"studio-muted\">The API and this UI share one engine: their requests are batched "
         "together, and a model loaded here is the one the API serves.</p></div>"
     )

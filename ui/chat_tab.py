@@ -284,7 +284,7 @@ def build_chat_tab(state: StudioState, models: ModelSlot | None = None) -> ChatT
                 export_btn = gr.Button("Export", size="sm", elem_id="chat-export")
                 import_btn = gr.UploadButton("Import JSON", file_types=[".json"], size="sm", elem_id="chat-import")
             export_files = gr.File(label="Markdown and JSON", file_count="multiple", interactive=False,
-                                   elem_id="chat-export-files", height=90)
+                                   elem_id="chat-export-files", height=90, visible=False)
         with gr.Column(scale=4):
             note = gr.HTML(chat_note_html(models.current), elem_id="chat-note-box")
             chatbot = gr.Chatbot(
@@ -593,7 +593,7 @@ def build_chat_tab(state: StudioState, models: ModelSlot | None = None) -> ChatT
         n = len(ch.path(conv))
         done = (f'<div class="chat-stats" id="chat-stats">Exported “{html.escape(conv.get("title") or "chat")}”: '
                 f"{n} message{'s' if n != 1 else ''} as Markdown and JSON (download them on the left)</div>")
-        return [str(md), str(js)], done
+        return gr.update(value=[str(md), str(js)], visible=True), done
 
     export_btn.click(export, inputs=conv_state, outputs=[export_files, stats], api_visibility="private")
 
