@@ -72,8 +72,12 @@ def stats_text(page) -> str:
 
 
 def reply_done(page) -> bool:
+    """The reply on screen has finished: the stats line says how it ended, and the last reply carries its token
+    count (set when it finished, so a stats line left from the reply before cannot pass for it)."""
     text = stats_text(page)
-    return "generated" in text and any(w in text for w in ("end of turn", "max new tokens", "stopped"))
+    last = bots(page).last.inner_text() if bots(page).count() else ""
+    return ("generated" in text and any(w in text for w in ("end of turn", "max new tokens", "stopped"))
+            and re.search(r"\d+ tokens", last) is not None)
 
 
 def send(page, text: str) -> None:
@@ -84,6 +88,9 @@ def send(page, text: str) -> None:
     wait_ui(page, lambda: bots(page).count() > n and reply_done(page), WORK_S, f"the reply to {text!r}")
 
 
+SENTINEL = "\u2063(not selected yet)"
+
+
 def raw_text(page, message) -> str:
     """A message's text as the model wrote it: click it, read the message editor. `message` is a user or bot
     locator with its index (`users(page).nth(i)`); the chat alternates user, assistant."""
@@ -92,10 +99,13 @@ def raw_text(page, message) -> str:
     count = locator.count()
     index = next(i for i in range(count) if locator.nth(i).evaluate("(a, b) => a === b", message.element_handle()))
     position = 2 * index + (1 if role == "User" else 2)
+    edit = page.locator("#msg-edit textarea")
+    edit.fill(SENTINEL)  # so a selection left from before cannot pass for this one
     message.click()
     want = f"{role} message {position} of {users(page).count() + bots(page).count()}"
-    wait_ui(page, lambda: want in page.locator("#msg-info").inner_text(), UI_S, f"'{want}' to be selected")
-    return page.locator("#msg-edit textarea").input_value()
+    wait_ui(page, lambda: want in page.locator("#msg-info").inner_text() and edit.input_value() != SENTINEL, UI_S,
+            f"'{want}' to be selected")
+    return edit.input_value()
 
 
 def version(page) -> str:
@@ -216,12 +226,13 @@ def test_reply_versions_and_an_edit_branch(page):
         replies.append(raw_text(page, bots(page).last))
     assert bots(page).count() == 1 and version(page) == "version 3/3"
     shot(page, "chat-versions")
+    edit = page.locator("#msg-edit textarea")
     for expected, index in ((2, 1), (1, 0)):
-        click_and_wait(page, "#msg-prev", lambda e=expected: version(page) == f"version {e}/3", "a step back")
-        assert page.locator("#msg-edit textarea").input_value() == replies[index]
+        click_and_wait(page, "#msg-prev", lambda e=expected, i=index: version(page) == f"version {e}/3"
+                       and edit.input_value() == replies[i], f"a step back to version {expected}")
         wait_ui(page, lambda e=expected: f"version {e}/3" in bots(page).last.inner_text(), UI_S, "the chat to follow")
-    click_and_wait(page, "#msg-next", lambda: version(page) == "version 2/3", "a step forward")
-    assert page.locator("#msg-edit textarea").input_value() == replies[1]
+    click_and_wait(page, "#msg-next", lambda: version(page) == "version 2/3" and edit.input_value() == replies[1],
+                   "a step forward")
 
     # edit the user message: resent as a new branch; the old branch (with its version 2 showing) stays
     raw_text(page, users(page).first)
