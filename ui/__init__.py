@@ -78,8 +78,12 @@ def build_app(state: StudioState) -> gr.Blocks:
         api_tab_item.select(refresh_api, outputs=api_outputs, api_visibility="private", queue=False)
         app.load(refresh_api, outputs=api_outputs, api_visibility="private", queue=False)
         # the chat's line on the model (sees images or reads text only) follows the model loaded now
-        chat_tab_item.select(chat_tab.refresh_note, outputs=chat_tab.note, api_visibility="private", queue=False)
-        app.load(chat_tab.refresh_note, outputs=chat_tab.note, api_visibility="private", queue=False)
+        # (and the empty chat's text, the saved chats' list, the loaded model's settings preset)
+        refresh_chat, chat_inputs = chat_tab.refresh
+        chat_tab_item.select(refresh_chat, inputs=chat_inputs, outputs=chat_tab.refresh_outputs,
+                             api_visibility="private", queue=False)
+        app.load(refresh_chat, inputs=chat_inputs, outputs=chat_tab.refresh_outputs, api_visibility="private",
+                 queue=False)
 
         async def load_quantized(folder, model_format, dtype, quant_policy, cache_max_entry_count, session_len,
                                  max_batch_size, trust_remote_code, progress=gr.Progress()):

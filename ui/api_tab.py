@@ -1,6 +1,7 @@
 """API tab: the OpenAI-compatible endpoint this same process serves at /v1 (one engine for the UI and the API),
-with copy-paste curl and openai-client examples for the loaded model. The base URL is taken from the browser's
-own request, so through an SSH port-forward it reads http://localhost:PORT/v1."""
+with copy-paste curl and openai-client examples for the loaded model, and below them a snippet for every route in
+curl, Python and JavaScript (ui/api_snippets.py). The base URL is taken from the browser's own request, so through
+an SSH port-forward it reads http://localhost:PORT/v1."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import html
 
 import gradio as gr
 
+from ui.api_snippets import snippets
 from ui.state import StudioState
 
 
@@ -68,8 +70,9 @@ def examples(state: StudioState, url: str) -> tuple[str, str, str, str]:
         f"<tr><th>Base URL</th><td><code id=\"api-base-url\">{html.escape(url)}</code></td></tr>"
         f"<tr><th>Model</th><td>{model_note}</td></tr>"
         f"<tr><th>Auth</th><td>{auth}</td></tr>"
-        "<tr><th>Endpoints</th><td><code>/v1/models</code>, <code>/v1/chat/completions</code>, "
-        "<code>/v1/completions</code> (SSE streaming), <code>/health</code></td></tr>"
+        "<tr><th>Endpoints</th><td><code>/v1/models</code>, <code>/v1/models/{model}</code>, "
+        "<code>/v1/chat/completions</code>, <code>/v1/completions</code> (SSE streaming), <code>/health</code>, "
+        "<code>/metrics</code>: examples for each below</td></tr>"
         "</table><p class=\"studio-muted\">The API and this UI share one engine: their requests are batched "
         "together, and a model loaded here is the one the API serves.</p></div>"
     )
@@ -84,8 +87,20 @@ def build_api_tab(state: StudioState):
             models = gr.Code(language="shell", label="curl: list models", interactive=False)
         with gr.Column():
             python = gr.Code(language="python", label="Python: openai client", interactive=False)
+    gr.Markdown("#### Every route: curl, Python, JavaScript")
+    route_codes = []
+    for i, route in enumerate(snippets("http://HOST/v1", "MODEL", False)):
+        with gr.Accordion(f"{route.method} {route.path.replace('MODEL', '{model}')} · {route.title}", open=i == 0,
+                          elem_id=f"api-route-{i}"):
+            with gr.Row(equal_height=False):
+                route_codes += [gr.Code(language="shell", label="curl", interactive=False),
+                                gr.Code(language="python", label="Python", interactive=False),
+                                gr.Code(language="javascript", label="JavaScript (fetch)", interactive=False)]
 
     def refresh(request: gr.Request):
-        return examples(state, base_url(request, state))
+        url = base_url(request, state)
+        codes = [code for r in snippets(url, model_name(state), state.settings.api_keys_required)
+                 for code in (r.curl, r.python, r.javascript)]
+        return (*examples(state, url), *codes)
 
-    return refresh, [info, curl, python, models]
+    return refresh, [info, curl, python, models, *route_codes]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import time
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -20,6 +21,7 @@ from studio.demo_model import build_demo_model
 from studio.jobs import JobBusyError, JobSnapshot
 from ui.common import error_html, fmt_seconds, friendly_error, log, whole_number
 from ui.job_view import job_progress_html, until_ended, watch_jobs
+from ui.model_library import compare_summary
 from ui.state import StudioState
 
 SETTING_CHOICES = ["fp16", "fp16-kv8", "fp16-kv4", "bf16", "w4a16", "w4a16-kv8", "w4a16-kv4", "fp32", "fp32-kv4"]
@@ -138,7 +140,8 @@ def build_compare_tab(state: StudioState):
             with gr.Row():
                 session_lens = gr.Textbox(label="Session lengths", value="256" if cpu else "2048, 4096",
                                           elem_id="compare-session-lens")
-                fractions = gr.Textbox(label="Cache fraction (cache_max_entry_count)", value="0.8",
+                fractions = gr.Textbox(label="Cache fraction", value="0.8",
+                                       info="cache_max_entry_count; several: 0.5, 0.8",
                                        elem_id="compare-fractions")
                 gpu_memory = gr.Dropdown(GPU_CHOICES, value="local" if not cpu else "80", label="GPU memory (plan)",
                                          elem_id="compare-gpu")
@@ -190,7 +193,10 @@ def build_compare_tab(state: StudioState):
             table, chart_v, files_v, _ = results_outputs(finished(state))
             return table, chart_v, files_v, error_html("Could not start", friendly_error(e))
         log.info("compare: %s, settings %s", spec.model, ",".join(s.name for s in spec.settings))
-        return results_outputs(await until_ended(job))
+        snap = await until_ended(job)
+        if snap.result is not None and not snap.result.result.get("cancelled"):
+            _remember_for_library(state, spec.model, snap.result.result)
+        return results_outputs(snap)
 
     def cancel():
         if not state.compare_jobs.cancel():
@@ -205,6 +211,16 @@ def build_compare_tab(state: StudioState):
     watch_jobs(state.compare_jobs, [results, chart, files, status],
                running=lambda snap: (gr.skip(), gr.skip(), gr.skip(), progress_card(snap)), ended=results_outputs)
     return plan, form, [predicted, plan_note]
+
+
+def _remember_for_library(state: StudioState, model: str, result: dict) -> None:
+    """The Model tab's library shows each folder's last Compare run."""
+    try:
+        key = str(Path(model).expanduser().resolve())
+    except OSError:
+        return
+    with state.lock:
+        state.compare_results[key] = compare_summary(result)
 
 
 def _has_gpu() -> bool:

@@ -16,6 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from engine.memory import cpu_snapshot, gpu_snapshot
+from studio.memory_history import MemoryRecorder
 from ui.common import fmt_bytes, header_html, log
 from ui.state import StudioState
 
@@ -42,11 +43,13 @@ class MemoryPanel:
 
 def take_reading(state: StudioState) -> dict:
     """{'time', 'gpu': gpu_snapshot(), 'cpu': cpu_snapshot(), 'engine': pipe.memory() or None}; cached ~1 s."""
+    loaded = state.manager.current
+    # which model a reading is of: a reading of the model before a swap is never reused (no reference is kept)
+    model_key = (id(loaded), str(loaded.path), loaded.load_seconds) if loaded is not None else None
     with state.lock:
         last = state.memory_history[-1] if state.memory_history else None
-        if last is not None and time.time() - last["time"] < SAMPLE_EVERY_S:
+        if last is not None and time.time() - last["time"] < SAMPLE_EVERY_S and last.get("model_key") == model_key:
             return last
-    loaded = state.manager.current
     engine, engine_error = None, None
     if loaded is not None:
         try:
@@ -55,7 +58,7 @@ def take_reading(state: StudioState) -> dict:
             log.warning("memory(): engine not readable", exc_info=True)
             engine_error = f"{type(e).__name__}: {e}"
     reading = {"time": time.time(), "gpu": gpu_snapshot(), "cpu": cpu_snapshot(), "engine": engine,
-               "engine_error": engine_error}
+               "engine_error": engine_error, "model_key": model_key}
     with state.lock:
         state.memory_history.append(reading)
     return reading
@@ -198,6 +201,8 @@ def refresh(state: StudioState):
 
 def build_memory_panel(state: StudioState, header: gr.HTML) -> MemoryPanel:
     reading = take_reading(state)
+    if state.memory_recorder is None:  # the history is recorded with or without a page open
+        state.memory_recorder = MemoryRecorder(lambda: take_reading(state), every_s=SAMPLE_EVERY_S + 0.1).start()
     with gr.Accordion("Memory", open=True, elem_id="memory-accordion"):
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=360):

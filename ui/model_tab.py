@@ -18,6 +18,7 @@ from engine.config import VALID_DTYPES, VALID_MODEL_FORMATS, EngineConfig
 from studio.demo_model import DEMO_MODEL_NOTE, build_demo_model
 from studio.manager import ModelManager
 from ui.common import describe, error_html, friendly_error, header_html, log_failure, ok_html, whole_number
+from ui.model_library import build_library
 from ui.state import StudioState
 
 log = logging.getLogger("ui.model")
@@ -162,6 +163,7 @@ def build_model_tab(state: StudioState, header: gr.HTML) -> ModelTab:
             info = gr.HTML(info_html(state), elem_id="model-info-panel")
 
     settings = [model_format, dtype, quant_policy, cache, session_len, max_batch, trust]
+    build_library(state, path)
 
     async def on_load(model_path, model_format, dtype, quant_policy, cache_max_entry_count, session_len,
                       max_batch_size, trust_remote_code, tp, progress=gr.Progress()):

@@ -28,6 +28,7 @@ from studio.jobs import CANCELLED, FAILED, JobBusyError, JobSnapshot
 from studio.quantize_job import QuantizeOutcome, start_quantize
 from ui.common import error_html, fmt_bytes, fmt_seconds, friendly_error, whole_number
 from ui.job_view import job_progress_html, until_ended, watch_jobs
+from ui.quantize_estimate import build_estimate
 from ui.state import StudioState
 
 log = logging.getLogger("ui.quantize")
@@ -245,6 +246,8 @@ def build_quantize_tab(state: StudioState) -> QuantizeTab:
                                     info="A fresh name is suggested; it must be new or empty.")
                 overwrite = gr.Checkbox(value=False, label="Overwrite", elem_id="quant-overwrite", scale=1,
                                         info="replace a folder that is already there")
+            build_estimate(state, resolve_calib, model_path, calib, calib_file, calib_path, samples, seqlen, bits,
+                           group, search_scale, clip, trust)
             with gr.Row():
                 start_btn = gr.Button("Start quantization", variant="primary", elem_id="quant-start")
                 cancel_btn = gr.Button("Cancel", variant="stop", elem_id="quant-cancel")

@@ -10,6 +10,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine.checkpoint import is_hub_id
 from engine.config import EngineConfig
@@ -85,6 +86,8 @@ class StudioState:
     memory_history: collections.deque = field(
         default_factory=lambda: collections.deque(maxlen=MEMORY_HISTORY_SECONDS)
     )
+    memory_recorder: Any = None  # studio.memory_history.MemoryRecorder filling memory_history (ui/memory_panel.py)
+    compare_results: dict = field(default_factory=dict)  # resolved model path -> its last Compare run in a few words
     chat_stop_events: dict = field(default_factory=dict)  # browser session -> stop events of its running replies
     lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -22,12 +22,13 @@ def load(client, path: str):
 
 
 def assistant_text(chat: list[dict]) -> str:
+    """The last reply's text, without the line the chat adds under it (version, tokens, speed)."""
     if not chat or chat[-1]["role"] != "assistant":
         return ""
     content = chat[-1]["content"]
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    if not isinstance(content, str):
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return re.sub(r'\n\n<span class="msg-meta">[^<]*</span>$', "", content)
 
 
 def engine_requests(studio) -> int:
