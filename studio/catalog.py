@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.models import UnsupportedModelError, parse_model_spec
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 MODEL_FILE_SUFFIXES = WEIGHT_SUFFIXES + (".gguf",)
 CONVERTED_MARKER = ".conversion-complete"  # written by the default model's GGUF conversion when it is whole
@@ -89,8 +91,6 @@ def describe_folder(folder: Path, where: str = "") -> CatalogEntry:
     entry.architecture = ", ".join(archs) or str(cfg.get("model_type") or "?")
     entry.vision = "vision_config" in cfg or any("Llava" in a or "VL" in a for a in archs)
     entry.format = weight_format(cfg, folder)
-    from engine.models import UnsupportedModelError, parse_model_spec
-
     try:
         spec = parse_model_spec(cfg, f"{folder.name}/config.json")
         entry.params = spec.num_params

@@ -58,7 +58,7 @@ def estimate_quantization(model_path: str | Path, *, calib_samples: int, calib_s
                           **quantize_kwargs) -> QuantEstimate:
     """Time the first layer of quantize_model(model_path, ...) with these settings; raises what the quantizer
     raises for bad input (the same message the real run would give). `cancel`: an Event that stops the estimate."""
-    from quant import quantize_model
+    from quant import quantize_model  # lazy: quant's public names load torch and transformers on first use
 
     probe = _FirstLayer()
     stop = lambda: probe.cancel.is_set() or (cancel is not None and cancel.is_set())  # noqa: E731

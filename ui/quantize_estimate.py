@@ -9,6 +9,7 @@ import logging
 
 import gradio as gr
 
+from studio.demo_model import build_demo_model
 from studio.quant_estimate import QUICK_SETTING, estimate_quantization
 from ui.common import error_html, fmt_seconds, friendly_error, log_failure, whole_number
 from ui.state import StudioState
@@ -45,12 +46,9 @@ def build_estimate(state: StudioState, resolve_calib, model_path, calib, calib_f
             state.settings.check_model_path(model)
             n_samples = whole_number(n_samples, "Samples", minimum=1)
             n_seqlen = whole_number(n_seqlen, "Sequence length", minimum=16)
-            running = state.quant_job
-            if running is not None and not running.finished.is_set():
+            if state.quant_jobs.running is not None:
                 raise ValueError("a quantization is running: its own progress bar says how long is left")
             if state.is_demo_path(model):
-                from studio.demo_model import build_demo_model
-
                 build_demo_model(state.settings.demo_model_dir)
             progress(0.1, desc="Timing the first layer with this setting (loading the model and calibration data)")
             est = await asyncio.to_thread(
