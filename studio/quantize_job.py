@@ -1,6 +1,7 @@
 """The Quantize tab's work as a background job (studio/jobs.py): quant.quantize_model, then the before/after
 quality check (studio/quality.py: perplexity, KL divergence and top-1 against 16-bit, per held-out text), with
-progress in words (layer x of N, stage) and an ETA from finished layers (quant.api.WorkEta). Cancel stops the quantizer between steps; nothing half-written is left behind."""
+progress in words (layer x of N, stage) and an ETA from finished layers (quant.api.WorkEta). Cancel stops the
+quantizer between steps; nothing half-written is left behind."""
 
 from __future__ import annotations
 
