@@ -669,7 +669,8 @@ def _row_label(r: dict) -> str:
 def constraints_text(spec: CompareSpec, device: str) -> str:
     memory = (f"peak memory <= {spec.gpu_memory_gb:g} GB" if spec.gpu_memory_gb and device == "cuda"
               else "runs on this machine")
-    return f"{memory}, {spec.sessions} session(s) x its session length, mean KL divergence <= {spec.max_kld:g}"
+    return (f"the constraints ({memory}; {spec.sessions} session(s) at its session length; mean KL divergence "
+            f"<= {spec.max_kld:g})")
 
 
 def _misses(r: dict, spec: CompareSpec, device: str) -> str | None:
