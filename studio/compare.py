@@ -681,6 +681,8 @@ def _misses(r: dict, spec: CompareSpec, device: str) -> str | None:
         return f"peak {r['memory_peak_GiB']:.2f} GiB > {spec.gpu_memory_gb:g} GB"
     if (r.get("max_sessions") or 0) < spec.sessions:
         return f"{r.get('max_sessions')} sessions of {r.get('session_len')} tokens < {spec.sessions}"
+    if r.get("is_demo"):  # random weights: the divergence means nothing, the verdict rests on speed and memory
+        return None
     if r.get("kld_mean") is None:
         return "KL divergence not measured (no 16-bit reference)"
     if r["kld_mean"] > spec.max_kld:
@@ -702,8 +704,9 @@ def verdict(rows: list[dict], spec: CompareSpec, device: str) -> dict:
             f"throughput {best.get('throughput_tok_s') or 0:.1f} tok/s, "
             f"batch-1 decode {best.get('decode_tok_s') or 0:.1f} tok/s, "
             f"peak {best.get('memory_peak_GiB') or 0:.2f} GiB, {best.get('max_sessions')} sessions fit, "
-            f"mean KLD {best['kld_mean']:.4f} (p99 {best.get('kld_p99') or 0:.4f}){top1}, "
-            f"perplexity {best.get('perplexity') or 0:.2f} ({len(passing)} of {len(rows)} settings qualify).")
+            f"mean KLD {best.get('kld_mean') or 0:.4f} (p99 {best.get('kld_p99') or 0:.4f}){top1}, "
+            f"perplexity {best.get('perplexity') or 0:.2f} ({len(passing)} of {len(rows)} settings qualify"
+            + ("; random weights: KL divergence not judged" if best.get("is_demo") else "") + ").")
     return {"setting": _row_label(best), "line": line}
 
 

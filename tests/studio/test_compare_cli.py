@@ -61,14 +61,15 @@ def test_cli_two_settings_and_a_failing_one(demo_model_path, tmp_path):
     # the planner's fit before the run, printed and in the markdown
     assert "Planner, before the run:" in proc.stdout and "- fp16 @ 128 / 0.8: fits" in proc.stdout
     assert "- w4a16 @ 128 / 0.8: cannot run" in md
-    # the verdict: the fastest measured row with >= 2 sessions and mean KLD <= 0.05, named with its numbers
-    meets = [r for r in (fp16, kv4) if r["max_sessions"] >= 2 and r["kld_mean"] <= 0.05]
+    # the verdict: the fastest measured row with >= 2 sessions, named with its numbers (random weights: the mean
+    # KLD <= 0.05 constraint is not judged, and the line says so)
+    meets = [r for r in (fp16, kv4) if r["max_sessions"] >= 2]
     best = max(meets, key=lambda r: (r["throughput_tok_s"], r["decode_tok_s"]))
     line = result["verdict"]["line"]
     assert result["verdict"]["setting"] == f"{best['setting']} @ 128 / 0.8"
     assert line.startswith(f"Verdict: {best['setting']} @ 128 / 0.8 is the fastest setting that meets")
     assert f"throughput {best['throughput_tok_s']:.1f} tok/s" in line and f"mean KLD {best['kld_mean']:.4f}" in line
-    assert line in md and line in proc.stdout
+    assert line in md and line in proc.stdout and "random weights: KL divergence not judged" in line
     assert "| text |" in md and "| chinese |" in md  # the per-text quality table
     png = (out / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
