@@ -1,5 +1,6 @@
 """AWQ levers on the real model, judged on every built-in held-out text: for each quantizer variant (round to
-nearest, AWQ as shipped, AWQ without the clip search, AWQ with LMDeploy's weight-aware scale form in the grid),
+nearest, AWQ as shipped, without the clip search, with LMDeploy's weight-aware scale form in the grid, with the next
+layer calibrated on the quantized layer's outputs, with a finer scale grid),
 perplexity, KL divergence against the 16-bit model (mean / p99) and top-1 agreement per text (studio/quality.py,
 the engine's one scoring path), and the share of round-to-nearest's perplexity increase each variant removes.
 
@@ -24,6 +25,9 @@ VARIANTS = {  # name: quantize_model keyword arguments on top of method / group 
     "awq": {"method": "awq"},
     "awq-noclip": {"method": "awq", "clip": False},
     "awq-weight-aware": {"method": "awq", "search_scale": True},
+    "awq-qinputs": {"method": "awq", "awq_options": {"quantized_inputs": True}},
+    "awq-qinputs-noclip": {"method": "awq", "clip": False, "awq_options": {"quantized_inputs": True}},
+    "awq-grid40": {"method": "awq", "awq_options": {"n_grid": 40}},
 }
 
 
