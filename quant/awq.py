@@ -14,7 +14,8 @@ Per decoder layer, with only that layer and its calibration activations on the d
 4. per linear (not q/k), search a max-abs clipping threshold per (row, group) over 512 sampled tokens;
 5. quantize (asymmetric, group-wise, zero point), keep the fake-quantized weights in the in-memory model, and
    hand the integer tensors to `on_layer` (the exporter packs them).
-`method="rtn"` skips 1-4: plain round-to-nearest, no calibration data.
+`method="rtn"` skips 1-4: plain round-to-nearest, no calibration data. `quantized_inputs` (off by default; a lever
+measured in benchmarks/awq_levers_real_model.py) feeds the next layer the quantized layer's outputs instead of step 1's.
 
 Progress goes through one interface (`ProgressCallback.on_progress(stage, done, total, message)`), with a tqdm
 adapter for the terminal; a `threading.Event` cancels between layers (and between a layer's steps) by raising
