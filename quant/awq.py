@@ -14,7 +14,8 @@ Per decoder layer, with only that layer and its calibration activations on the d
 4. per linear (not q/k), search a max-abs clipping threshold per (row, group) over 512 sampled tokens;
 5. quantize (asymmetric, group-wise, zero point), keep the fake-quantized weights in the in-memory model, and
    hand the integer tensors to `on_layer` (the exporter packs them).
-`method="rtn"` skips 1-4: plain round-to-nearest, no calibration data.
+`method="rtn"` skips 1-4: plain round-to-nearest, no calibration data. `quantized_inputs` (off by default; a lever
+measured in benchmarks/awq_levers_real_model.py) feeds the next layer the quantized layer's outputs instead of step 1's.
 
 Progress goes through one interface (`ProgressCallback.on_progress(stage, done, total, message)`), with a tqdm
 adapter for the terminal; a `threading.Event` cancels between layers (and between a layer's steps) by raising
@@ -128,6 +129,9 @@ class AWQConfig:
     chunk_tokens: int = 8192  # tokens per forward chunk: bounds activation memory (MLP intermediates)
     report_tokens: int = 16384  # tokens on which per-layer output errors (AWQ, RTN) are measured
     compare_rtn: bool = True  # also measure RTN's per-layer output error, for the report
+    quantized_inputs: bool = False  # next layer's calibration inputs from this layer once quantized (GPTQ-style)
+    # instead of its 16-bit outputs (AutoAWQ / llm-awq): each layer's search then sees, and can offset, the error
+    # of the layers before it; costs one more pass over the samples per layer and a copy of the layer inputs
 
     def __post_init__(self):
         if self.method not in ("awq", "rtn"):
@@ -510,6 +514,7 @@ class LayerWalker:
 
             return hook
 
+        layer_inputs = hidden.clone() if cfg.quantized_inputs else None  # hidden is overwritten below
         handles = [layer.get_submodule(s).register_forward_pre_hook(make_hook(s)) for s in sites]
         x_rep = torch.empty(n_report, seqlen, hidden.shape[2], dtype=self.dtype, device=dev)
         fp_rep = torch.empty_like(x_rep)
@@ -587,6 +592,11 @@ class LayerWalker:
         self._emit(idx, f"{tag}: quantizing")
         self.on_layer(idx, self._quantize_linears(layer, f"{self.layers_path}.{idx}"))
         st.mse_awq = _chunked_sq_error(lambda xc: ctx.layer(layer, xc), x_rep, fp_rep, chunk)
+        if layer_inputs is not None:  # the next layer calibrates on what the quantized model will feed it
+            self._emit(idx, f"{tag}: quantized outputs for the next layer")
+            for i in range(0, n, chunk):
+                out = ctx.layer(layer, layer_inputs[i : i + chunk].to(dev, non_blocking=True))
+                hidden[i : i + chunk].copy_(out, non_blocking=True)
         self._emit(idx + 1, f"{tag} done")
         return st
 

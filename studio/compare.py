@@ -12,9 +12,17 @@ folder with random weights at the real shape (load_format=dummy), W4A16 included
 
 Per row: the planner's prediction (studio/planner.py), then measured: memory after load and peak during the
 workload (NVML for this process on a GPU; on CPU the process RSS, labelled so), the engine's breakdown, KV capacity
-and max sessions of session_len, batch-1 decode tok/s, throughput at --concurrency, first-token latency, perplexity
-on the held-out text of the Quantize tab's check (studio/quality.py: one text, one scoring path) and a fixed greedy
-reply next to the 16-bit setting's one. Output: JSON, markdown and a PNG of grouped bar charts in --out.
+and max sessions of session_len, batch-1 decode tok/s, throughput at --concurrency, first-token latency,
+quality on the held-out texts of the Quantize tab's check (studio/quality.py, one scoring path): perplexity per
+text, KL divergence against the 16-bit model (mean, p99) and top-1 agreement, and a fixed greedy reply next to the
+16-bit setting's one. The 16-bit reference is scored once (by the first 16-bit, unquantized-KV setting, which then
+runs first, or by a quality-only child when there is none) and saved as top-k logprobs per position (a few hundred
+KB); every setting is compared against it.
+
+Before the run the planner says which settings can fit (printed, and in the markdown); after it, one verdict line
+names the fastest setting (throughput at --concurrency) that meets the constraints: --gpu-memory-gb (measured peak),
+--sessions x its session length (measured max_sessions) and --max-kld (mean KL divergence over every text).
+Output: JSON, markdown and a PNG of grouped bar charts in --out.
 """
 
 from __future__ import annotations
@@ -47,7 +55,10 @@ MEMORY_PARTS = ("weights", "kv_cache", "activations", "cuda_graphs", "other")
 COLUMNS = ["setting", "session_len", "cache_max_entry_count", "status", "pred_weights_GiB", "weights_GiB",
            "pred_kv_cache_GiB", "kv_cache_GiB", "pred_kv_capacity_tokens", "kv_capacity_tokens", "pred_max_sessions",
            "max_sessions", "pred_total_GiB", "memory_after_load_GiB", "memory_peak_GiB", "decode_tok_s",
-           "throughput_tok_s", "ttft_ms", "perplexity", "greedy_match", "error"]
+           "throughput_tok_s", "ttft_ms", "perplexity", "kld_mean", "kld_p99", "top1", "greedy_match", "error"]
+QUALITY_COLUMNS = ["setting", "session_len", "cache_max_entry_count", "text", "tokens", "ppl", "kld_mean", "kld_p99",
+                   "top1"]
+DEFAULT_MAX_KLD = 0.05  # mean KL divergence (nats) a setting may cost to pass the verdict
 GIB = 1024**3
 
 
@@ -126,6 +137,8 @@ class CompareSpec:
     workload: Workload = field(default_factory=Workload)
     gpu_memory_gb: float | None = None  # for the planner when there is no local GPU to read; None: the local one
     cpu_kv_cache_bytes: int | None = None  # CPU only: the engine's KV budget (EngineConfig.cpu_kv_cache_bytes)
+    sessions: int = 1  # the verdict's constraint: this many sessions of each row's session length at once
+    max_kld: float = DEFAULT_MAX_KLD  # the verdict's constraint: the largest acceptable mean KL divergence
 
     def __post_init__(self):
         for n in self.session_lens:
@@ -136,6 +149,10 @@ class CompareSpec:
                 raise ValueError(f"cache_max_entry_count must be in (0, 1], got {f}")
         if not self.session_lens or not self.cache_max_entry_counts:
             raise ValueError("give at least one session length and one cache_max_entry_count")
+        if not isinstance(self.sessions, int) or self.sessions < 1:
+            raise ValueError(f"sessions must be a whole number of at least 1, got {self.sessions!r}")
+        if not float(self.max_kld) >= 0:
+            raise ValueError(f"the largest acceptable KL divergence must be 0 or more, got {self.max_kld!r}")
 
 
 # ---- folders -------------------------------------------------------------------------------------------------
@@ -313,7 +330,7 @@ def run_child(job: dict, emit: Callable[[dict], None]) -> dict:
     import torch  # lazy: the child process is the one that loads torch and the engine
 
     from engine import GenerationConfig, pipeline  # lazy: as torch above
-    from studio.quality import heldout_perplexity  # lazy: as torch above
+    from studio.quality import Scoring, quality_figures, score_texts  # lazy: as torch above
 
     torch.manual_seed(0)
     wl = job["workload"]
@@ -329,6 +346,28 @@ def run_child(job: dict, emit: Callable[[dict], None]) -> dict:
         cfg["cpu_kv_cache_bytes"] = job["cpu_kv_cache_bytes"]
     pipe = pipeline(job["model_path"], EngineConfig(**cfg))
     out = {"load_s": time.perf_counter() - t0, "memory_kind": memory_kind, "device": device}
+
+    def quality():  # the Quantize tab's check: same texts, same scoring; against the saved 16-bit top-k
+        scorings = score_texts(pipe)
+        if job.get("write_reference"):
+            torch.save({name: s.to_dict() for name, s in scorings.items()}, job["reference_path"])
+        reference = None
+        if job.get("reference_path") and os.path.exists(job["reference_path"]):
+            reference = {name: Scoring.from_dict(d) for name, d in torch.load(job["reference_path"]).items()}
+        figures = quality_figures(scorings, reference)
+        prose = figures.get("prose") or next(iter(figures.values()))
+        out.update(quality=figures, perplexity=prose["ppl"], perplexity_tokens=prose["num_tokens"],
+                   perplexity_window=prose["num_tokens"] + 1)
+        out.update({k: figures.get("all", {}).get(k) for k in ("kld_mean", "kld_p99", "top1")})
+
+    if job.get("reference_only"):
+        try:
+            emit({"stage": "scoring the 16-bit reference", "fraction": 0.3})
+            quality()
+            emit({"stage": "done", "fraction": 1.0})
+            return out
+        finally:
+            pipe.close()
     try:
         mem = pipe.memory()
         out["memory_after_load_bytes"] = read_memory()
@@ -348,8 +387,7 @@ def run_child(job: dict, emit: Callable[[dict], None]) -> dict:
             emit({"stage": "warm-up", "fraction": 0.15})
             timer.run([(ids(min(16, prompt_len)), 4)], 1)
             emit({"stage": "quality", "fraction": 0.25})
-            ppl = heldout_perplexity(pipe)  # the Quantize tab's before/after check: same text, same scoring
-            out["perplexity"], out["perplexity_tokens"], out["perplexity_window"] = ppl.ppl, ppl.num_tokens, ppl.window
+            quality()
             reply = pipe(GREEDY_PROMPT, GenerationConfig(max_new_tokens=min(32, wl["new_tokens"]), do_sample=False,
                                                          ignore_eos=True))
             out["greedy_text"], out["greedy_token_ids"] = reply.text, reply.token_ids
@@ -478,6 +516,8 @@ def measured_columns(result: dict) -> dict:
         "memory_peak_GiB": (result.get("memory_peak_bytes") or 0) / GIB,
         "decode_tok_s": result.get("decode_tok_s"), "throughput_tok_s": result.get("throughput_tok_s"),
         "ttft_ms": result.get("ttft_ms"), "perplexity": result.get("perplexity"),
+        "kld_mean": result.get("kld_mean"), "kld_p99": result.get("kld_p99"), "top1": result.get("top1"),
+        "quality": result.get("quality"),
         "perplexity_tokens": result.get("perplexity_tokens"), "perplexity_window": result.get("perplexity_window"),
         "greedy_text": result.get("greedy_text"), "greedy_token_ids": result.get("greedy_token_ids"),
         "load_s": result.get("load_s"), "device": result.get("device"), "is_demo": result.get("is_demo"),
@@ -546,6 +586,26 @@ def run_compare(spec: CompareSpec, out_dir: Path | None = None, *, quantize: boo
                 return result
             base, awq, load_format, awq_error = spec.model, None, "auto", f"quantizing failed: {_error_text(e)}"
         jobs = make_jobs(spec, base, awq, load_format, awq_error)
+        reference_path = str(work / "reference-16bit.pt")
+        ref_index = next((i for i, j in enumerate(jobs) if j.error is None and not j.setting.is_w4a16
+                          and j.setting.quant_policy == 0), None)
+        if ref_index is not None:  # that setting's child scores and saves the 16-bit reference: it runs first
+            jobs.insert(0, jobs.pop(ref_index))
+            result["reference"] = jobs[0].label
+        elif any(j.error is None for j in jobs):  # no 16-bit setting: a quality-only child scores the reference
+            result["reference"] = f"{Path(base).name} (16-bit, quality only)"
+            ref_job = SettingRun(parse_setting("auto"), None, 0.2, base, load_format)
+            try:
+                runner.run({**_payload(ref_job, spec), "reference_only": True, "reference_path": reference_path,
+                            "write_reference": True},
+                           lambda stage, fraction: on_progress and on_progress(0, len(jobs), "16-bit reference",
+                                                                               stage, fraction), timeout_s)
+            except Cancelled:
+                result["cancelled"] = True
+                return result
+            except Exception as e:  # noqa: BLE001 - the rows still run, without KL divergence
+                result["reference_error"] = str(e) if isinstance(e, ChildError) else _error_text(e)
+        plan_rows = []
         for index, job in enumerate(jobs):
             row = {"setting": job.setting.name, "session_len": job.session_len,
                    "cache_max_entry_count": job.cache_max_entry_count, "model_path": job.model_path}
@@ -553,14 +613,14 @@ def run_compare(spec: CompareSpec, out_dir: Path | None = None, *, quantize: boo
                 row.update(_prediction_columns(predict(job, spec, device)))
             except Exception as e:  # noqa: BLE001
                 row["prediction_error"] = _error_text(e)
+            failed = job.error or row.get("prediction_error")
+            plan_rows.append(dict(row, status="error" if failed else "predicted", error=failed))
+            result["plan_fit"] = plan_fit_lines(plan_rows, spec.sessions)
             if job.error:
                 row.update(status="error", error=job.error)
             else:
-                payload = {"model_path": job.model_path, "quant_policy": job.setting.quant_policy,
-                           "dtype": job.setting.dtype, "is_w4a16": job.setting.is_w4a16,
-                           "session_len": job.session_len, "cache_max_entry_count": job.cache_max_entry_count,
-                           "load_format": job.load_format, "workload": asdict(spec.workload),
-                           "cpu_kv_cache_bytes": spec.cpu_kv_cache_bytes}
+                payload = {**_payload(job, spec), "reference_path": reference_path,
+                           "write_reference": index == 0 and ref_index is not None}
 
                 def progress(stage, fraction, index=index, job=job):
                     if on_progress:
@@ -586,9 +646,84 @@ def run_compare(spec: CompareSpec, out_dir: Path | None = None, *, quantize: boo
         shutil.rmtree(work, ignore_errors=True)
     add_quality_columns(result["rows"])
     result["memory_kind"] = next((r["memory_kind"] for r in result["rows"] if r.get("memory_kind")), None)
+    result["constraints"] = {"gpu_memory_gb": spec.gpu_memory_gb, "sessions": spec.sessions,
+                             "max_kld": spec.max_kld}
+    result["verdict"] = verdict(result["rows"], spec, device)
     if out_dir is not None:
         write_outputs(result, Path(out_dir))
     return result
+
+
+def _payload(job: SettingRun, spec: CompareSpec) -> dict:
+    return {"model_path": job.model_path, "quant_policy": job.setting.quant_policy, "dtype": job.setting.dtype,
+            "is_w4a16": job.setting.is_w4a16, "session_len": job.session_len,
+            "cache_max_entry_count": job.cache_max_entry_count, "load_format": job.load_format,
+            "workload": asdict(spec.workload), "cpu_kv_cache_bytes": spec.cpu_kv_cache_bytes}
+
+
+# ---- the verdict ---------------------------------------------------------------------------------------------
+def _row_label(r: dict) -> str:
+    return f"{r['setting']} @ {r.get('session_len') or 'max'} / {r.get('cache_max_entry_count', 0):g}"
+
+
+def constraints_text(spec: CompareSpec, device: str) -> str:
+    memory = (f"peak memory <= {spec.gpu_memory_gb:g} GB" if spec.gpu_memory_gb and device == "cuda"
+              else "runs on this machine")
+    return (f"the constraints ({memory}; {spec.sessions} session(s) at its session length; mean KL divergence "
+            f"<= {spec.max_kld:g})")
+
+
+def _misses(r: dict, spec: CompareSpec, device: str) -> str | None:
+    """Why a measured row fails the constraints (None: it meets them)."""
+    if r.get("status") != "ok":
+        return r.get("status") or "not measured"
+    if spec.gpu_memory_gb and device == "cuda" and (r.get("memory_peak_GiB") or 0) * GIB > spec.gpu_memory_gb * 1e9:
+        return f"peak {r['memory_peak_GiB']:.2f} GiB > {spec.gpu_memory_gb:g} GB"
+    if (r.get("max_sessions") or 0) < spec.sessions:
+        return f"{r.get('max_sessions')} sessions of {r.get('session_len')} tokens < {spec.sessions}"
+    if r.get("is_demo"):  # random weights: the divergence means nothing, the verdict rests on speed and memory
+        return None
+    if r.get("kld_mean") is None:
+        return "KL divergence not measured (no 16-bit reference)"
+    if r["kld_mean"] > spec.max_kld:
+        return f"mean KLD {r['kld_mean']:.4f} > {spec.max_kld:g}"
+    return None
+
+
+def verdict(rows: list[dict], spec: CompareSpec, device: str) -> dict:
+    """{"setting": the label of the fastest row (throughput, then batch-1 decode) that meets the constraints, or
+    None, "line": one sentence with the measured numbers behind it}."""
+    passing = [r for r in rows if _misses(r, spec, device) is None]
+    wanted = constraints_text(spec, device)
+    if not passing:
+        why = "; ".join(f"{_row_label(r)}: {_misses(r, spec, device)}" for r in rows) or "nothing measured"
+        return {"setting": None, "line": f"Verdict: no setting meets {wanted} ({why})."}
+    best = max(passing, key=lambda r: (r.get("throughput_tok_s") or 0, r.get("decode_tok_s") or 0))
+    top1 = f", top-1 {100 * best['top1']:.1f}%" if best.get("top1") is not None else ""
+    line = (f"Verdict: {_row_label(best)} is the fastest setting that meets {wanted}: "
+            f"throughput {best.get('throughput_tok_s') or 0:.1f} tok/s, "
+            f"batch-1 decode {best.get('decode_tok_s') or 0:.1f} tok/s, "
+            f"peak {best.get('memory_peak_GiB') or 0:.2f} GiB, {best.get('max_sessions')} sessions fit, "
+            f"mean KLD {best.get('kld_mean') or 0:.4f} (p99 {best.get('kld_p99') or 0:.4f}){top1}, "
+            f"perplexity {best.get('perplexity') or 0:.2f} ({len(passing)} of {len(rows)} settings qualify"
+            + ("; random weights: KL divergence not judged" if best.get("is_demo") else "") + ").")
+    return {"setting": _row_label(best), "line": line}
+
+
+def plan_fit_lines(rows: list[dict], sessions: int = 1) -> list[str]:
+    """The planner's per-setting answer before a run: can it fit at all (memory, and `sessions` sessions)?"""
+    lines = []
+    for r in rows:
+        if r.get("status") == "error":
+            lines.append(f"{_row_label(r)}: cannot run ({r.get('error')})")
+        elif not r.get("pred_fits"):
+            lines.append(f"{_row_label(r)}: does not fit ({r.get('pred_fits_note')})")
+        elif (r.get("pred_max_sessions") or 0) < sessions:
+            lines.append(f"{_row_label(r)}: fits, but only {r.get('pred_max_sessions')} of {sessions} sessions")
+        else:
+            lines.append(f"{_row_label(r)}: fits ({r.get('pred_total_GiB') or 0:.2f} GiB predicted, "
+                         f"{r.get('pred_max_sessions')} sessions)")
+    return lines
 
 
 # ---- as a background job (the Compare tab) ---------------------------------------------------------------------
@@ -632,16 +767,43 @@ def to_markdown(result: dict) -> str:
     lines = [f"# Compare: {result['model']} on {result['device']}", ""]
     if result.get("memory_kind"):
         lines += [f"Memory after load / peak: {result['memory_kind']}.", ""]
+    if result.get("verdict"):
+        lines += [result["verdict"]["line"], ""]
+    if result.get("plan_fit"):
+        lines += ["Planner, before the run:", ""] + [f"- {x}" for x in result["plan_fit"]] + [""]
     rows = [{c: ("" if r.get(c) is None else r.get(c)) for c in COLUMNS} for r in result["rows"]]
     lines.append(markdown_table(rows, COLUMNS))
+    per_text = quality_rows(result["rows"])
+    if per_text:
+        ref = result.get("reference") or "none"
+        lines += ["", f"Quality by held-out text (first tokens of each; KL divergence against the 16-bit reference: "
+                      f"{ref}; from top-20 logprobs, studio/quality.py states the approximation):", "",
+                  markdown_table(per_text, QUALITY_COLUMNS)]
+    if result.get("reference_error"):
+        lines += ["", f"The 16-bit reference failed: {result['reference_error']}"]
     notes = {r.get("quality_note") for r in result["rows"] if r.get("quality_note")}
     lines += [""] + [f"Note: {n}." for n in notes]
     return "\n".join(lines) + "\n"
 
 
+def quality_rows(rows: list[dict]) -> list[dict]:
+    """One row per (setting, held-out text): tokens, perplexity, KL divergence mean / p99, top-1 agreement."""
+    out = []
+    for r in rows:
+        for text, q in (r.get("quality") or {}).items():
+            if text == "all":
+                continue
+            out.append({"setting": r["setting"], "session_len": r.get("session_len"),
+                        "cache_max_entry_count": r.get("cache_max_entry_count"), "text": text,
+                        "tokens": q.get("num_tokens"), "ppl": q.get("ppl"), "kld_mean": q.get("kld_mean", ""),
+                        "kld_p99": q.get("kld_p99", ""), "top1": q.get("top1", "")})
+    return out
+
+
 def chart_png(result: dict, path: Path) -> Path:
-    """Grouped bar charts: memory stacked by part (measured, with the planner's total as a marker), decode and
-    throughput tok/s, perplexity."""
+    """Four panels, one x tick per measured row: memory stacked by part (measured, with the planner's total as a
+    marker), decode and throughput tok/s, perplexity per held-out text, mean KL divergence against 16-bit (p99 as a
+    marker, top-1 agreement written above). Legends sit below their panel, so no bar is covered."""
     import matplotlib  # lazy: only the report needs it
 
     matplotlib.use("Agg")
@@ -649,7 +811,7 @@ def chart_png(result: dict, path: Path) -> Path:
 
     rows = [r for r in result["rows"] if r.get("status") == "ok"]
     labels = [f"{r['setting']}\n{r['session_len']} / {r['cache_max_entry_count']:g}" for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(max(12, 2.2 * len(rows) + 6), 4.6))
+    fig, axes = plt.subplots(1, 4, figsize=(max(16, 2.8 * len(rows) + 8), 5.4), layout="constrained")
     x = list(range(len(rows)))
     colors = {"weights": "#059669", "kv_cache": "#f59e0b", "activations": "#6366f1", "cuda_graphs": "#0ea5e9",
               "other": "#94a3b8"}
@@ -661,21 +823,36 @@ def chart_png(result: dict, path: Path) -> Path:
     pred = [r.get("pred_total_GiB") for r in rows]
     if any(p is not None for p in pred):
         axes[0].scatter(x, [p or 0 for p in pred], marker="_", s=600, color="black", label="predicted total")
-    axes[0].set_title("memory by part (GiB)" + (" — CPU" if result.get("device") == "cpu" else ""))
-    axes[0].legend(fontsize=7)
+    axes[0].set_title("memory by part (GiB)" + (", CPU RSS" if result.get("device") == "cpu" else ""), fontsize=10)
     width = 0.4
     axes[1].bar([i - width / 2 for i in x], [r.get("decode_tok_s") or 0 for r in rows], width, label="batch-1 decode")
     axes[1].bar([i + width / 2 for i in x], [r.get("throughput_tok_s") or 0 for r in rows], width,
                 label=f"throughput @ {result['workload']['concurrency']}")
-    axes[1].set_title("tokens / s")
-    axes[1].legend(fontsize=7)
-    axes[2].bar(x, [r.get("perplexity") or 0 for r in rows], color="#ec4899")
-    axes[2].set_title("perplexity (held-out text)" + ("\nmeaningless: random weights"
-                                                       if any(r.get("is_demo") for r in rows) else ""))
+    axes[1].set_title("tokens / s", fontsize=10)
+    texts = list(dict.fromkeys(t for r in rows for t in (r.get("quality") or {}) if t != "all"))
+    palette = ["#ec4899", "#8b5cf6", "#14b8a6", "#f97316", "#64748b"]
+    width = 0.8 / max(1, len(texts))
+    for j, text in enumerate(texts):
+        axes[2].bar([i - 0.4 + width * (j + 0.5) for i in x],
+                    [((r.get("quality") or {}).get(text) or {}).get("ppl") or 0 for r in rows], width,
+                    color=palette[j % len(palette)], label=text)
+    demo = any(r.get("is_demo") for r in rows)
+    axes[2].set_title("perplexity by held-out text" + ("\n(random weights: meaningless)" if demo else ""),
+                      fontsize=10)
+    kld = [r.get("kld_mean") or 0 for r in rows]
+    axes[3].bar(x, kld, color="#ec4899", label="mean")
+    axes[3].scatter(x, [r.get("kld_p99") or 0 for r in rows], marker="_", s=600, color="black", label="p99")
+    for i, r in enumerate(rows):
+        if r.get("top1") is not None:
+            axes[3].annotate(f"top-1 {100 * r['top1']:.1f}%", (i, r.get("kld_p99") or kld[i]), ha="center",
+                             va="bottom", fontsize=7, xytext=(0, 4), textcoords="offset points")
+    axes[3].set_title("KL divergence vs 16-bit (nats)", fontsize=10)
+    axes[3].margins(y=0.15)
     for ax in axes:
         ax.set_xticks(x)
         ax.set_xticklabels(labels, fontsize=7)
-    fig.tight_layout()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -725,6 +902,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the GPU size the planner's prediction assumes (default: this machine's GPU)")
     parser.add_argument("--cpu-kv-cache-bytes", type=int, default=None,
                         help="CPU only: the engine's KV-cache budget in bytes (default: the engine's)")
+    parser.add_argument("--sessions", type=int, default=1,
+                        help="the verdict's constraint: sessions of each session length at once (default: 1)")
+    parser.add_argument("--max-kld", type=float, default=DEFAULT_MAX_KLD,
+                        help="the verdict's constraint: the largest acceptable mean KL divergence against the "
+                             "16-bit model, over every held-out text (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds per setting before its process is killed (default: none)")
     parser.add_argument("--out", type=Path, default=Path("compare-results"),
@@ -742,9 +924,13 @@ def main(argv=None) -> int:
         spec = CompareSpec(args.model, parse_settings(args.settings), args.session_len, args.cache_max_entry_count,
                            args.awq_model, Workload(args.prompt_len, args.new_tokens, args.concurrency,
                                                     args.max_batch_size, device=args.device),
-                           args.gpu_memory_gb, args.cpu_kv_cache_bytes)
+                           args.gpu_memory_gb, args.cpu_kv_cache_bytes, args.sessions, args.max_kld)
     except ValueError as e:
         parser.error(str(e))
+    print("Planner, before the run:")
+    for line in plan_fit_lines(predict_rows(spec, quantize=args.quantize), spec.sessions):
+        print(f"- {line}")
+    sys.stdout.flush()
     from tqdm import tqdm  # lazy: only a real run draws the bar
 
     bar = tqdm(total=1000, unit="‰", desc="compare", dynamic_ncols=True)

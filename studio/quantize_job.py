@@ -1,6 +1,7 @@
 """The Quantize tab's work as a background job (studio/jobs.py): quant.quantize_model, then the before/after
-perplexity check (studio/quality.py), with progress in words (layer x of N, stage) and an ETA from finished layers
-(quant.api.WorkEta). Cancel stops the quantizer between steps; nothing half-written is left behind."""
+quality check (studio/quality.py: perplexity, KL divergence and top-1 against 16-bit, per held-out text), with
+progress in words (layer x of N, stage) and an ETA from finished layers (quant.api.WorkEta). Cancel stops the
+quantizer between steps; nothing half-written is left behind."""
 
 from __future__ import annotations
 
@@ -19,14 +20,14 @@ log = logging.getLogger("studio.quantize")
 STAGE_SPAN = {"load": (0.0, 0.08), "calibration": (0.08, 0.12), "quantize": (0.12, 0.9), "export": (0.9, 0.93),
               "quality": (0.93, 1.0)}
 STAGE_LABEL = {"load": "Loading the model", "calibration": "Preparing calibration data", "quantize": "Quantizing",
-               "export": "Writing the quantized folder", "quality": "Measuring perplexity before / after"}
+               "export": "Writing the quantized folder", "quality": "Measuring quality before / after (held-out texts)"}
 
 
 @dataclass
 class QuantizeOutcome:
     model_path: str
     report: dict  # quant.quantize_model's report (work_dir, sizes, timings, settings, layers, error_summary)
-    quality: dict | None  # before/after perplexity (quantization_check), {"error": ...}, or None when not asked
+    quality: dict | None  # before/after quality (quantization_check), {"error": ...}, or None when not asked
     calibration: str | None  # what the calibration stage really got, in words
     history: list[tuple[str, int, int]]  # every (stage, done, total) the quantizer reported, for the record
 

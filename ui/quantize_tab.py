@@ -146,6 +146,23 @@ def quality_text(quality: dict, demo: bool = False) -> str:
             f"{html.escape(quality['text'])}.{note})</span>")
 
 
+def divergence_text(quality: dict) -> str:
+    """KL divergence against the 16-bit model (pooled over the held-out texts) and a before/after line per text."""
+    summary = quality.get("summary")
+    if not summary:
+        return '<span class="studio-muted">not measured</span>'
+    lines = [f'<span id="quant-kld">mean {summary["kld_mean"]:.4f} · p99 {summary["kld_p99"]:.4f} · top-1 '
+             f'agreement {100 * summary["top1"]:.1f}%</span> <span class="studio-muted">(nats, lower is better; '
+             f"over {summary['kld_positions']} positions, from top-20 logprobs)</span>"]
+    for name, pair in (quality.get("texts") or {}).items():
+        before, after = pair.get("before") or {}, pair.get("after") or {}
+        if "ppl" in before and "kld_mean" in after:
+            lines.append(f'<span class="quant-text" data-text="{html.escape(name)}">{html.escape(name)}: '
+                         f"ppl {before['ppl']:.2f} → {after['ppl']:.2f} · KLD {after['kld_mean']:.4f} "
+                         f"(p99 {after['kld_p99']:.4f}) · top-1 {100 * after['top1']:.1f}%</span>")
+    return "<br>".join(lines)
+
+
 def summary_html(report: dict, seconds: float, quality: dict | None = None, demo: bool = False) -> str:
     sizes, timings, errs = report["sizes"], report["timings_s"], report["error_summary"]
     s = report["settings"]
@@ -166,6 +183,8 @@ def summary_html(report: dict, seconds: float, quality: dict | None = None, demo
     ]
     if quality is not None:
         rows.append(("Perplexity", quality_text(quality, demo)))
+        if not quality.get("error"):
+            rows.append(("KL divergence vs 16-bit", divergence_text(quality)))
     table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     return (f'<div class="studio-callout studio-ok" id="quant-done"><b>Quantization done</b></div>'
             f'<div class="studio-card"><table class="studio-table">{table}</table></div>')

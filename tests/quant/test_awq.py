@@ -128,3 +128,18 @@ def test_group_size_not_dividing_is_refused(llama_path):
     model = load_model(llama_path, "float32").model
     with pytest.raises(ValueError, match="does not divide the input width 64"):
         quantize_layers(model, LLAMA_LIKE, random_samples(2, 16), AWQConfig(w_group_size=48))
+
+
+def test_quantized_inputs_calibrates_the_next_layer_on_the_quantized_outputs(llama_path):
+    """quantized_inputs: layer 0 sees the same inputs either way (identical search); layer 1 then calibrates on what
+    the quantized layer 0 feeds it, so its fp reference output (and its search) differ from the default walk's."""
+    samples = random_samples(4, 32)
+    runs = {}
+    for flag in (False, True):
+        model = with_salient_channels(load_model(llama_path, "float32").model)
+        cfg = AWQConfig(w_group_size=GROUP_SIZE, n_grid=6, clip=False, quantized_inputs=flag)
+        runs[flag] = quantize_layers(model, LLAMA_LIKE, samples, cfg)
+    plain, quantized = runs[False], runs[True]
+    assert plain[0].scale_search == quantized[0].scale_search and plain[0].mse_awq == quantized[0].mse_awq
+    assert plain[1].out_mean_square != quantized[1].out_mean_square
+    assert all(s.mse_awq < s.mse_rtn for s in quantized)

@@ -21,7 +21,7 @@ def test_cli_two_settings_and_a_failing_one(demo_model_path, tmp_path):
     cmd = [sys.executable, "-m", "studio.compare", str(demo_model_path), "--settings", "fp16,fp16-kv4,w4a16",
            "--awq-model", str(tmp_path / "no-such-awq-folder"), "--session-len", "128", "--prompt-len", "8",
            "--new-tokens", "4", "--concurrency", "2", "--cpu-kv-cache-bytes", str(4 * 2**20), "--device", "cpu",
-           "--out", str(out)]
+           "--sessions", "2", "--max-kld", "0.05", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]  # one row failed: the exit code says so
@@ -49,11 +49,28 @@ def test_cli_two_settings_and_a_failing_one(demo_model_path, tmp_path):
     assert kv4["kv_capacity_tokens"] > 2 * fp16["kv_capacity_tokens"]
     assert fp16["greedy_match"] == "4/4 (reference)" and kv4["greedy_match"].endswith("/4")
     md = (out / "compare.md").read_text()
-    header = md.splitlines()[4]
+    header = next(line for line in md.splitlines() if line.startswith("| setting | session_len |"))
     for col in ("setting", "status", "pred_weights_GiB", "weights_GiB", "kv_capacity_tokens", "max_sessions",
                 "memory_peak_GiB", "decode_tok_s", "throughput_tok_s", "ttft_ms", "perplexity", "error"):
         assert f" {col} " in header, header
     assert "does not exist" in md and "CPU memory" in md
+    # quality against the 16-bit reference (fp16's own child saved it): fp16 vs itself is 0, int4 KV is not
+    assert fp16["kld_mean"] == 0 and fp16["top1"] == 1 and kv4["kld_mean"] > 0 and 0 < kv4["top1"] <= 1
+    assert set(kv4["quality"]) == {"prose", "code", "chat", "chinese", "all"}
+    assert result["reference"].startswith("fp16 @ 128")
+    # the planner's fit before the run, printed and in the markdown
+    assert "Planner, before the run:" in proc.stdout and "- fp16 @ 128 / 0.8: fits" in proc.stdout
+    assert "- w4a16 @ 128 / 0.8: cannot run" in md
+    # the verdict: the fastest measured row with >= 2 sessions, named with its numbers (random weights: the mean
+    # KLD <= 0.05 constraint is not judged, and the line says so)
+    meets = [r for r in (fp16, kv4) if r["max_sessions"] >= 2]
+    best = max(meets, key=lambda r: (r["throughput_tok_s"], r["decode_tok_s"]))
+    line = result["verdict"]["line"]
+    assert result["verdict"]["setting"] == f"{best['setting']} @ 128 / 0.8"
+    assert line.startswith(f"Verdict: {best['setting']} @ 128 / 0.8 is the fastest setting that meets")
+    assert f"throughput {best['throughput_tok_s']:.1f} tok/s" in line and f"mean KLD {best['kld_mean']:.4f}" in line
+    assert line in md and line in proc.stdout and "random weights: KL divergence not judged" in line
+    assert "| text |" in md and "| chinese |" in md  # the per-text quality table
     png = (out / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -104,3 +121,23 @@ def _run(runner, payload, on_progress, cancelled):
         return "finished"
     except cancelled:
         return "cancelled"
+
+
+def test_verdict_names_why_no_setting_qualifies_and_picks_the_fastest_that_does():
+    from studio.compare import CompareSpec, parse_settings, verdict
+
+    spec = CompareSpec("m", parse_settings("fp16,w4a16,w4a16-kv4"), [2048], [0.8], gpu_memory_gb=24, sessions=4,
+                       max_kld=0.05)
+    base = {"session_len": 2048, "cache_max_entry_count": 0.8, "status": "ok", "top1": 0.9, "kld_p99": 0.2}
+    rows = [dict(base, setting="fp16", memory_peak_GiB=30.0, max_sessions=8, kld_mean=0.0, throughput_tok_s=90.0),
+            dict(base, setting="w4a16", memory_peak_GiB=10.0, max_sessions=6, kld_mean=0.02, throughput_tok_s=70.0),
+            dict(base, setting="w4a16-kv4", memory_peak_GiB=8.0, max_sessions=20, kld_mean=0.09,
+                 throughput_tok_s=120.0)]
+    got = verdict(rows, spec, "cuda")
+    assert got["setting"] == "w4a16 @ 2048 / 0.8" and "throughput 70.0 tok/s" in got["line"]
+    assert "1 of 3 settings qualify" in got["line"] and "peak memory <= 24 GB" in got["line"]
+    rows[1]["max_sessions"] = 3
+    none = verdict(rows, spec, "cuda")
+    assert none["setting"] is None and none["line"].startswith("Verdict: no setting meets")
+    for why in ("peak 30.00 GiB > 24 GB", "3 sessions of 2048 tokens < 4", "mean KLD 0.0900 > 0.05"):
+        assert why in none["line"], none["line"]

@@ -1,13 +1,14 @@
-"""One scoring path: the Compare runner's perplexity column and the Quantize tab's before/after check are the same
-figure for the same folder and text (studio.quality.heldout_perplexity over LLMEngine.score), measured here by
-the real Compare child process and the real quick check, each in its own engine."""
+"""One scoring path: the Compare runner's quality columns and the Quantize tab's before/after check are the same
+figures for the same folder and texts (studio.quality.score_texts over LLMEngine.score: perplexity per held-out
+text, KL divergence and top-1 against the 16-bit scoring), measured here by the real Compare child processes and the
+real quick check, each in its own engine."""
 
 from __future__ import annotations
 
 import pytest
 
 from studio.compare import CompareSpec, Workload, parse_settings, run_compare
-from studio.quality import QUICK_CHECK_CHARS, heldout_text, quantization_check
+from studio.quality import HELDOUT_TEXTS, QUICK_CHECK_TOKENS, quantization_check
 
 
 @pytest.mark.slow
@@ -20,8 +21,15 @@ def test_compare_and_the_quantize_check_report_the_same_perplexity(demo_model_pa
     auto, kv8 = result["rows"]
     assert auto["status"] == kv8["status"] == "ok", (auto.get("error"), kv8.get("error"))
     assert auto["perplexity"] == pytest.approx(check["before"], rel=1e-5)
-    assert auto["perplexity_tokens"] == check["num_tokens"] > 100  # the same text, every token of it scored
-    assert len(heldout_text(QUICK_CHECK_CHARS)) <= QUICK_CHECK_CHARS
+    assert auto["perplexity_tokens"] == check["num_tokens"] == QUICK_CHECK_TOKENS - 1  # the same tokens scored
+    for name in HELDOUT_TEXTS:  # every text: the same perplexity, the same (zero) divergence for the same folder
+        before, after = check["texts"][name]["before"], check["texts"][name]["after"]
+        assert auto["quality"][name]["ppl"] == pytest.approx(before["ppl"], rel=1e-5) == after["ppl"]
+        assert auto["quality"][name]["num_tokens"] == before["num_tokens"]
+        assert auto["quality"][name]["kld_mean"] == after["kld_mean"] == 0
+        assert auto["quality"][name]["top1"] == after["top1"] == 1
+    assert check["summary"]["kld_mean"] == auto["kld_mean"] == 0 and check["summary"]["kld_p99"] == 0
     # and the column still tells settings apart: int8 KV changes the figure a little, not a lot
     assert kv8["perplexity"] != auto["perplexity"]
     assert kv8["perplexity"] == pytest.approx(auto["perplexity"], rel=0.05)
+    assert 0 < kv8["kld_mean"] < 0.05 and kv8["kld_p99"] >= kv8["kld_mean"] and 0.5 < kv8["top1"] <= 1

@@ -1,7 +1,8 @@
 """The Compare tab in headless Chromium against the in-process app: the predicted table is there before anything
 runs, two settings on the demo model run (each in its own child process) with per-setting progress, a W4A16
-setting without an AWQ folder fails in its row, and the results table, chart and downloads appear. The chat tab's
-model is untouched (nothing is loaded by the comparison). Screenshot: test-artifacts/ui/compare-tab.png."""
+setting without an AWQ folder fails in its row, and the results table, chart, downloads, the per-text quality and
+the verdict line appear (the planner's fit shows before the run). The chat tab's model is untouched (nothing is
+loaded by the comparison). Screenshot: test-artifacts/ui/compare-tab.png."""
 
 from __future__ import annotations
 
@@ -49,10 +50,16 @@ def test_compare_two_settings_and_a_failing_one(page, studio):
     cap = header.index("pred_kv_capacity_tokens")
     fp16_cap, kv4_cap = (int(float(r[cap])) for r in rows)
     assert kv4_cap > 2 * fp16_cap
+    fit = page.locator("#compare-plan-fit")
+    wait_ui(page, lambda: fit.count() > 0 and "fp16-kv4 @ 256 / 0.8: fits" in fit.inner_text(), 30, "the plan fit")
     # tick w4a16 (no AWQ folder given): its row says what is missing
     page.locator("#compare-settings label", has_text="w4a16").first.click()
     wait_ui(page, lambda: len(table_rows(page, "compare-predicted")[1]) == 3, 15, "the predicted table to update")
     for elem_id, value in (("compare-prompt-len", 8), ("compare-new-tokens", 4), ("compare-concurrency", 2)):
+        box = page.locator(f"#{elem_id} input").first
+        box.fill(str(value))
+        box.press("Enter")
+    for elem_id, value in (("compare-sessions", 2), ("compare-max-kld", 0.05)):
         box = page.locator(f"#{elem_id} input").first
         box.fill(str(value))
         box.press("Enter")
@@ -100,11 +107,23 @@ def test_compare_two_settings_and_a_failing_one(page, studio):
         assert by[s]["kv_capacity_tokens"] == by[s]["pred_kv_capacity_tokens"]
     assert int(float(by["fp16-kv4"]["kv_capacity_tokens"])) == kv4_cap
     assert int(float(by["fp16"]["kv_capacity_tokens"])) == fp16_cap
+    wait_ui(page, lambda: "w4a16 @ 128 / 0.8: cannot run" in fit.inner_text(), 15, "the plan fit of w4a16")
+    for col in ("kld_mean", "kld_p99", "top1"):
+        assert col in header, header
+    assert float(by["fp16"]["kld_mean"]) == 0 and float(by["fp16-kv4"]["kld_mean"]) > 0
+    # the verdict line: the run's own verdict, shown under the status
+    verdict = slot.latest.snapshot().result.result["verdict"]["line"]
+    assert verdict.startswith("Verdict: ") and "2 session(s)" in verdict and "<= 0.05" in verdict
+    shown = page.locator("#compare-verdict").inner_text()
+    assert shown.strip() == verdict, (shown, verdict)
+    page.locator("#compare-quality summary").click()  # the per-text quality, folded until asked for
+    wait_ui(page, lambda: "chinese" in page.locator("#compare-quality").inner_text(), 10, "the per-text quality")
     page.locator("#compare-chart img").wait_for(state="visible")
     files = page.locator("#compare-files").inner_text().replace("\n", "")
     assert "compare.json" in files and "compare.md" in files and "compare.png" in files, files
     assert studio.manager.current is loaded_before  # the chat tab's model is untouched
     time.sleep(0.5)  # let the chart image paint before the screenshot
+    page.locator("#compare-verdict").scroll_into_view_if_needed()
     shot(page, "compare-tab")
     # kept while the app runs: a fresh page shows the same results
     page.reload()

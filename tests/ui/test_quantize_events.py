@@ -93,6 +93,12 @@ def test_builtin_offline_calibration_by_default_and_a_fresh_name_or_overwrite(cl
     quality = state.quant_jobs.latest.result.quality  # before/after perplexity: two small engines, held-out text
     assert quality["before"] > 1 and quality["after"] > 1 and quality["num_tokens"] > 100, quality
     assert f"16-bit {quality['before']:.2f} → quantized {quality['after']:.2f}" in status, status
+    kld = quality["summary"]  # KL divergence against the 16-bit model, pooled over the held-out texts, and per text
+    assert kld["kld_mean"] > 0 and kld["kld_p99"] >= kld["kld_mean"] and 0 < kld["top1"] <= 1, kld
+    assert f"mean {kld['kld_mean']:.4f} · p99 {kld['kld_p99']:.4f}" in status, status
+    for name in ("prose", "code", "chat", "chinese"):
+        after = quality["texts"][name]["after"]
+        assert f"{name}: ppl {quality['texts'][name]['before']['ppl']:.2f} → {after['ppl']:.2f}" in status, status
     assert state.quantized_models[0] == output and (studio.quant_root / output).is_dir()
     fresh = next_output
     assert fresh.startswith(base + "-") and fresh != output and not Path(fresh).exists()  # a fresh name next
