@@ -39,6 +39,7 @@ from ui.model_library import compare_summary
 from ui.state import StudioState
 
 SETTING_CHOICES = ["fp16", "fp16-kv8", "fp16-kv4", "bf16", "w4a16", "w4a16-kv8", "w4a16-kv4", "fp32", "fp32-kv4"]
+CPU_CHOICE = [("none here: runs on the CPU", "local")]
 GPU_CHOICES = [("this machine's GPU", "local"), ("24 GB", "24"), ("48 GB", "48"), ("80 GB", "80"), ("141 GB", "141")]
 PREDICTED_COLUMNS = ["setting", "session_len", "cache_max_entry_count", "pred_weights_GiB", "pred_kv_bytes_per_token",
                      "pred_kv_capacity_tokens", "pred_max_sessions", "pred_total_GiB", "pred_fits", "error"]
@@ -188,8 +189,9 @@ def build_compare_tab(state: StudioState):
                 fractions = gr.Textbox(label="Cache fraction", value="0.8",
                                        info="cache_max_entry_count; several: 0.5, 0.8",
                                        elem_id="compare-fractions")
-                gpu_memory = gr.Dropdown(GPU_CHOICES, value="local" if not cpu else "80", label="GPU memory (plan)",
-                                         elem_id="compare-gpu")
+                # on a machine without a GPU the settings run (and are planned) on the CPU: no card size to choose
+                gpu_memory = gr.Dropdown(GPU_CHOICES if not cpu else CPU_CHOICE, value="local",
+                                         label="GPU memory (plan)", interactive=not cpu, elem_id="compare-gpu")
             with gr.Row():
                 prompt_len = gr.Number(value=16 if cpu else 128, precision=0, label="Prompt length",
                                        elem_id="compare-prompt-len")
