@@ -169,29 +169,34 @@ def load_source_model(model_path: str | Path, dtype: str | torch.dtype = "auto",
     return SourceModel(prepare_model(model), arch, path, cfg, source_format, torch_dtype)
 
 
+def causal_lm_from_tensors(make_model: Callable, tcfg, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                           path: Path, what: str) -> nn.Module:
+    """A transformers causal LM built on the meta device from `tcfg` (make_model(tcfg)), its weights assigned from
+    `tensors` (transformers' names) in `dtype`; tied embeddings tied; the rotary module rebuilt on the CPU (its
+    buffers were made on meta). ModelLoadError naming `what` when the tensors do not match the config."""
+    tied = bool(getattr(tcfg, "tie_word_embeddings", False))
+    with torch.device("meta"):
+        model = make_model(tcfg)
+    state = {n: t.to(dtype) for n, t in tensors.items() if "rotary_emb" not in n}
+    if tied:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (tied and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelLoadError(f"{path}: {what} does not match its config (missing {missing[:4]}, unexpected "
+                             f"{unexpected[:4]})")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=tcfg)
+    return model
+
+
 def _load_internlm2(path: Path, cfg: dict, dtype: torch.dtype) -> nn.Module:
     from transformers import LlamaForCausalLM
 
     lcfg = internlm2_llama_config(cfg)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(lcfg)
-    state = {n: t.to(dtype) for n, t in internlm2_to_llama_tensors(checkpoint.iter_checkpoint(path), cfg)}
-    if lcfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if not (lcfg.tie_word_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"{path}: InternLM2 checkpoint does not match its config (missing {missing[:4]}, unexpected "
-            f"{unexpected[:4]})"
-        )
-    if lcfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    # buffers (rotary inv_freq) were created on meta: rebuild the rotary module on CPU
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    model.model.rotary_emb = LlamaRotaryEmbedding(config=lcfg)
-    return model
+    tensors = dict(internlm2_to_llama_tensors(checkpoint.iter_checkpoint(path), cfg))
+    return causal_lm_from_tensors(LlamaForCausalLM, lcfg, tensors, dtype, path, "the InternLM2 checkpoint")
 
 
 # ---- LLaVA: the language model only -----------------------------------------------------------------------------
@@ -294,22 +299,8 @@ def _load_llava(path: Path, cfg: dict, dtype: torch.dtype, layout: str | None = 
     tcfg, model_type = _llava_text_config(cfg, layout)
     arch = arch_for_model_type(model_type)
     lm, kept, export_name = _llava_split(cfg, layout, checkpoint.iter_checkpoint(path))
-    tied = bool(getattr(tcfg, "tie_word_embeddings", False))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(tcfg)
-    state = {n: t.to(dtype) for n, t in lm.items() if "rotary_emb" not in n}
-    if tied:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if not (tied and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"{path}: the LLaVA language model's tensors do not match its text config (missing {missing[:4]}, "
-            f"unexpected {unexpected[:4]})"
-        )
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=tcfg)  # its buffers were made on meta
+    model = causal_lm_from_tensors(AutoModelForCausalLM.from_config, tcfg, lm, dtype, path,
+                                   "the LLaVA language model's tensors")
     return SourceModel(prepare_model(model), arch, path, cfg, source_format, dtype, export_name=export_name,
                        kept_tensors=kept, keep_modules=_llava_keep_modules(kept, layout))
 
@@ -356,20 +347,7 @@ def _load_qwen_vl(path: Path, cfg: dict, dtype: torch.dtype) -> SourceModel:
 
     tcfg = _qwen_vl_text_config(cfg)
     lm, kept, export_name = _qwen_vl_split(checkpoint.iter_checkpoint(path))
-    tied = bool(getattr(tcfg, "tie_word_embeddings", False))
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(tcfg)
-    state = {n: t.to(dtype) for n, t in lm.items() if "rotary_emb" not in n}
-    if tied:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if not (tied and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise ModelLoadError(f"{path}: the Qwen-VL language model's tensors do not match its text config (missing "
-                             f"{missing[:4]}, unexpected {unexpected[:4]})")
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=tcfg)  # its buffers were made on meta
+    model = causal_lm_from_tensors(Qwen2ForCausalLM, tcfg, lm, dtype, path, "the Qwen-VL language model's tensors")
     return SourceModel(prepare_model(model), arch_for_model_type("qwen2"), path, cfg, "qwen2_vl", dtype,
                        export_name=export_name, kept_tensors=kept, keep_modules=("visual",))
 
@@ -409,20 +387,7 @@ def _load_internvl_original(path: Path, cfg: dict, dtype: torch.dtype) -> Source
         tcfg = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in text.items() if k not in skip})
         model_class = transformers.AutoModelForCausalLM.from_config
     arch = arch_for_model_type(model_type)
-    tied = bool(getattr(tcfg, "tie_word_embeddings", False))
-    with torch.device("meta"):
-        model = model_class(tcfg)
-    state = {n: t.to(dtype) for n, t in lm.items() if "rotary_emb" not in n}
-    if tied:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if not (tied and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise ModelLoadError(f"{path}: the InternVL language model's tensors do not match its llm_config (missing "
-                             f"{missing[:4]}, unexpected {unexpected[:4]})")
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=tcfg)  # its buffers were made on meta
+    model = causal_lm_from_tensors(model_class, tcfg, lm, dtype, path, "the InternVL language model's tensors")
     return SourceModel(prepare_model(model), arch, path, cfg, source_format, dtype,
                        export_name=lambda n: "language_model." + n, kept_tensors=kept,
                        keep_modules=("mlp1", "vision_model"))
