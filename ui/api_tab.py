@@ -31,32 +31,12 @@ def model_name(state: StudioState) -> str:
 
 
 def examples(state: StudioState, url: str) -> tuple[str, str, str, str]:
+    """(info html, the chat route's curl, its Python, the models route's curl): the quick start above the
+    per-route snippets, from the same generator (ui/api_snippets.py)."""
     name = model_name(state)
-    auth_line = '  -H "Authorization: Bearer $STUDIO_API_KEY" \\\n' if state.settings.api_keys_required else ""
-    curl = (
-        f"curl {url}/chat/completions \\\n"
-        '  -H "Content-Type: application/json" \\\n'
-        f"{auth_line}"
-        f"  -d '{{\"model\": \"{name}\", \"stream\": true, \"max_tokens\": 128,\n"
-        '       "messages": [{"role": "user", "content": "Tell me a story"}]}\''
-    )
-    py_key = 'os.environ["STUDIO_API_KEY"]' if state.settings.api_keys_required else '"none"'
-    python = (
-        "import os\n" if state.settings.api_keys_required else ""
-    ) + (
-        "from openai import OpenAI\n\n"
-        f'client = OpenAI(base_url="{url}", api_key={py_key})\n'
-        "stream = client.chat.completions.create(\n"
-        f'    model="{name}",\n'
-        '    messages=[{"role": "user", "content": "Tell me a story"}],\n'
-        "    max_tokens=128,\n"
-        "    stream=True,\n"
-        ")\n"
-        "for chunk in stream:\n"
-        '    print(chunk.choices[0].delta.content or "", end="", flush=True)\n'
-    )
-    models = f"curl {url}/models" + (' -H "Authorization: Bearer $STUDIO_API_KEY"'
-                                     if state.settings.api_keys_required else "")
+    routes = {r.path: r for r in snippets(url, name, state.settings.api_keys_required)}
+    chat, models_route = routes["/v1/chat/completions"], routes["/v1/models"]
+    curl, python, models = chat.curl, chat.python, models_route.curl
     loaded = state.manager.current
     model_note = (f"Serving <code>{html.escape(name)}</code>." if loaded
                   else "No model is loaded: requests get an error until one is loaded in the Model tab.")

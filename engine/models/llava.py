@@ -37,7 +37,7 @@ from engine.layers.linear import Linear
 from engine.models.clip import CLIPVisionSpec, CLIPVisionTower
 from engine.models.llama import LlamaForCausalLM, plain_linear
 from engine.models.spec import ModelEntry, ModelSpec, parse_decoder_spec
-from engine.vision.preprocess import PreprocessConfig
+from engine.vision.preprocess import PreprocessConfig, best_grid
 
 HF_ARCHS = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 ORIGINAL_ARCHS = {"LlavaLlamaForCausalLM": "LlamaForCausalLM", "LlavaMistralForCausalLM": "MistralForCausalLM"}
@@ -65,15 +65,7 @@ _ACTS = {
 # ---- geometry (transformers' image_processing_utils / modeling_llava_next, rewritten) --------------------------
 def select_best_resolution(original_size: tuple[int, int], pinpoints: list[tuple[int, int]]) -> tuple[int, int]:
     """The (height, width) of the grid pinpoints that keeps most of the image's pixels, then wastes least."""
-    height, width = original_size
-    best, best_effective, best_wasted = None, 0, float("inf")
-    for h, w in pinpoints:
-        scale = min(w / width, h / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        wasted = w * h - effective
-        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (h, w), effective, wasted
-    return best
+    return best_grid(*original_size, pinpoints)
 
 
 def unpadded_shape(original_size: tuple[int, int], height: int, width: int) -> tuple[int, int]:
