@@ -7,26 +7,15 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.api.test_qwen_vl import messages, png_url
+from tests.api.vlm_helpers import messages, png_url, served
 
 
 @pytest.fixture(scope="module")
 def internvl(tmp_path_factory):
-    from api import build_api
-    from api.background import BackgroundServer
-    from engine import EngineConfig
-    from studio.manager import ModelManager
     from tests.internvl_factory import make_internvl
 
-    mgr = ModelManager()
-    mgr.load(make_internvl(tmp_path_factory.mktemp("internvl") / "internvl-hf"),
-             EngineConfig(cache_block_seq_len=16, cpu_kv_cache_bytes=32 * 2**20), name="internvl")
-    try:
-        with BackgroundServer(build_api(mgr)) as srv:
-            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-            yield client, mgr.pipeline()
-    finally:
-        mgr.unload()
+    with served(make_internvl(tmp_path_factory.mktemp("internvl") / "internvl-hf"), "internvl") as client_and_pipe:
+        yield client_and_pipe
 
 
 def test_openai_client_base64_image(internvl):

@@ -4,43 +4,18 @@ decides how many), and a bad image is a 400 with the engine's message."""
 
 from __future__ import annotations
 
-import base64
-import io
-
-import numpy as np
 import openai
 import pytest
-from PIL import Image
+
+from tests.api.vlm_helpers import messages, png_url, served
 
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    from api import build_api
-    from api.background import BackgroundServer
-    from engine import EngineConfig
-    from studio.manager import ModelManager
     from tests.qwen_vl_factory import make_qwen_vl
 
-    mgr = ModelManager()
-    mgr.load(make_qwen_vl(tmp_path_factory.mktemp("qwen") / "qwen2.5-vl"),
-             EngineConfig(cache_block_seq_len=16, cpu_kv_cache_bytes=32 * 2**20), name="qwen-vl")
-    try:
-        with BackgroundServer(build_api(mgr)) as srv:
-            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-            yield client, mgr.pipeline()
-    finally:
-        mgr.unload()
-
-
-def png_url(h: int, w: int, seed: int) -> str:
-    buf = io.BytesIO()
-    Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8")).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def messages(url: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": "What is in this picture?"}]}]
+    with served(make_qwen_vl(tmp_path_factory.mktemp("qwen") / "qwen2.5-vl"), "qwen-vl") as client_and_pipe:
+        yield client_and_pipe
 
 
 def test_openai_client_base64_image(qwen):
