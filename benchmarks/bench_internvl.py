@@ -24,10 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_qwen_vl import engine_run, test_image  # noqa: E402
+from benchmarks.bench_qwen_vl import measure_engine  # noqa: E402
 from benchmarks.common import markdown_table, matmul_flops_per_s, save  # noqa: E402
-from engine import EngineConfig, pipeline  # noqa: E402
-from engine.inputs import RequestInput  # noqa: E402
 
 IMAGE_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>"]
 INTERNVL3_8B = {  # OpenGVLab/InternVL3-8B-hf's config.json
@@ -127,24 +125,7 @@ def hf_first_token_s(folder: Path, request_input, reps: int) -> float:
 
 def run(config: str, root: Path, reps: int, rate: float) -> dict:
     folder = make_folder(root, config == "awq")
-    pipe = pipeline(folder, EngineConfig(load_format="dummy", dtype="float16", enable_prefix_caching=False,
-                                         encoder_cache_bytes=0, max_prefill_token_num=8192))
-    try:
-        request_input = pipe.prompt_input([{"role": "user", "content": [
-            {"type": "image", "image": test_image()}, {"type": "text", "text": "Describe this image in detail."}]}])
-        (item,) = request_input.mm_items
-        text_only = RequestInput([5 + i % 900 for i in range(len(request_input.token_ids))])
-        firsts, decodes, text_decodes = [], [], []
-        for _ in range(2):  # warm-up (Triton compiles, allocator)
-            engine_run(pipe, request_input, 4)
-        for _ in range(reps):
-            firsts.append(engine_run(pipe, request_input, 1)[0])
-        for _ in range(3):
-            decodes.append(engine_run(pipe, request_input, 256)[1])
-            text_decodes.append(engine_run(pipe, text_only, 256)[1])
-        spec, vision = pipe.engine.spec, pipe.engine.spec.vision
-    finally:
-        pipe.close()
+    request_input, item, firsts, decodes, text_decodes, spec, vision = measure_engine(folder, reps)
     tiles = item.pixel_values.shape[0]
     tower, prefill = linear_flops(spec, vision, len(request_input.token_ids), tiles)
     floor = (tower + prefill) / rate

@@ -121,6 +121,31 @@ def engine_run(pipe, request_input, max_new_tokens: int) -> tuple[float, float]:
     return first, decode
 
 
+def measure_engine(folder: Path, reps: int):
+    """One image prompt (test_image) through the engine on random weights: (request input, its image item,
+    first-token seconds of `reps` fresh runs after a warm-up, decode tok/s with the image in context, decode tok/s
+    of a text-only prompt of the same length, the model spec, its vision spec)."""
+    pipe = pipeline(folder, EngineConfig(load_format="dummy", dtype="float16", enable_prefix_caching=False,
+                                         encoder_cache_bytes=0, max_prefill_token_num=8192))
+    try:
+        request_input = pipe.prompt_input([{"role": "user", "content": [
+            {"type": "image", "image": test_image()}, {"type": "text", "text": "Describe this image in detail."}]}])
+        (item,) = request_input.mm_items
+        text_only = RequestInput([5 + i % 900 for i in range(len(request_input.token_ids))])
+        firsts, decodes, text_decodes = [], [], []
+        for _ in range(2):  # warm-up (Triton compiles, allocator)
+            engine_run(pipe, request_input, 4)
+        for _ in range(reps):
+            firsts.append(engine_run(pipe, request_input, 1)[0])
+        for _ in range(3):
+            decodes.append(engine_run(pipe, request_input, 256)[1])
+            text_decodes.append(engine_run(pipe, text_only, 256)[1])
+        spec, vision = pipe.engine.spec, pipe.engine.spec.vision
+    finally:
+        pipe.close()
+    return request_input, item, firsts, decodes, text_decodes, spec, vision
+
+
 def hf_first_token_s(folder: Path, request_input, reps: int) -> float:
     import transformers
 
@@ -160,24 +185,7 @@ def hf_first_token_s(folder: Path, request_input, reps: int) -> float:
 def run(shape: str, config: str, root: Path, reps: int, rate: float) -> dict:
     awq = config == "awq"
     folder = make_folder(shape, root, awq)
-    pipe = pipeline(folder, EngineConfig(load_format="dummy", dtype="float16", enable_prefix_caching=False,
-                                         encoder_cache_bytes=0, max_prefill_token_num=8192))
-    try:
-        request_input = pipe.prompt_input([{"role": "user", "content": [
-            {"type": "image", "image": test_image()}, {"type": "text", "text": "Describe this image in detail."}]}])
-        (item,) = request_input.mm_items
-        text_only = RequestInput([5 + i % 900 for i in range(len(request_input.token_ids))])
-        firsts, decodes, text_decodes = [], [], []
-        for _ in range(2):  # warm-up (Triton compiles, allocator)
-            engine_run(pipe, request_input, 4)
-        for _ in range(reps):
-            firsts.append(engine_run(pipe, request_input, 1)[0])
-        for _ in range(3):
-            decodes.append(engine_run(pipe, request_input, 256)[1])
-            text_decodes.append(engine_run(pipe, text_only, 256)[1])
-        spec, vision = pipe.engine.spec, pipe.engine.spec.vision
-    finally:
-        pipe.close()
+    request_input, item, firsts, decodes, text_decodes, spec, vision = measure_engine(folder, reps)
     tower, prefill = linear_flops(spec, vision, len(request_input.token_ids), item.pixel_values.shape[0])
     floor = (tower + prefill) / rate
     ours = statistics.median(firsts)
