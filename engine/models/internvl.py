@@ -36,7 +36,7 @@ from engine.errors import InvalidImageError, ModelLoadError, UnsupportedModelErr
 from engine.layers.linear import Linear
 from engine.models.internlm2 import convert_tensor as internlm2_tensor
 from engine.models.llama import LlamaForCausalLM, plain_linear
-from engine.models.spec import ModelEntry, ModelSpec, parse_decoder_spec
+from engine.models.spec import ModelEntry, ModelSpec, no_extra_tensors, parse_decoder_spec
 
 HF_ARCH = "InternVLForConditionalGeneration"
 ORIGINAL_ARCH = "InternVLChatModel"
@@ -611,10 +611,6 @@ class InternVLImageProcessor:
 
 def image_processor(spec: ModelSpec) -> InternVLImageProcessor:
     return InternVLImageProcessor(spec.vision)
-
-
-def no_extra_tensors(spec: ModelSpec):
-    return iter(())
 
 
 class _Multimodal:

@@ -34,7 +34,7 @@ from torch import nn
 from engine.errors import InvalidImageError, ModelLoadError, UnsupportedModelError
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.llama import LlamaForCausalLM, plain_linear
-from engine.models.spec import ModelEntry, ModelSpec, parse_decoder_spec
+from engine.models.spec import ModelEntry, ModelSpec, no_extra_tensors, parse_decoder_spec
 
 ARCHS = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 IMAGE_MARKER = "<|image_pad|>"
@@ -602,10 +602,6 @@ class QwenImageProcessor:
 
 def image_processor(spec: ModelSpec) -> QwenImageProcessor:
     return QwenImageProcessor(spec.vision)
-
-
-def no_extra_tensors(spec: ModelSpec):
-    return iter(())
 
 
 class _Multimodal:

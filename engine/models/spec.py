@@ -70,6 +70,11 @@ class ModelEntry:
     multimodal: object | None = None
 
 
+def no_extra_tensors(spec: ModelSpec):
+    """A vision-language entry whose tower's weights all sit in the checkpoint itself: nothing to stream apart."""
+    return iter(())
+
+
 def parse_decoder_spec(cfg: dict, arch: str, family: str = "llama") -> ModelSpec:
     """A Llama-style decoder's spec from its (text) config dict; `arch` is the registered architecture name.
     Missing required keys raise KeyError (the loader names the key)."""
